@@ -1,0 +1,54 @@
+"""The one place that talks to Orbax.
+
+A checkpoint is one pytree (the train state plus the frozen backbone variables)
+saved with ``ocp.args.StandardSave`` under ``<workdir>/checkpoints/<step>``. Orbax
+writes to a temporary directory and renames it when complete, so an interrupted
+save never leaves a checkpoint that looks finished.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxvars.errors import CheckpointError
+
+
+def manager(workdir: str, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
+  """A CheckpointManager over ``<workdir>/checkpoints`` (created if absent)."""
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                         cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def save(mgr: ocp.CheckpointManager, step: int, tree) -> None:
+  """Saves ``tree`` as checkpoint ``step`` and waits until it is complete on disk."""
+  mgr.save(step, args=ocp.args.StandardSave(tree), force=True)
+  mgr.wait_until_finished()
+
+
+def restore_latest(mgr: ocp.CheckpointManager, like):
+  """Restores the latest checkpoint into the structure, shapes and shardings of ``like``.
+
+  Args:
+    like: a pytree of arrays (or ShapeDtypeStructs) with the saved structure.
+
+  Returns:
+    (step, tree).
+
+  Raises:
+    CheckpointError: if the directory holds no checkpoint, or one of another structure.
+  """
+  step = mgr.latest_step()
+  if step is None:
+    raise CheckpointError(f"no checkpoint in {mgr.directory}; run with --mode=train first")
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  try:
+    tree = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"checkpoint {step} in {mgr.directory} does not match this config's "
+                          f"model ({type(e).__name__}: {str(e)[:500]})") from None
+  return step, tree

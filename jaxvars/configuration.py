@@ -1,0 +1,82 @@
+"""Validation of an experiment config (see ``configs/joint.py``).
+
+``validate(config)`` is called before any work starts, so that a typo in a
+command-line override stops the run with one message naming the field, instead
+of failing deep inside training.
+"""
+
+from collections.abc import Iterable
+
+import ml_collections
+
+from jaxvars.errors import ConfigError
+
+RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+def _one_of(config, path: str, choices: Iterable[str]):
+  value = _get(config, path)
+  choices = tuple(choices)
+  if value not in choices:
+    raise ConfigError(f"config.{path}={value!r} is not one of {choices}")
+
+
+def _positive(config, path: str, *, allow_zero: bool = False):
+  value = _get(config, path)
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+      value >= 0 if allow_zero else value > 0)
+  if not ok:
+    need = "a number >= 0" if allow_zero else "a number > 0"
+    raise ConfigError(f"config.{path}={value!r} must be {need}")
+
+
+def _get(config, path: str):
+  node = config
+  for part in path.split("."):
+    if part not in node:
+      raise ConfigError(f"config.{path} is missing (config built from {config.get('presets')!r})")
+    node = node[part]
+  return node
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every field that the training and evaluation code reads.
+
+  Raises:
+    ConfigError: naming the first field whose value is missing or out of range.
+  """
+  _one_of(config, "data.name", ("synthetic", "hm", "folder"))
+  if config.data.name in ("hm", "folder") and not config.data.manual_dir:
+    raise ConfigError(
+        f"config.data.manual_dir is empty but data.name={config.data.name!r} reads its files "
+        "from it; pass --config.data.manual_dir=/path/to/data")
+  _one_of(config, "data.split", ("random", "time"))
+  _one_of(config, "data.missing_images", ("error", "drop"))
+  for path in ("data.image_size", "data.min_user_interactions", "data.eval_negatives",
+               "backbone.width", "backbone.feature_batch_size", "vbpr.factors",
+               "vbpr.visual_factors", "vbpr.epochs", "vbpr.batch_size", "vbpr.lr",
+               "eval.batch_users", "checkpoint.max_to_keep", "checkpoint.every_epochs"):
+    _positive(config, path)
+  if config.data.image_size < 16:
+    raise ConfigError(f"config.data.image_size={config.data.image_size} is too small; use >= 16")
+  for path in ("vbpr.reg", "vbpr.reg_visual", "vbpr.init_scale", "vbpr.lr_drop_factor",
+               "vbpr.lr_drop_epochs", "eval.every_epochs", "num_devices", "data.min_rating"):
+    _positive(config, path, allow_zero=True)
+  if config.vbpr.lr_drop_epochs > config.vbpr.epochs:
+    raise ConfigError(f"config.vbpr.lr_drop_epochs={config.vbpr.lr_drop_epochs} exceeds "
+                      f"config.vbpr.epochs={config.vbpr.epochs}")
+  _one_of(config, "backbone.arch", RESNET_ARCHS)
+  _one_of(config, "backbone.init", ("random",))
+  _one_of(config, "backbone.feature_norm", ("standardize", "l2", "none"))
+  _one_of(config, "vbpr.form", ("tang", "he"))
+  _one_of(config, "vbpr.optimizer", ("adam", "sgd", "adamw"))
+  ks = tuple(config.eval.ks)
+  if not ks or any((not isinstance(k, int)) or k <= 0 for k in ks):
+    raise ConfigError(f"config.eval.ks={ks!r} must be a non-empty tuple of positive integers")
+  if max(ks) > config.data.eval_negatives + 1:
+    raise ConfigError(f"config.eval.ks={ks!r}: a cut-off exceeds the {config.data.eval_negatives + 1} "
+                      "ranked candidates (data.eval_negatives + 1)")
+  if config.data.name == "synthetic":
+    for path in ("data.synthetic.num_users", "data.synthetic.num_items",
+                 "data.synthetic.mean_interactions"):
+      _positive(config, path)

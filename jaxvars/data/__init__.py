@@ -1,0 +1,1 @@
+"""Datasets (tensorflow-datasets builders), interaction splitting and sampling."""

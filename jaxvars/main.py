@@ -1,0 +1,53 @@
+"""Command-line entry point.
+
+  python -m jaxvars.main --config=configs/joint.py:cpu --workdir=/tmp/jaxvars [--mode=train]
+
+Flags: ``--config`` (an ml_collections config file; any field can be overridden,
+e.g. ``--config.vbpr.factors=32``), ``--workdir`` (split, checkpoints,
+results.json), ``--mode``: ``train`` (train, resuming from the latest
+checkpoint, then evaluate) or ``evaluate`` (restore the latest checkpoint and
+recompute the metrics).
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxvars.errors import JaxvarsError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. "
+                                          "configs/joint.py:cpu,hm.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the split, checkpoints and results.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate"],
+                          "train: train (resuming) and evaluate; evaluate: restore and evaluate.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries:
+  """Drops the INFO chatter of Orbax and tfds (warnings and errors still show)."""
+
+  def filter(self, record) -> bool:
+    noisy = any(part in record.pathname for part in ("/orbax/", "/tensorflow_datasets/", "/etils/"))
+    return record.levelno >= 30 or not noisy
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from jaxvars import train  # Imported here so that --help is fast.
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  try:
+    if _MODE.value == "train":
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    else:
+      train.evaluate(_CONFIG.value, _WORKDIR.value)
+  except JaxvarsError as e:
+    logging.error("%s", e)
+    print(f"jaxvars: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

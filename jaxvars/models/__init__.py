@@ -1,0 +1,1 @@
+"""flax.linen models: ResNet feature extractor and VBPR."""

@@ -1,0 +1,130 @@
+"""ResNet (He et al. 2016, v1.5: stride on the 3x3 conv) returning the pooled feature
+and the stage 2/3/4 feature maps.
+
+Parameter names follow torchvision's (``conv1``, ``bn1``, ``layer1_0/conv1``,
+``layer1_0/downsample_conv`` ...) so pretrained weights can be mapped one to one.
+
+Input: float32 images in [0, 1], shape [B, H, W, 3] (NHWC). They are normalised
+inside the model with ImageNet's mean and std, so attacks work in pixel space.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ARCHS = {
+    "resnet18": ((2, 2, 2, 2), "basic"),
+    "resnet34": ((3, 4, 6, 3), "basic"),
+    "resnet50": ((3, 4, 6, 3), "bottleneck"),
+    "resnet101": ((3, 4, 23, 3), "bottleneck"),
+}
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs (ResNet-18/34)."""
+  filters: int
+  strides: int = 1
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x, *, norm):
+    y = nn.Conv(self.filters, (3, 3), self.strides, padding=1, use_bias=False, name="conv1")(x)
+    y = nn.relu(norm(name="bn1")(y))
+    y = nn.Conv(self.filters, (3, 3), padding=1, use_bias=False, name="conv2")(y)
+    y = norm(name="bn2")(y)
+    if x.shape[-1] != self.filters or self.strides != 1:
+      x = nn.Conv(self.filters, (1, 1), self.strides, use_bias=False, name="downsample_conv")(x)
+      x = norm(name="downsample_bn")(x)
+    return nn.relu(x + y)
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 (strided) -> 1x1 x4 (ResNet-50/101)."""
+  filters: int
+  strides: int = 1
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x, *, norm):
+    y = nn.Conv(self.filters, (1, 1), use_bias=False, name="conv1")(x)
+    y = nn.relu(norm(name="bn1")(y))
+    y = nn.Conv(self.filters, (3, 3), self.strides, padding=1, use_bias=False, name="conv2")(y)
+    y = nn.relu(norm(name="bn2")(y))
+    y = nn.Conv(self.filters * 4, (1, 1), use_bias=False, name="conv3")(y)
+    y = norm(name="bn3")(y)
+    if x.shape[-1] != self.filters * 4 or self.strides != 1:
+      x = nn.Conv(self.filters * 4, (1, 1), self.strides, use_bias=False,
+                  name="downsample_conv")(x)
+      x = norm(name="downsample_bn")(x)
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """ResNet feature extractor.
+
+  Attributes:
+    stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
+    block: 'basic' or 'bottleneck'.
+    width: channels of the first stage (64 in the standard nets).
+    small_stem: 3x3 stride-1 stem without max-pool (for 32-64 px images) instead of
+      the 7x7 stride-2 conv + 3x3 stride-2 max-pool.
+    dtype: computation dtype (parameters stay float32).
+
+  Returns (``__call__(x, train=False)``), a dict of float32 arrays:
+    'stage1' .. 'stage4': [B, h_s, w_s, C_s] outputs of each stage;
+    'pooled': [B, C_4] global average of 'stage4' (the feature f_i of VBPR).
+  """
+  stage_sizes: Sequence[int]
+  block: str = "bottleneck"
+  width: int = 64
+  small_stem: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @property
+  def feature_dim(self) -> int:
+    return self.width * 8 * (4 if self.block == "bottleneck" else 1)
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                             epsilon=1e-5, dtype=self.dtype)
+    block_cls = Bottleneck if self.block == "bottleneck" else BasicBlock
+    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+    std = jnp.asarray(IMAGENET_STD, jnp.float32)
+    x = ((x - mean) / std).astype(self.dtype)
+    if self.small_stem:
+      x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, name="conv1", dtype=self.dtype)(x)
+      x = nn.relu(norm(name="bn1")(x))
+    else:
+      x = nn.Conv(self.width, (7, 7), (2, 2), padding=3, use_bias=False, name="conv1",
+                  dtype=self.dtype)(x)
+      x = nn.relu(norm(name="bn1")(x))
+      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    out = {}
+    for s, n_blocks in enumerate(self.stage_sizes):
+      for b in range(n_blocks):
+        strides = 2 if (s > 0 and b == 0) else 1
+        x = block_cls(self.width * 2**s, strides, name=f"layer{s + 1}_{b}")(x, norm=norm)
+      out[f"stage{s + 1}"] = x.astype(jnp.float32)
+    out["pooled"] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    return out
+
+
+def make_resnet(arch: str, *, width: int = 64, small_stem: bool = False,
+                dtype=jnp.float32) -> ResNet:
+  """Builds ResNet-18/34/50/101 by name.
+
+  Raises:
+    ValueError: for an unknown ``arch``.
+  """
+  if arch not in ARCHS:
+    raise ValueError(f"unknown ResNet arch {arch!r}; expected one of {tuple(ARCHS)}")
+  stages, block = ARCHS[arch]
+  return ResNet(stage_sizes=stages, block=block, width=width, small_stem=small_stem, dtype=dtype)

@@ -1,0 +1,84 @@
+"""VBPR: Visual Bayesian Personalised Ranking (He & McAuley, AAAI 2016).
+
+Two forms of the preference score (DESIGN.md; config ``vbpr.form``):
+
+* ``'tang'`` (Tang et al. 2020, AMR; the paper's eq. for x_ui):
+  ``x_ui = p_u . (q_i + E f_i)``
+* ``'he'`` (He & McAuley 2016): ``x_ui = b_i + g_u . g_i + t_u . (E f_i) + b' . f_i``
+  (the global and user biases cancel in BPR and are omitted).
+
+``f_i`` is the (normalised) pooled ResNet feature of item i's image, passed in
+by the caller, so that attacks can feed features of perturbed images.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class VBPR(nn.Module):
+  """VBPR scorer.
+
+  Attributes:
+    num_users, num_items: U, I.
+    feature_dim: F, size of f_i.
+    factors: K (p_u, q_i in 'tang'; g_u, g_i in 'he').
+    visual_factors: K' (t_u and E f_i in 'he'; ignored by 'tang', where E maps to K).
+    form: 'tang' or 'he'.
+    init_scale: std of the normal initialisation of every parameter.
+
+  ``__call__(users, items, features)``:
+    users: int [...], items: int [...] (same shape), features: float32 [..., F]
+    (f of ``items``). Returns float32 scores x_ui [...].
+  """
+  num_users: int
+  num_items: int
+  feature_dim: int
+  factors: int = 64
+  visual_factors: int = 64
+  form: str = "tang"
+  init_scale: float = 0.01
+
+  def setup(self):
+    if self.form not in ("tang", "he"):
+      raise ValueError(f"VBPR form {self.form!r} is not 'tang' or 'he'")
+    init = nn.initializers.normal(self.init_scale)
+    k_visual = self.factors if self.form == "tang" else self.visual_factors
+    self.user_factors = self.param("user_factors", init, (self.num_users, self.factors))
+    self.item_factors = self.param("item_factors", init, (self.num_items, self.factors))
+    self.visual_projection = self.param("visual_projection", init, (self.feature_dim, k_visual))
+    if self.form == "he":
+      self.user_visual_factors = self.param("user_visual_factors", init,
+                                            (self.num_users, self.visual_factors))
+      self.item_bias = self.param("item_bias", nn.initializers.zeros, (self.num_items,))
+      self.visual_bias = self.param("visual_bias", init, (self.feature_dim,))
+
+  def __call__(self, users, items, features):
+    visual = features @ self.visual_projection  # [..., K']
+    if self.form == "tang":
+      return jnp.sum(self.user_factors[users] * (self.item_factors[items] + visual), axis=-1)
+    return (self.item_bias[items]
+            + jnp.sum(self.user_factors[users] * self.item_factors[items], axis=-1)
+            + jnp.sum(self.user_visual_factors[users] * visual, axis=-1)
+            + features @ self.visual_bias)
+
+  def l2_penalty(self, users, pos_items, neg_items):
+    """Squared L2 norms of the rows a batch of triplets touches, and of the visual weights.
+
+    Args:
+      users, pos_items, neg_items: int [B].
+
+    Returns:
+      (rows, visual): rows = mean over the batch of ||user rows||^2 + ||pos rows||^2 +
+      ||neg rows||^2 (float32 scalar); visual = ||E||^2 (+ ||b'||^2 in 'he').
+    """
+    sq = lambda a: jnp.sum(jnp.square(a), axis=-1)
+    rows = sq(self.user_factors[users]) + sq(self.item_factors[pos_items]) + sq(
+        self.item_factors[neg_items])
+    visual = jnp.sum(jnp.square(self.visual_projection))
+    if self.form == "he":
+      rows = rows + sq(self.user_visual_factors[users]) + jnp.square(
+          self.item_bias[pos_items]) + jnp.square(self.item_bias[neg_items])
+      visual = visual + jnp.sum(jnp.square(self.visual_bias))
+    return jnp.mean(rows), visual
