@@ -83,8 +83,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if size == "cpu":
     d.image_size = 64
     b.arch = "resnet18"
-    b.width = 32
-    b.small_stem = True
+    b.width = 32  # With the standard stem: ~320 images/s on 2 CPU cores (3x the 3x3 stem's).
     b.feature_batch_size = 256
   elif size == "tiny":  # For tests: seconds, not minutes.
     d.image_size = 32
