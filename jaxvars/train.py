@@ -198,7 +198,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       epoch_metrics.update({f"vbpr/{k}": v for k, v in rank_all(exp, state.params, features)[
           "vbpr/clean"].items() if k.endswith("@10")})
     history.append(epoch_metrics)
-    bar.set_postfix(loss=f"{epoch_metrics['loss']:.4f}", acc=f"{epoch_metrics['pairwise_accuracy']:.3f}")
+    bar.set_postfix(loss=f"{epoch_metrics['loss']:.4f}",
+                    acc=f"{epoch_metrics['pairwise_accuracy']:.3f}", refresh=False)
     logging.info("epoch %d/%d %s", epoch + 1, config.vbpr.epochs,
                  " ".join(f"{k}={v:.4f}" for k, v in epoch_metrics.items() if k != "epoch"))
     if (epoch + 1) % config.checkpoint.every_epochs == 0 or epoch + 1 == config.vbpr.epochs:
