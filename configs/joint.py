@@ -69,6 +69,58 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   v.lr_drop_epochs = 20  # The last this many epochs use lr * lr_drop_factor (paper: last 20 of 100).
   v.lr_drop_factor = 0.1  # Factor of the learning-rate drop.
 
+  # ---- Attacks (paper eq. 3-4; DESIGN.md) ------------------------------------
+  c.attack = a = ml_collections.ConfigDict()
+  a.eval_eps = (8,)  # L-inf budgets evaluated, in 1/255 units (8 = 8/255).
+  a.pgd_steps = 10  # PGD iterations.
+  a.pgd_alpha = 2.0  # PGD step size, 1/255 units.
+  a.random_start = True  # PGD starts from a uniform point of the eps-ball.
+  a.triplets_per_item = 8  # BPR triplets per item and role (positive / negative) in the attack loss.
+  a.batch_size = 64  # Item images attacked per jitted call.
+  a.seed = 1  # Seed of the attack's triplets and random starts (fixed: every system sees the same attack).
+
+  # ---- Denoiser D (paper 3.3) -------------------------------------------------
+  c.denoiser = dn = ml_collections.ConfigDict()
+  dn.channels = 64  # Width of the convolutional trunk.
+  dn.num_blocks = 9  # Residual blocks (paper: 9).
+  dn.patch = 8  # Patch size of the global attention's tokens (image side must divide by it).
+  dn.attn_dim = 128  # Token dimension of the attention block.
+  dn.heads = 4  # Attention heads.
+  dn.rand_min_scale = 0.875  # "rand": random resize to s*H, s ~ U(rand_min_scale, 1), zero-pad back.
+
+  # ---- Detector g (paper 3.4) -------------------------------------------------
+  c.detector = dt = ml_collections.ConfigDict()
+  dt.hidden = 512  # Width of W1 of the projection head.
+  dt.dim = 128  # Embedding dimension (paper: 128).
+  dt.temperature = 0.1  # InfoNCE temperature tau.
+  dt.fpr = 0.05  # False-positive rate at which the threshold is chosen on clean items.
+  dt.holdout_items = 1000  # Items never used to train the defence; detection is evaluated on them.
+  dt.calibration_items = 1000  # Clean training items whose scores set the threshold.
+
+  # ---- Joint loss weights (eq. 12: L = L_content + l1 L_perc + l2 L_contr + l3 L_bpr) ----
+  c.loss = lw = ml_collections.ConfigDict()
+  lw.content = 1.0  # Weight of the content loss ||x - D(x)||^2.
+  lw.perceptual = 1.0  # l1: weight of the perceptual loss (ResNet stages 2-4).
+  lw.contrastive = 1.0  # l2: weight of the InfoNCE loss of the detector.
+  lw.bpr = 0.1  # l3: weight of VBPR's BPR loss on denoised images.
+
+  # ---- Defence training (paper 4.3): the same joint step, one entry per stage ----
+  c.defense = df = ml_collections.ConfigDict()
+  df.batch_size = 32  # Item images per joint step (global, split over the mesh).
+  df.train_eps = 8.0  # eps (1/255) of the FGSM/PGD inputs crafted inside the step.
+  df.triplets_per_item = 4  # BPR triplets per item and role, for the attack and L_bpr.
+  df.items_per_epoch = 0  # Items per defence epoch (0 = every item not held out).
+  df.checkpoint_every_steps = 200  # Checkpoint period within a stage (and at its end).
+  # Stages run in this order; epochs=0 skips one. trainable: groups of {vbpr, denoiser,
+  # detector}; mix: (clean, fgsm, pgd) proportions of the crafted inputs; terms: the loss
+  # terms used (weights from config.loss).
+  c.stages = st = ml_collections.ConfigDict()
+  st.denoiser_fgsm = _stage(10, ("denoiser",), (1, 1, 0), 1e-3, ("content", "perceptual", "bpr"))
+  st.denoiser_mix = _stage(3, ("denoiser",), (1, 1, 1), 1e-3, ("content", "perceptual", "bpr"))
+  st.detector = _stage(2, ("detector",), (0, 1, 0), 1e-3, ("contrastive",))
+  st.joint = _stage(1, ("denoiser", "detector"), (1, 1, 1), 1e-4,
+                    ("content", "perceptual", "contrastive", "bpr"))
+
   # ---- Evaluation ------------------------------------------------------------
   c.eval = e = ml_collections.ConfigDict()
   e.ks = (5, 10, 20)  # Cut-offs N of HR@N and NDCG@N.
@@ -85,6 +137,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     b.arch = "resnet18"
     b.width = 32  # With the standard stem: ~320 images/s on 2 CPU cores (3x the 3x3 stem's).
     b.feature_batch_size = 256
+    dn.channels = 16
+    dn.attn_dim = 64
+    dt.hidden = 256
+    dt.holdout_items = 300
+    dt.calibration_items = 300
+    df.batch_size = 16
+    df.items_per_epoch = 256
+    st.denoiser_fgsm.epochs = 4
+    st.denoiser_mix.epochs = 1
+    st.detector.epochs = 2
+    st.joint.epochs = 1
   elif size == "tiny":  # For tests: seconds, not minutes.
     d.image_size = 32
     s.num_users = 60
@@ -101,6 +164,22 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     v.batch_size = 64
     e.batch_users = 32
     k.every_epochs = 2
+    dn.channels = 4
+    dn.num_blocks = 2
+    dn.attn_dim = 16
+    dn.heads = 2
+    dt.hidden = 16
+    dt.dim = 8
+    dt.holdout_items = 40
+    dt.calibration_items = 40
+    a.pgd_steps = 2
+    a.batch_size = 32
+    a.triplets_per_item = 2
+    df.batch_size = 16
+    df.items_per_epoch = 32
+    df.triplets_per_item = 2
+    for stage in st.values():
+      stage.epochs = 1
 
   if dataset == "synthetic" and size == "cpu":
     v.epochs = 40
@@ -110,6 +189,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     d.manual_dir = "../shared/data/hm"  # Kaggle layout: transactions_train.csv, articles.csv, images/.
     v.batch_size = 1024
   return c
+
+
+def _stage(epochs, trainable, mix, lr, terms) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      "epochs": epochs,  # Passes over config.defense.items_per_epoch items.
+      "trainable": trainable,  # Parameter groups updated (the others are frozen).
+      "mix": mix,  # (clean, fgsm, pgd) proportions of the inputs.
+      "lr": lr,  # Adam learning rate.
+      "terms": terms,  # Loss terms used (weights from config.loss).
+  })
 
 
 def _parse_presets(arg: str) -> tuple[str, str]:

@@ -16,11 +16,16 @@ import functools
 import json
 import math
 import os
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxvars import steps
+from jaxvars.data import splits
+from jaxvars.defenses import random_resize_pad
+from jaxvars.features import batched_map
 from jaxvars.models.vbpr import VBPR
 
 
@@ -121,14 +126,205 @@ def _json_default(x):
 
 
 def format_ranking_table(ranking: dict[str, dict[str, float]]) -> str:
-  """A plain-text table: one row per ``<system>/<condition>``, one column per metric."""
+  """A plain-text table: one row per key (``<system>/<condition>``), one column per metric."""
   if not ranking:
-    return "(no ranking results)"
+    return "(no results)"
   metrics = list(next(iter(ranking.values())).keys())
   width = max(len(k) for k in ranking) + 2
-  lines = ["".ljust(width) + "".join(m.rjust(9) for m in metrics)]
+  cols = [max(9, len(m) + 2) for m in metrics]
+  lines = ["".ljust(width) + "".join(m.rjust(c) for m, c in zip(metrics, cols))]
   for key, row in ranking.items():
-    lines.append(key.ljust(width) + "".join(
-        (f"{row[m]:9.4f}" if isinstance(row.get(m), float) and not math.isnan(row[m]) else
-         "      n/a") for m in metrics))
+    cells = []
+    for m, c in zip(metrics, cols):
+      v = row.get(m)
+      cells.append(f"{v:{c}.4f}" if isinstance(v, float) and not math.isnan(v) else "n/a".rjust(c))
+    lines.append(key.ljust(width) + "".join(cells))
   return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Detection metrics.
+# ---------------------------------------------------------------------------
+
+def roc_auc(clean_scores: np.ndarray, adv_scores: np.ndarray) -> float:
+  """Area under the ROC curve of "score > t means adversarial" (Mann-Whitney U; ties count 1/2).
+
+  Args:
+    clean_scores: [n0] scores of clean inputs (label 0); adv_scores: [n1] (label 1).
+  """
+  clean_scores, adv_scores = np.asarray(clean_scores, float), np.asarray(adv_scores, float)
+  values = np.concatenate([clean_scores, adv_scores])
+  _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+  order = np.argsort(values, kind="mergesort")
+  ranks = np.empty(len(values))
+  ranks[order] = np.arange(1, len(values) + 1)
+  ranks = (np.bincount(inverse, weights=ranks) / counts)[inverse]  # Average rank of ties.
+  n0, n1 = len(clean_scores), len(adv_scores)
+  return float((ranks[n0:].sum() - n1 * (n1 + 1) / 2) / (n0 * n1))
+
+
+def detection_metrics(*, calibration_clean: np.ndarray, clean: np.ndarray, adversarial: np.ndarray,
+                      fpr: float) -> dict[str, float]:
+  """Detection quality on a balanced held-out set.
+
+  The threshold is the (1 - fpr) quantile of ``calibration_clean`` (clean items apart
+  from the evaluation set), so about ``fpr`` of clean inputs are flagged.
+
+  Args:
+    calibration_clean: [m] scores of clean calibration inputs.
+    clean, adversarial: [n] scores of held-out clean inputs and their attacked versions.
+    fpr: target false-positive rate.
+
+  Returns:
+    {'accuracy' (balanced set, calibrated threshold), 'roc_auc', 'tpr@fpr=<fpr>' (TPR at the
+    held-out ROC point with that FPR), 'threshold', 'fpr_at_threshold', 'tpr_at_threshold'}.
+  """
+  threshold = float(np.quantile(calibration_clean, 1.0 - fpr))
+  tpr_at = float(np.mean(adversarial > threshold))
+  fpr_at = float(np.mean(clean > threshold))
+  roc_threshold = np.quantile(clean, 1.0 - fpr)
+  return {"accuracy": 0.5 * (tpr_at + 1.0 - fpr_at), "roc_auc": roc_auc(clean, adversarial),
+          f"tpr@fpr={fpr:g}": float(np.mean(adversarial > roc_threshold)),
+          "threshold": threshold, "fpr_at_threshold": fpr_at, "tpr_at_threshold": tpr_at}
+
+
+def perturbation_stats(clean_uint8: np.ndarray, adv_uint8: np.ndarray, chunk: int = 1024) -> dict:
+  """Mean per-image L-inf and L2 norms of ``adv - clean`` in [0, 1] pixel units
+  (``linf_255`` = L-inf in 1/255 units)."""
+  linf, l2 = [], []
+  for s in range(0, len(clean_uint8), chunk):
+    d = (adv_uint8[s:s + chunk].astype(np.float32) - clean_uint8[s:s + chunk]) / 255.0
+    d = d.reshape(len(d), -1)
+    linf.append(np.abs(d).max(axis=1))
+    l2.append(np.sqrt(np.square(d).sum(axis=1)))
+  linf, l2 = np.concatenate(linf), np.concatenate(l2)
+  return {"linf": float(linf.mean()), "linf_255": float(linf.mean() * 255), "l2": float(l2.mean())}
+
+
+# ---------------------------------------------------------------------------
+# Attacked catalogues and the evaluation of every system under every condition.
+# ---------------------------------------------------------------------------
+
+SYSTEMS = ("vbpr", "defended", "defended_rand")
+
+
+def attack_catalogue(*, system, params, consts, data, mesh, config, kind: str, eps: float):
+  """Attacks every item image of the catalogue (paper eq. 3), in jitted sharded batches.
+
+  Triplets and random starts come from ``config.attack.seed`` (and kind, eps), so the
+  attacked catalogue is the same for every system evaluated on it.
+
+  Returns:
+    (uint8 [I, S, S, 3] attacked images, {'linf', 'linf_255', 'l2', 'time_s'}).
+  """
+  a = config.attack
+  rng = np.random.default_rng([a.seed, ("fgsm", "pgd").index(kind), int(round(eps * 1000))])
+  items = np.arange(data.num_items, dtype=np.int32)
+  keys = splits.pair_keys(data.train_users, data.train_items, data.num_items)
+  triplets = splits.item_triplets(items, train_users=data.train_users, train_items=data.train_items,
+                                  num_users=data.num_users, num_items=data.num_items,
+                                  positive_keys=keys, per_role=a.triplets_per_item, rng=rng)
+  base_key = jax.random.key(a.seed)
+
+  @jax.jit
+  def craft(batch):
+    x = batch["images"].astype(jnp.float32) / 255.0
+    adv = steps.craft_item_attack(
+        system, params["vbpr"], consts, x, batch["items"],
+        {k: batch[k] for k in triplets}, kind=kind, eps=eps, pgd_steps=a.pgd_steps,
+        pgd_alpha=a.pgd_alpha, key=jax.random.fold_in(base_key, batch["items"][0]),
+        random_start=a.random_start)
+    return jnp.round(adv * 255.0).astype(jnp.uint8)
+
+  t = time.perf_counter()
+  adv = batched_map(craft, {"images": data.images, "items": items, **triplets},
+                    batch_size=a.batch_size, mesh=mesh, desc=f"{kind}@{eps:g} attack")
+  elapsed = time.perf_counter() - t
+  return adv, {**perturbation_stats(data.images, adv), "time_s": elapsed}
+
+
+def system_features(system_name: str, *, system, params, consts, images: np.ndarray, mesh,
+                    batch_size: int, seed: int) -> np.ndarray:
+  """Normalised features [I, F] of a catalogue as seen by one system.
+
+  'vbpr': ResNet(x); 'defended': ResNet(D(x)); 'defended_rand': ResNet(D(rand(x))) with a
+  per-item key derived from ``seed`` (the same random transform for the same item).
+  """
+  base_key = jax.random.key(seed)
+
+  @jax.jit
+  def fn(batch):
+    x = batch["images"].astype(jnp.float32) / 255.0
+    if system_name == "defended":
+      x = system.denoise(params, x)
+    elif system_name == "defended_rand":
+      keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(batch["items"])
+      x = jax.vmap(lambda img, k: random_resize_pad(img[None], k,
+                                                    min_scale=system.rand_min_scale)[0])(x, keys)
+      x = system.denoise(params, x)
+    return system.features(consts, x)
+
+  items = np.arange(len(images), dtype=np.int32)
+  return batched_map(fn, {"images": images, "items": items}, batch_size=batch_size, mesh=mesh,
+                     desc=f"{system_name} features")
+
+
+def detection_scores(*, system, params, consts, images: np.ndarray, mesh, batch_size: int):
+  """Detector scores ||z(x) - z(D(x))|| [N] of uint8 images [N, S, S, 3]."""
+  fn = jax.jit(lambda b: system.detection_scores(params, consts,
+                                                 b["images"].astype(jnp.float32) / 255.0))
+  return batched_map(fn, {"images": images}, batch_size=batch_size, mesh=mesh,
+                     desc="detector scores")
+
+
+def evaluate_all(*, system, params, consts, data, mesh, config, holdout: np.ndarray,
+                 calibration: np.ndarray) -> dict:
+  """Every table of results.json: ``ranking``, ``detection``, ``attack``, and their timing.
+
+  Conditions: clean and, for every eps in ``config.attack.eval_eps``, ``fgsm@eps`` and
+  ``pgd@eps`` (the whole catalogue attacked once per condition, against VBPR).
+  Systems: ``mostpop`` (clean only), ``vbpr``, ``defended``, ``defended_rand``.
+  Detection uses the ``holdout`` items (never used to train the defence), each clean and
+  attacked (a balanced set), with the threshold from the clean ``calibration`` items.
+  """
+  ks = tuple(config.eval.ks)
+  bs = config.attack.batch_size
+  cands = candidate_matrix(data.test_items, data.eval_negatives)
+  timing = {}
+  ranking = {"mostpop/clean": evaluate_scores(
+      mostpop_scores(data.train_items, data.num_items)[cands], ks)}
+  conditions = {"clean": data.images}
+  attack = {}
+  for eps in config.attack.eval_eps:
+    for kind in ("fgsm", "pgd"):
+      name = f"{kind}@{eps:g}"
+      conditions[name], attack[name] = attack_catalogue(
+          system=system, params=params, consts=consts, data=data, mesh=mesh, config=config,
+          kind=kind, eps=float(eps))
+  t = time.perf_counter()
+  for sys_name in SYSTEMS:
+    for cond, images in conditions.items():
+      if sys_name == "vbpr" and cond == "clean":
+        feats = consts["features"]
+      else:
+        feats = system_features(sys_name, system=system, params=params, consts=consts,
+                                images=images, mesh=mesh, batch_size=bs, seed=config.attack.seed)
+      scores = vbpr_candidate_scores(system.vbpr, params["vbpr"], jnp.asarray(feats), cands,
+                                     config.eval.batch_users)
+      ranking[f"{sys_name}/{cond}"] = evaluate_scores(scores, ks)
+  timing["ranking_s"] = time.perf_counter() - t
+
+  t = time.perf_counter()
+  score = lambda imgs: detection_scores(system=system, params=params, consts=consts, images=imgs,
+                                        mesh=mesh, batch_size=bs)
+  cal = score(data.images[calibration])
+  clean_hold = score(data.images[holdout])
+  detection = {}
+  for cond, images in conditions.items():
+    if cond != "clean":
+      detection[cond] = detection_metrics(calibration_clean=cal, clean=clean_hold,
+                                          adversarial=score(images[holdout]),
+                                          fpr=config.detector.fpr)
+      detection[cond]["items"] = int(len(holdout))
+  timing["detection_s"] = time.perf_counter() - t
+  return {"ranking": ranking, "detection": detection, "attack": attack, "timing": timing}

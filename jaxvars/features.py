@@ -15,28 +15,8 @@ import numpy as np
 
 from jaxvars import sharding
 from jaxvars.models.resnet import ResNet
+from jaxvars.models.vars import normalize_features, to_float  # noqa: F401 (re-exported)
 from jaxvars.progress import progress
-
-
-def to_float(images_uint8: jax.Array) -> jax.Array:
-  """uint8 [B, H, W, 3] in 0..255 -> float32 in [0, 1]."""
-  return images_uint8.astype(jnp.float32) / 255.0
-
-
-def normalize_features(features: jax.Array, stats: dict, mode: str) -> jax.Array:
-  """Normalises pooled features f [..., F] before VBPR.
-
-  Args:
-    stats: {'mean': [F], 'std': [F]} of the clean catalogue ('standardize').
-    mode: 'standardize' ((f - mean) / std), 'l2' (unit norm) or 'none'.
-  """
-  if mode == "standardize":
-    return (features - stats["mean"]) / stats["std"]
-  if mode == "l2":
-    return features / (jnp.linalg.norm(features, axis=-1, keepdims=True) + 1e-8)
-  if mode == "none":
-    return features
-  raise ValueError(f"feature normalisation {mode!r} is not 'standardize', 'l2' or 'none'")
 
 
 def feature_stats(features: np.ndarray) -> dict:
@@ -44,6 +24,29 @@ def feature_stats(features: np.ndarray) -> dict:
   features = np.asarray(features, np.float64)
   return {"mean": features.mean(0).astype(np.float32),
           "std": np.maximum(features.std(0), 1e-6).astype(np.float32)}
+
+
+def batched_map(fn, inputs: dict, *, batch_size: int, mesh, desc: str):
+  """Applies a jitted ``fn(batch: dict) -> array [b, ...]`` over host arrays in batches.
+
+  The leading dimension of every array in ``inputs`` is split into batches of
+  ``batch_size`` (the last one padded by repeating its first row, so ``fn`` compiles
+  once), each sharded over the mesh's ``data`` axis.
+
+  Returns:
+    numpy array [N, ...], the concatenated outputs without the padding.
+  """
+  sharding.check_divisible(batch_size, mesh, f"batch size of {desc!r}")
+  n = len(next(iter(inputs.values())))
+  out = []
+  for start in progress(range(0, n, batch_size), desc=desc, total=-(-n // batch_size)):
+    chunk = {k: v[start:start + batch_size] for k, v in inputs.items()}
+    m = len(next(iter(chunk.values())))
+    if m < batch_size:
+      chunk = {k: np.concatenate([v, np.repeat(v[:1], batch_size - m, axis=0)])
+               for k, v in chunk.items()}
+    out.append(np.asarray(fn(sharding.shard_batch(chunk, mesh)))[:m])
+  return np.concatenate(out, axis=0)
 
 
 class FeatureExtractor:
@@ -69,12 +72,5 @@ class FeatureExtractor:
 
   def __call__(self, images: np.ndarray, *, desc: str = "item features") -> np.ndarray:
     """Pooled features of uint8 images [N, H, W, 3] -> float32 [N, F] (host array)."""
-    n, b = len(images), self.batch_size
-    out = []
-    for start in progress(range(0, n, b), desc=desc, total=-(-n // b)):
-      chunk = images[start:start + b]
-      if len(chunk) < b:
-        chunk = np.concatenate([chunk, np.zeros((b - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-      feats = self._pooled(self.variables, sharding.shard_batch(chunk, self.mesh))
-      out.append(np.asarray(feats)[:min(b, n - start)])
-    return np.concatenate(out, axis=0)
+    return batched_map(lambda b: self._pooled(self.variables, b["images"]), {"images": images},
+                       batch_size=self.batch_size, mesh=self.mesh, desc=desc)

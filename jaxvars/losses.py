@@ -22,3 +22,56 @@ def bpr(*, pos_scores: jax.Array, neg_scores: jax.Array) -> jax.Array:
     float32 scalar.
   """
   return jnp.mean(jax.nn.softplus(neg_scores - pos_scores))
+
+
+def content(*, clean: jax.Array, denoised: jax.Array) -> jax.Array:
+  """Content loss ``||x_clean - D(x)||^2``, as the mean over pixels and channels.
+
+  Args: clean, denoised: float32 [B, H, W, 3] in [0, 1]. Returns: float32 scalar.
+  """
+  return jnp.mean(jnp.square(clean - denoised))
+
+
+def perceptual(*, clean_maps: dict, denoised_maps: dict,
+               stages=("stage2", "stage3", "stage4")) -> jax.Array:
+  """Perceptual loss ``sum_s ||phi_s(x_clean) - phi_s(D(x))||^2`` over ResNet stages 2-4.
+
+  Each stage's squared error is averaged over its elements, then summed over stages.
+
+  Args:
+    clean_maps, denoised_maps: ResNet outputs (dicts of [B, h_s, w_s, C_s]).
+  """
+  return sum(jnp.mean(jnp.square(clean_maps[s] - denoised_maps[s])) for s in stages)
+
+
+def info_nce(*, pos_sim: jax.Array, neg_sim: jax.Array, temperature: float) -> jax.Array:
+  """InfoNCE (Oord et al. 2018) with several positive and negative pairs per example.
+
+  For every positive pair p of example b:
+  ``-log( exp(s_bp / t) / (exp(s_bp / t) + sum_n exp(s_bn / t)) )``, averaged over b, p.
+
+  Args:
+    pos_sim: float32 [B, P] similarities of the positive pairs.
+    neg_sim: float32 [B, N] similarities of the negative pairs.
+    temperature: t > 0.
+
+  Returns:
+    float32 scalar.
+  """
+  pos = pos_sim / temperature
+  neg = jax.nn.logsumexp(neg_sim / temperature, axis=-1, keepdims=True)  # [B, 1]
+  return jnp.mean(jnp.logaddexp(pos, neg) - pos)
+
+
+def detector_pair_similarities(*, z_clean, z_clean_denoised, z_adv, z_adv_denoised):
+  """Cosine similarities of the paper's pairs (Figure 5), from unit-norm embeddings [B, D].
+
+  Positive pairs: (x, D(x)), (x, D(x_adv)). Negative pairs: (x_adv, x), (x_adv, D(x_adv)).
+
+  Returns:
+    (pos_sim [B, 2], neg_sim [B, 2]).
+  """
+  dot = lambda a, b: jnp.sum(a * b, axis=-1)
+  pos = jnp.stack([dot(z_clean, z_clean_denoised), dot(z_clean, z_adv_denoised)], axis=-1)
+  neg = jnp.stack([dot(z_adv, z_clean), dot(z_adv, z_adv_denoised)], axis=-1)
+  return pos, neg

@@ -154,3 +154,53 @@ def sample_train_negatives(users: np.ndarray, num_items: int, positive_keys: np.
       return neg.astype(np.int32)
     neg[bad] = rng.integers(0, num_items, int(bad.sum()))
   raise ValueError("could not sample BPR negatives: some user touched nearly every item")
+
+
+def item_triplets(items: np.ndarray, *, train_users: np.ndarray, train_items: np.ndarray,
+                  num_users: int, num_items: int, positive_keys: np.ndarray,
+                  per_role: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """Training triplets (u, i, j) in which each given item takes part, for attacks and the
+  defence's recommendation loss (paper eq. 3 restricted to a batch of item images).
+
+  For each item k: ``per_role`` triplets with k as the positive (u drawn from k's
+  training buyers, j a sampled BPR negative of u; masked out when k has no buyer),
+  and ``per_role`` triplets with k as the negative (u a random user who never bought
+  k in training, i one of u's training items).
+
+  Args:
+    items: int [B] item indices.
+    train_users, train_items: [N] training pairs. positive_keys: their :func:`pair_keys`.
+    per_role: triplets per item and role.
+
+  Returns:
+    {'pos_users', 'pos_negs', 'pos_mask', 'neg_users', 'neg_pos'}: [B, per_role] arrays
+    (int32; the mask float32).
+  """
+  items = np.asarray(items, np.int64)
+  b = len(items)
+  order = np.argsort(train_items, kind="stable")
+  sorted_items, sorted_users = train_items[order], train_users[order]
+  start = np.searchsorted(sorted_items, items, side="left")
+  count = np.searchsorted(sorted_items, items, side="right") - start
+  pick = start[:, None] + (rng.random((b, per_role)) * np.maximum(count, 1)[:, None]).astype(np.int64)
+  pos_users = sorted_users[np.minimum(pick, len(sorted_users) - 1)].astype(np.int64)
+  pos_mask = np.broadcast_to((count > 0)[:, None], (b, per_role)).astype(np.float32)
+  pos_users = np.where(pos_mask > 0, pos_users, 0)
+  pos_negs = sample_train_negatives(pos_users.reshape(-1), num_items, positive_keys,
+                                    rng=rng).reshape(b, per_role)
+
+  neg_users = rng.integers(0, num_users, (b, per_role))
+  for _ in range(100):
+    bought = contains(positive_keys, neg_users * num_items + items[:, None])
+    if not bought.any():
+      break
+    neg_users[bought] = rng.integers(0, num_users, int(bought.sum()))
+  order_u = np.argsort(train_users, kind="stable")
+  su, si = train_users[order_u], train_items[order_u]
+  ustart = np.searchsorted(su, neg_users, side="left")
+  ucount = np.searchsorted(su, neg_users, side="right") - ustart
+  upick = ustart + (rng.random(neg_users.shape) * np.maximum(ucount, 1)).astype(np.int64)
+  neg_pos = si[np.minimum(upick, len(si) - 1)]
+  return {"pos_users": pos_users.astype(np.int32), "pos_negs": pos_negs.astype(np.int32),
+          "pos_mask": pos_mask, "neg_users": neg_users.astype(np.int32),
+          "neg_pos": neg_pos.astype(np.int32)}

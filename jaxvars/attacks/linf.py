@@ -1,0 +1,105 @@
+"""FGSM and PGD in the L-inf ball, for any differentiable ``loss_fn(images) -> scalar``.
+
+Units: images are float32 in [0, 1], NHWC. ``eps`` and ``alpha`` are in 1/255 units
+(``eps=8`` allows a change of 8/255 per pixel and channel). Attacks *maximise*
+``loss_fn``; pass a loss whose increase is the attacker's goal. The models inside
+``loss_fn`` must run in eval mode (no BatchNorm statistics updates, no dropout).
+
+Every output satisfies ``|x' - x| <= eps/255`` and ``0 <= x' <= 1``; with
+``quantize=True`` (default) it is also rounded to the 8-bit grid, as an uploaded
+image would be (exact on the grid when ``x`` is 8-bit and ``eps`` an integer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def quantize_8bit(x: jax.Array) -> jax.Array:
+  """Rounds [0, 1] images to the nearest of the 256 levels k/255."""
+  return jnp.round(x * 255.0) / 255.0
+
+
+def project_linf(x_adv: jax.Array, x: jax.Array, eps: float) -> jax.Array:
+  """Projects onto {x' : |x' - x|_inf <= eps/255} intersected with [0, 1]^n."""
+  e = eps / 255.0
+  return jnp.clip(x_adv, jnp.maximum(x - e, 0.0), jnp.minimum(x + e, 1.0))
+
+
+def _finish(x_adv, x, eps, quantize):
+  if quantize:
+    x_adv = quantize_8bit(x_adv)
+  return project_linf(x_adv, x, eps)
+
+
+def fgsm(loss_fn: Callable[[jax.Array], jax.Array], images: jax.Array, *, eps: float,
+         quantize: bool = True) -> jax.Array:
+  """Fast Gradient Sign Method: ``x' = clip(x + eps * sign(grad_x loss), 0, 1)``.
+
+  Args:
+    loss_fn: images [B, H, W, 3] float32 -> scalar to maximise.
+    images: float32 [B, H, W, 3] in [0, 1].
+    eps: L-inf radius in 1/255 units.
+    quantize: round the result to 8 bits (then re-project).
+
+  Returns:
+    float32 [B, H, W, 3], inside the eps-ball of ``images`` and [0, 1].
+  """
+  g = jax.grad(loss_fn)(images)
+  return _finish(images + (eps / 255.0) * jnp.sign(g), images, eps, quantize)
+
+
+def pgd(loss_fn: Callable[[jax.Array], jax.Array], images: jax.Array, *, eps: float,
+        alpha: float, steps: int, key: jax.Array | None = None, random_start: bool = True,
+        quantize: bool = True, keep_best: bool = True) -> jax.Array:
+  """Projected Gradient Descent (ascent on ``loss_fn``), L-inf.
+
+  ``x_0 = x + U(-eps, eps)`` (if ``random_start``), then ``steps`` times
+  ``x_{t+1} = Proj(x_t + alpha * sign(grad loss(x_t)))`` with ``jax.lax.fori_loop``.
+
+  Args:
+    loss_fn: images -> scalar to maximise.
+    images: float32 [B, H, W, 3] in [0, 1].
+    eps: L-inf radius, 1/255 units.
+    alpha: step size, 1/255 units.
+    steps: number of gradient steps (static).
+    key: PRNG key of the random start (required when ``random_start``).
+    random_start: start from a uniform point of the eps-ball.
+    quantize: round the result to 8 bits (then re-project).
+    keep_best: return the iterate with the highest loss seen (over the whole batch)
+      instead of the last one; the attacked loss then never decreases with more steps.
+
+  Returns:
+    float32 [B, H, W, 3], inside the eps-ball of ``images`` and [0, 1].
+
+  Raises:
+    ValueError: ``random_start`` without a ``key``.
+  """
+  e = eps / 255.0
+  if random_start:
+    if key is None:
+      raise ValueError("pgd(random_start=True) needs a PRNG key")
+    x0 = project_linf(images + jax.random.uniform(key, images.shape, images.dtype, -e, e),
+                      images, eps)
+  else:
+    x0 = images
+  value_and_grad = jax.value_and_grad(loss_fn)
+
+  def body(_, carry):
+    x, best_x, best_loss = carry
+    loss, g = value_and_grad(x)
+    better = loss > best_loss
+    best_x = jnp.where(better, x, best_x)
+    best_loss = jnp.where(better, loss, best_loss)
+    x = project_linf(x + (alpha / 255.0) * jnp.sign(g), images, eps)
+    return x, best_x, best_loss
+
+  init = (x0, x0, jnp.array(-jnp.inf, jnp.float32))
+  x, best_x, best_loss = jax.lax.fori_loop(0, steps, body, init)
+  if keep_best:
+    last_loss = loss_fn(x)
+    x = jnp.where(last_loss >= best_loss, x, best_x)
+  return _finish(x, images, eps, quantize)

@@ -1,0 +1,105 @@
+"""Adversarial image denoiser D (paper section 3.3, Figure 3).
+
+9x9 conv -> ``num_blocks`` residual blocks (3x3) -> one global self-attention
+(transformer) block -> 9x9 conv back to RGB. No downsampling anywhere; the output
+has the input's shape and lies in (0, 1).
+
+**Global attention that fits memory.** Attention over every pixel of a 224x224
+image is 50,176 tokens (a 10 GB score matrix per head). We attend over *patch
+tokens* instead (ViT-style): the feature map is cut into non-overlapping
+``patch x patch`` patches, each projected to an ``attn_dim`` token with a fixed
+2-D sine-cosine position code; every token attends to every other (global
+receptive field), and the result is projected back to pixels and added
+residually, so fine detail flows through the skip path. At 224x224 with
+``patch=8`` that is 784 tokens (a 2.4 MB score matrix per head). The image side
+must be divisible by ``patch``.
+
+**Output.** ``D(x) = sigmoid(logit(x) + r(x))`` with the last conv initialised
+to zero, so an untrained D is (to within 1/512) the identity, and no pixel is
+ever clipped (no dead gradients at pure white or black).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_EDGE = 1.0 / 512.0
+
+
+def sincos_2d(h: int, w: int, dim: int) -> np.ndarray:
+  """Fixed 2-D sine-cosine position codes, float32 [h * w, dim] (dim divisible by 4)."""
+  if dim % 4:
+    raise ValueError(f"attention dim {dim} must be divisible by 4")
+  omega = 1.0 / (10000 ** (np.arange(dim // 4) / (dim // 4)))
+  ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  out = [f(a.reshape(-1, 1) * omega) for a in (ys, xs) for f in (np.sin, np.cos)]
+  return np.concatenate(out, axis=1).astype(np.float32)
+
+
+class ResidualBlock(nn.Module):
+  """conv3x3 -> ReLU -> conv3x3 (zero-initialised), plus the input."""
+  channels: int
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.relu(nn.Conv(self.channels, (3, 3), padding=1, name="conv1")(x))
+    y = nn.Conv(self.channels, (3, 3), padding=1, kernel_init=nn.initializers.zeros,
+                name="conv2")(y)
+    return x + y
+
+
+class GlobalAttentionBlock(nn.Module):
+  """A pre-norm transformer block over patch tokens of a [B, H, W, C] map (see module doc)."""
+  patch: int = 8
+  dim: int = 128
+  heads: int = 4
+  mlp_ratio: int = 2
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    p = self.patch
+    if h % p or w % p:
+      raise ValueError(f"denoiser input {h}x{w} is not divisible by patch={p}; set "
+                       "config.denoiser.patch to a divisor of the image size")
+    gh, gw = h // p, w // p
+    tokens = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * c)
+    z = nn.Dense(self.dim, name="embed")(tokens) + jnp.asarray(sincos_2d(gh, gw, self.dim))
+    y = nn.LayerNorm(name="ln1")(z)
+    z = z + nn.MultiHeadDotProductAttention(num_heads=self.heads, name="attention")(y, y)
+    y = nn.LayerNorm(name="ln2")(z)
+    y = nn.Dense(self.dim * self.mlp_ratio, name="mlp1")(y)
+    z = z + nn.Dense(self.dim, name="mlp2")(nn.gelu(y))
+    out = nn.Dense(p * p * c, kernel_init=nn.initializers.zeros, name="unembed")(z)
+    out = out.reshape(b, gh, gw, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+    return x + out
+
+
+class Denoiser(nn.Module):
+  """Image denoiser D.
+
+  Attributes:
+    channels: width of the convolutional trunk.
+    num_blocks: residual blocks (paper: 9).
+    patch, attn_dim, heads: the global attention block (see module doc).
+
+  ``__call__(x)``: float32 [B, H, W, 3] in [0, 1] -> float32 [B, H, W, 3] in (0, 1).
+  """
+  channels: int = 64
+  num_blocks: int = 9
+  patch: int = 8
+  attn_dim: int = 128
+  heads: int = 4
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Conv(self.channels, (9, 9), padding=4, name="conv_in")(x * 2.0 - 1.0))
+    for k in range(self.num_blocks):
+      h = ResidualBlock(self.channels, name=f"block{k}")(h)
+    h = GlobalAttentionBlock(self.patch, self.attn_dim, self.heads, name="attention")(h)
+    r = nn.Conv(3, (9, 9), padding=4, kernel_init=nn.initializers.zeros, name="conv_out")(h)
+    xc = jnp.clip(x, _EDGE, 1.0 - _EDGE)
+    return jax.nn.sigmoid(jnp.log(xc) - jnp.log1p(-xc) + r)
