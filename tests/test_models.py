@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from jaxvars import losses, sharding, steps
-from jaxvars.features import FeatureExtractor, normalize_features, to_float
+from jaxvars.features import FeatureExtractor
+from jaxvars.models.vars import normalize_features, to_float
 from jaxvars.models.resnet import make_resnet
 from jaxvars.models.vbpr import VBPR
 

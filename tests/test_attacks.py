@@ -1,0 +1,121 @@
+"""FGSM / PGD: eps-ball and [0, 1] bounds (property-based), gradient vs finite differences,
+PGD monotone in its number of steps, 8-bit quantisation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from jaxvars.attacks import fgsm, pgd, project_linf, quantize_8bit
+from jaxvars.attacks.objectives import item_bpr_loss
+from jaxvars.data import splits
+from jaxvars.models.resnet import make_resnet
+from jaxvars.models.vars import normalize_features
+from jaxvars.models.vbpr import VBPR
+
+
+def _quadratic_loss(key, shape):
+  w = jax.random.normal(key, shape)
+  return lambda x: jnp.sum(w * x) + jnp.sum(jnp.sin(3.0 * x))
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9),
+       eps=st.floats(0.5, 64.0), seed=st.integers(0, 10_000), on_grid=st.booleans(),
+       steps=st.integers(1, 4))
+def test_attacks_stay_in_eps_ball_and_unit_box(b, h, w, eps, seed, on_grid, steps):
+  key = jax.random.key(seed)
+  x = jax.random.uniform(jax.random.fold_in(key, 1), (b, h, w, 3))
+  if on_grid:
+    x = quantize_8bit(x)
+  loss = _quadratic_loss(key, x.shape)
+  for adv in (fgsm(loss, x, eps=eps),
+              pgd(loss, x, eps=eps, alpha=eps / 3, steps=steps, key=jax.random.fold_in(key, 2)),
+              fgsm(loss, x, eps=eps, quantize=False)):
+    adv, xs = np.asarray(adv, np.float64), np.asarray(x, np.float64)
+    assert adv.shape == xs.shape
+    assert np.all(adv >= 0.0) and np.all(adv <= 1.0)
+    assert np.max(np.abs(adv - xs)) <= eps / 255.0 + 1e-6
+
+
+@settings(max_examples=10, deadline=None)
+@given(eps=st.integers(1, 32), seed=st.integers(0, 10_000))
+def test_outputs_are_8_bit_for_8_bit_inputs(eps, seed):
+  key = jax.random.key(seed)
+  x = quantize_8bit(jax.random.uniform(key, (2, 5, 5, 3)))
+  loss = _quadratic_loss(key, x.shape)
+  for adv in (fgsm(loss, x, eps=eps), pgd(loss, x, eps=eps, alpha=2, steps=3, key=key)):
+    levels = np.asarray(adv, np.float64) * 255.0
+    np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)
+
+
+def test_fgsm_moves_every_free_pixel_by_eps_along_the_gradient_sign():
+  x = jnp.full((1, 4, 4, 3), 0.5)
+  w = jax.random.normal(jax.random.key(0), x.shape)
+  adv = fgsm(lambda z: jnp.sum(w * z), x, eps=8, quantize=False)
+  np.testing.assert_allclose(adv - x, 8 / 255 * np.sign(w), atol=1e-7)
+
+
+def _tiny_recommender():
+  """A tiny ResNet + VBPR and the item-BPR attack loss of 3 item images."""
+  backbone = make_resnet("resnet18", width=4, small_stem=True)
+  images = jax.random.uniform(jax.random.key(0), (3, 16, 16, 3))
+  bvars = backbone.init(jax.random.key(1), images)
+  feature_dim = backbone.feature_dim
+  vbpr = VBPR(num_users=6, num_items=10, feature_dim=feature_dim, factors=4, init_scale=0.5)
+  vparams = vbpr.init(jax.random.key(2), jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32),
+                      jnp.zeros((1, feature_dim)))["params"]
+  train_users = np.array([0, 0, 1, 2, 3, 4, 5, 5])
+  train_items = np.array([0, 1, 2, 0, 3, 4, 1, 5])
+  items = np.array([0, 1, 2], np.int32)
+  triplets = splits.item_triplets(items, train_users=train_users, train_items=train_items,
+                                  num_users=6, num_items=10,
+                                  positive_keys=splits.pair_keys(train_users, train_items, 10),
+                                  per_role=3, rng=np.random.default_rng(0))
+  others = jax.random.normal(jax.random.key(3), (10, feature_dim))
+  stats = {"mean": jnp.zeros(feature_dim), "std": jnp.ones(feature_dim)}
+
+  def loss(x):
+    f = normalize_features(backbone.apply(bvars, x)["pooled"], stats, "standardize")
+    return item_bpr_loss(f, items=jnp.asarray(items), triplets=triplets,
+                         score_fn=lambda u, i, feat: vbpr.apply({"params": vparams}, u, i, feat),
+                         other_features=others)
+  return loss, images
+
+
+def test_attack_gradient_matches_finite_differences():
+  loss, x = _tiny_recommender()
+  g = np.asarray(jax.grad(loss)(x))
+  flat = np.argsort(-np.abs(g).ravel())[:5]  # The most influential pixels.
+  h = 1e-2
+  for idx in flat:
+    d = np.zeros(x.size, np.float32)
+    d[idx] = h
+    d = d.reshape(x.shape)
+    fd = (float(loss(x + d)) - float(loss(x - d))) / (2 * h)
+    assert g.ravel()[idx] == pytest.approx(fd, rel=0.05, abs=1e-4)
+  adv = fgsm(loss, x, eps=4, quantize=False)
+  moved = np.sign(np.asarray(adv - x)).ravel()[flat]
+  np.testing.assert_array_equal(moved, np.sign(g.ravel()[flat]))
+  assert float(loss(adv)) > float(loss(x))  # The attack raises the BPR loss.
+
+
+def test_pgd_with_more_steps_never_lowers_the_loss():
+  loss, x = _tiny_recommender()
+  key = jax.random.key(5)
+  values = [float(loss(pgd(loss, x, eps=8, alpha=2, steps=k, key=key, quantize=False)))
+            for k in range(1, 7)]
+  assert all(b >= a - 1e-6 for a, b in zip(values, values[1:])), values
+  assert values[-1] > float(loss(x))
+
+
+def test_pgd_needs_a_key_for_its_random_start():
+  with pytest.raises(ValueError, match="needs a PRNG key"):
+    pgd(lambda z: jnp.sum(z), jnp.zeros((1, 2, 2, 3)), eps=8, alpha=2, steps=1)
+
+
+def test_projection():
+  x = jnp.array([0.0, 0.5, 1.0])
+  np.testing.assert_allclose(project_linf(jnp.array([-1.0, 0.9, 2.0]), x, 8),
+                             [0.0, 0.5 + 8 / 255, 1.0], rtol=1e-6)

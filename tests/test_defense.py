@@ -1,0 +1,181 @@
+"""Losses against numpy references; denoiser and detector shapes; random resize + pad;
+detection metrics; the joint step on 1 and 8 devices; stage masks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxvars import evaluate as ev, losses, sharding, steps
+from jaxvars.data import splits
+from jaxvars.defenses import random_resize_pad
+from jaxvars.models.denoiser import Denoiser
+from jaxvars.models.detector import ProjectionHead
+from jaxvars.models.resnet import make_resnet
+from jaxvars.models.vars import VisualRecommender, normalize_features
+from jaxvars.models.vbpr import VBPR
+
+
+def test_info_nce_matches_numpy():
+  rng = np.random.default_rng(0)
+  pos, neg, t = rng.normal(size=(5, 2)), rng.normal(size=(5, 3)), 0.3
+  want = np.mean([-np.log(np.exp(pos[b, p] / t) / (np.exp(pos[b, p] / t) + np.exp(neg[b] / t).sum()))
+                  for b in range(5) for p in range(2)])
+  got = losses.info_nce(pos_sim=jnp.asarray(pos), neg_sim=jnp.asarray(neg), temperature=t)
+  assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_pair_similarities_follow_the_paper():
+  e = np.eye(4, dtype=np.float32)
+  z = {"z_clean": e[[0]], "z_clean_denoised": e[[0]], "z_adv": e[[1]], "z_adv_denoised": e[[2]]}
+  pos, neg = losses.detector_pair_similarities(**{k: jnp.asarray(v) for k, v in z.items()})
+  np.testing.assert_allclose(pos, [[1.0, 0.0]])  # (x, D(x)), (x, D(x_adv)).
+  np.testing.assert_allclose(neg, [[0.0, 0.0]])  # (x_adv, x), (x_adv, D(x_adv)).
+
+
+def test_content_and_perceptual_match_numpy():
+  rng = np.random.default_rng(1)
+  a, b = rng.random((2, 4, 4, 3)), rng.random((2, 4, 4, 3))
+  assert float(losses.content(clean=jnp.asarray(a), denoised=jnp.asarray(b))) == pytest.approx(
+      np.mean((a - b) ** 2), rel=1e-5)
+  maps_a = {s: rng.random((2, 3, 3, 5)) for s in ("stage1", "stage2", "stage3", "stage4")}
+  maps_b = {s: rng.random((2, 3, 3, 5)) for s in maps_a}
+  want = sum(np.mean((maps_a[s] - maps_b[s]) ** 2) for s in ("stage2", "stage3", "stage4"))
+  assert float(losses.perceptual(clean_maps=maps_a, denoised_maps=maps_b)) == pytest.approx(
+      want, rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 16, 3), (3, 32, 24, 3), (2, 8, 40, 3)])
+def test_denoiser_keeps_shape_and_starts_as_identity(shape):
+  d = Denoiser(channels=4, num_blocks=2, patch=8, attn_dim=16, heads=2)
+  x = jax.random.uniform(jax.random.key(0), shape)
+  y = d.apply(d.init(jax.random.key(1), x), x)
+  assert y.shape == x.shape and y.dtype == jnp.float32
+  assert float(jnp.max(jnp.abs(y - x))) < 2.0 / 512
+  assert float(y.min()) > 0.0 and float(y.max()) < 1.0
+
+
+def test_denoiser_compiles_once_per_shape():
+  d = Denoiser(channels=4, num_blocks=1, patch=4, attn_dim=8, heads=2)
+  variables = d.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  traces = []
+
+  @jax.jit
+  def apply(v, x):
+    traces.append(x.shape)
+    return d.apply(v, x)
+
+  for _ in range(3):
+    apply(variables, jnp.zeros((2, 8, 8, 3)))
+  assert len(traces) == 1
+  apply(variables, jnp.zeros((2, 16, 16, 3)))
+  apply(variables, jnp.ones((2, 16, 16, 3)))
+  assert len(traces) == 2
+
+
+def test_denoiser_rejects_indivisible_patch():
+  d = Denoiser(channels=4, num_blocks=1, patch=8, attn_dim=8, heads=2)
+  with pytest.raises(ValueError, match="not divisible by patch=8"):
+    d.init(jax.random.key(0), jnp.zeros((1, 12, 12, 3)))
+
+
+def test_random_resize_pad():
+  x = jnp.ones((4, 32, 32, 3))
+  y = random_resize_pad(x, jax.random.key(0), min_scale=0.5)
+  assert y.shape == x.shape
+  area = np.asarray(y[..., 0] > 0.5).sum(axis=(1, 2)) / 32**2
+  assert np.all(area >= 0.5**2 - 0.1) and np.all(area <= 1.0)
+  assert np.any(np.asarray(y) == 0.0)  # Zero padding somewhere.
+  same = random_resize_pad(x, jax.random.key(0), min_scale=0.5)
+  np.testing.assert_array_equal(y, same)  # Deterministic for a key.
+  with pytest.raises(ValueError, match="min_scale"):
+    random_resize_pad(x, jax.random.key(0), min_scale=0.0)
+
+
+def test_projection_head_is_unit_norm():
+  head = ProjectionHead(hidden=8, out=4)
+  h = jax.random.normal(jax.random.key(0), (5, 6))
+  z = head.apply(head.init(jax.random.key(1), h), h)
+  np.testing.assert_allclose(jnp.linalg.norm(z, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_roc_auc_matches_pairwise_count():
+  rng = np.random.default_rng(0)
+  clean, adv = rng.integers(0, 5, 40).astype(float), rng.integers(2, 8, 30).astype(float)
+  pairs = [(a > c) + 0.5 * (a == c) for a in adv for c in clean]
+  assert ev.roc_auc(clean, adv) == pytest.approx(np.mean(pairs))
+
+
+def test_detection_metrics_on_separable_scores():
+  m = ev.detection_metrics(calibration_clean=np.linspace(0, 1, 101), clean=np.full(50, 0.5),
+                           adversarial=np.full(50, 3.0), fpr=0.05)
+  assert m["accuracy"] == 1.0 and m["roc_auc"] == 1.0 and m["tpr@fpr=0.05"] == 1.0
+  assert m["threshold"] == pytest.approx(0.95)
+
+
+def _tiny_system():
+  backbone = make_resnet("resnet18", width=4, small_stem=True)
+  x = jnp.zeros((1, 16, 16, 3))
+  bvars = backbone.init(jax.random.key(0), x)
+  vbpr = VBPR(num_users=20, num_items=40, feature_dim=backbone.feature_dim, factors=4,
+              init_scale=0.3)
+  denoiser = Denoiser(channels=4, num_blocks=1, patch=8, attn_dim=8, heads=2)
+  head = ProjectionHead(hidden=8, out=4)
+  idx, f = jnp.zeros(1, jnp.int32), jnp.zeros((1, backbone.feature_dim))
+  params = {"vbpr": vbpr.init(jax.random.key(1), idx, idx, f)["params"],
+            "denoiser": denoiser.init(jax.random.key(2), x)["params"],
+            "detector": {"head": head.init(jax.random.key(3), f)["params"]}}
+  system = VisualRecommender(backbone=backbone, vbpr=vbpr, denoiser=denoiser, head=head)
+  images = np.asarray(jax.random.randint(jax.random.key(4), (40, 16, 16, 3), 0, 256), np.uint8)
+  raw = backbone.apply(bvars, images / 255.0)["pooled"]
+  stats = {"mean": raw.mean(0), "std": raw.std(0) + 1e-6}
+  consts = {"backbone": bvars, "stats": stats,
+            "features": normalize_features(raw, stats, "standardize")}
+  rng = np.random.default_rng(0)
+  users, items = rng.integers(0, 20, 120), rng.integers(0, 40, 120)
+  users, items, _ = splits.binarize(users, items, np.zeros(120, np.int64))
+  return system, params, consts, images, users, items
+
+
+@pytest.mark.parametrize("mix", [(0, 1, 0), (1, 1, 1)])
+def test_joint_step_same_on_one_and_eight_devices(mix):
+  system, params, consts, images, users, items = _tiny_system()
+  params = jax.device_get(params)  # Host copy: the step donates (deletes) its input state.
+  batch_items = np.arange(8, dtype=np.int32)
+  triplets = splits.item_triplets(batch_items, train_users=users, train_items=items,
+                                  num_users=20, num_items=40,
+                                  positive_keys=splits.pair_keys(users, items, 40), per_role=2,
+                                  rng=np.random.default_rng(1))
+  host_batch = {"images": images[:8], "items": batch_items, "triplets": triplets}
+  weights = {"content": 1.0, "perceptual": 1.0, "contrastive": 1.0, "bpr": 0.1}
+  attack = {"eps": 8.0, "pgd_steps": 2, "pgd_alpha": 2.0, "random_start": True}
+  results = []
+  for n in (1, 8):
+    mesh = sharding.make_mesh(n)
+    state = steps.TrainState.create(apply_fn=None, params=params,
+                                    tx=steps.stage_optimizer(("denoiser", "detector"), 1e-3))
+    state = jax.device_put(state, sharding.replicated(mesh))
+    step = steps.make_defense_step(system, mesh, weights=weights, mix=mix, attack=attack,
+                                   temperature=0.1)
+    c = jax.device_put(consts, sharding.replicated(mesh))
+    for k in range(2):
+      state, m = step(state, sharding.shard_batch(host_batch, mesh), c, jax.random.key(k))
+    results.append((jax.device_get(m), jax.device_get(state.params)))
+  (m1, p1), (m8, p8) = results
+  assert int(m1["input_kind"]) == int(m8["input_kind"])
+  for key in ("loss", "content", "perceptual", "contrastive", "bpr"):
+    assert float(m1[key]) == pytest.approx(float(m8[key]), rel=1e-4, abs=1e-6), key
+  # Adam's first updates are ~lr * sign(g): float noise in a near-zero gradient can move a
+  # parameter by up to ~1e-6 (of an lr=1e-3 step); 1e-5 is 1% of a step.
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  # The mask: VBPR is frozen in this stage, the denoiser is not.
+  for a, b in zip(jax.tree.leaves(p1["vbpr"]), jax.tree.leaves(params["vbpr"])):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(p1["denoiser"]),
+                                                      jax.tree.leaves(params["denoiser"])))
+
+
+def test_stage_optimizer_rejects_unknown_group():
+  with pytest.raises(ValueError, match="unknown trainable group"):
+    steps.stage_optimizer(("denoiser", "resnet"), 1e-3)
