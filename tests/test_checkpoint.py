@@ -46,18 +46,31 @@ def test_train_then_evaluate_reproduces_metrics_and_resumes(tfds_dir, tmp_path):
   workdir = str(tmp_path / "run")
   config = tiny_config(tfds_dir)
   trained = train.train_and_evaluate(config, workdir)
-  assert set(trained["ranking"]) == {"mostpop/clean", "vbpr/clean"}
+  want = {"mostpop/clean"} | {f"{s}/{c}" for s in ("vbpr", "defended", "defended_rand")
+                              for c in ("clean", "fgsm@8", "pgd@8")}
+  assert set(trained["ranking"]) == want
   assert set(trained["ranking"]["vbpr/clean"]) == {f"{m}@{k}" for m in ("HR", "NDCG")
                                                    for k in (5, 10, 20)}
+  assert set(trained["detection"]) == {"fgsm@8", "pgd@8"}
+  assert {"accuracy", "roc_auc", "tpr@fpr=0.05", "threshold"} <= set(trained["detection"]["fgsm@8"])
+  for attack in trained["attack"].values():
+    assert attack["linf_255"] <= 8.0 + 1e-4 and attack["l2"] > 0 and attack["time_s"] > 0
+  assert set(trained["training"]["stages"]) == {"denoiser_fgsm", "denoiser_mix", "detector",
+                                                "joint"}
+  for name in trained["training"]["stages"]:
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", name))
   on_disk = json.load(open(os.path.join(workdir, "results.json")))
   assert on_disk["ranking"] == trained["ranking"]
   assert on_disk["data"]["users"] == trained["data"]["users"] > 0
-  assert {"features_s", "train_s", "eval_s", "total_s"} <= set(on_disk["timing"])
+  assert {"features_s", "vbpr_train_s", "ranking_s", "detection_s", "total_s"} <= set(
+      on_disk["timing"])
   evaluated = train.evaluate(config, workdir)
   assert evaluated["ranking"] == trained["ranking"]  # Exactly, not approximately.
-  # Training again in the same workdir resumes at the end: nothing to do, same metrics.
+  assert evaluated["detection"] == trained["detection"]
+  # Training again in the same workdir restores every finished stage: same metrics.
   again = train.train_and_evaluate(config, workdir)
-  assert again["ranking"] == trained["ranking"] and again["timing"]["train_steps"] == 0
+  assert again["ranking"] == trained["ranking"] and again["timing"]["vbpr_train_steps"] == 0
+  assert all(not h for h in again["training"]["stages"].values())  # No stage step re-run.
 
 
 def test_evaluate_without_training_is_an_error(tfds_dir, tmp_path):
@@ -77,5 +90,5 @@ def test_cli_train_then_evaluate(tmp_path):
   r = subprocess.run(base + ["--mode=evaluate"], cwd=REPO, env=env, capture_output=True,
                      text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
-  assert "reproduces the training run's metrics exactly" in r.stderr
+  assert "restored checkpoints reproduce the training run's metrics exactly" in r.stderr
   assert json.load(open(tmp_path / "results.json"))["ranking"] == first
