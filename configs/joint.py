@@ -86,7 +86,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   dn.patch = 8  # Patch size of the global attention's tokens (image side must divide by it).
   dn.attn_dim = 128  # Token dimension of the attention block.
   dn.heads = 4  # Attention heads.
-  dn.rand_min_scale = 0.875  # "rand": random resize to s*H, s ~ U(rand_min_scale, 1), zero-pad back.
+  dn.rand_min_scale = 0.875  # "rand": random resize to s*H, s ~ U(rand_min_scale, 1), pad back.
+  dn.rand_pad = "zero"  # Padding of "rand": 'zero' (Xie et al. 2018) | 'border' (the photo's border colour).
 
   # ---- Detector g (paper 3.4) -------------------------------------------------
   c.detector = dt = ml_collections.ConfigDict()

@@ -69,6 +69,43 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of(config, "backbone.init", ("random",))
   _one_of(config, "backbone.feature_norm", ("standardize", "l2", "none"))
   _one_of(config, "vbpr.form", ("tang", "he"))
+  _one_of(config, "denoiser.rand_pad", ("zero", "border"))
+  if not 0.0 < config.denoiser.rand_min_scale <= 1.0:
+    raise ConfigError(f"config.denoiser.rand_min_scale={config.denoiser.rand_min_scale} must be "
+                      "in (0, 1]")
+  if config.data.image_size % config.denoiser.patch:
+    raise ConfigError(f"config.data.image_size={config.data.image_size} is not divisible by "
+                      f"config.denoiser.patch={config.denoiser.patch}")
+  for name, stage in config.stages.items():
+    if len(tuple(stage.mix)) != 3 or min(stage.mix) < 0 or sum(stage.mix) <= 0:
+      raise ConfigError(f"config.stages.{name}.mix={tuple(stage.mix)!r} must be 3 non-negative "
+                        "(clean, fgsm, pgd) proportions with a positive sum")
+    bad = set(stage.trainable) - {"vbpr", "denoiser", "detector"}
+    if bad:
+      raise ConfigError(f"config.stages.{name}.trainable has unknown group(s) {sorted(bad)}; "
+                        "expected 'vbpr', 'denoiser', 'detector'")
+    bad = set(stage.terms) - {"content", "perceptual", "contrastive", "bpr"}
+    if bad:
+      raise ConfigError(f"config.stages.{name}.terms has unknown term(s) {sorted(bad)}; "
+                        "expected 'content', 'perceptual', 'contrastive', 'bpr'")
+    _positive(config, f"stages.{name}.epochs", allow_zero=True)
+    _positive(config, f"stages.{name}.lr")
+  for path in ("attack.pgd_steps", "attack.pgd_alpha", "attack.batch_size",
+               "attack.triplets_per_item", "defense.batch_size", "defense.train_eps",
+               "defense.triplets_per_item", "defense.checkpoint_every_steps",
+               "detector.temperature", "detector.fpr", "detector.holdout_items",
+               "detector.calibration_items", "denoiser.channels", "denoiser.attn_dim",
+               "denoiser.heads", "denoiser.patch"):
+    _positive(config, path)
+  for path in ("loss.content", "loss.perceptual", "loss.contrastive", "loss.bpr",
+               "denoiser.num_blocks", "defense.items_per_epoch"):
+    _positive(config, path, allow_zero=True)
+  if not tuple(config.attack.eval_eps) or min(config.attack.eval_eps) <= 0:
+    raise ConfigError(f"config.attack.eval_eps={tuple(config.attack.eval_eps)!r} must be a "
+                      "non-empty tuple of positive budgets (1/255 units)")
+  if config.denoiser.attn_dim % 4 or config.denoiser.attn_dim % config.denoiser.heads:
+    raise ConfigError(f"config.denoiser.attn_dim={config.denoiser.attn_dim} must be divisible "
+                      f"by 4 and by config.denoiser.heads={config.denoiser.heads}")
   _one_of(config, "vbpr.optimizer", ("adam", "sgd", "adamw"))
   ks = tuple(config.eval.ks)
   if not ks or any((not isinstance(k, int)) or k <= 0 for k in ks):

@@ -24,7 +24,6 @@ import numpy as np
 
 from jaxvars import steps
 from jaxvars.data import splits
-from jaxvars.defenses import random_resize_pad
 from jaxvars.features import batched_map
 from jaxvars.models.vbpr import VBPR
 
@@ -259,9 +258,7 @@ def system_features(system_name: str, *, system, params, consts, images: np.ndar
       x = system.denoise(params, x)
     elif system_name == "defended_rand":
       keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(batch["items"])
-      x = jax.vmap(lambda img, k: random_resize_pad(img[None], k,
-                                                    min_scale=system.rand_min_scale)[0])(x, keys)
-      x = system.denoise(params, x)
+      x = jax.vmap(lambda img, k: system.denoise(params, img[None], rand_key=k)[0])(x, keys)
     return system.features(consts, x)
 
   items = np.arange(len(images), dtype=np.int32)

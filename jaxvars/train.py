@@ -116,7 +116,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None) -> Experiment:
             "detector": {"head": head.init(k_head, feature)["params"]}}
   system = VisualRecommender(backbone=backbone, vbpr=vbpr, denoiser=denoiser, head=head,
                              feature_norm=config.backbone.feature_norm,
-                             rand_min_scale=dn.rand_min_scale)
+                             rand_min_scale=dn.rand_min_scale, rand_pad=dn.rand_pad)
   rng = np.random.default_rng([config.seed, 7])
   order = rng.permutation(data.num_items)
   n_hold = min(config.detector.holdout_items, data.num_items // 4)

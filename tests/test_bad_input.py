@@ -66,6 +66,12 @@ def test_missing_manual_dir(tmp_path):
     ("data.name", "amazon", r"config.data.name='amazon' is not one of"),
     ("vbpr.lr", -1.0, r"config.vbpr.lr=-1.0 must be a number > 0"),
     ("eval.ks", (5, 500), r"a cut-off exceeds the 101 ranked candidates"),
+    ("denoiser.rand_pad", "edge", r"config.denoiser.rand_pad='edge' is not one of"),
+    ("stages.joint.trainable", ("denoiser", "resnet"), r"config.stages.joint.trainable has "
+     r"unknown group\(s\) \['resnet'\]"),
+    ("stages.detector.mix", (0, 0, 0), r"config.stages.detector.mix=\(0, 0, 0\) must be"),
+    ("data.image_size", 36, r"config.data.image_size=36 is not divisible by "
+     r"config.denoiser.patch=8"),
 ])
 def test_unknown_config_values(field, value, message, tmp_path):
   c = tiny_config(tmp_path, **{field: value})

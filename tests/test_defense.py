@@ -92,6 +92,15 @@ def test_random_resize_pad():
     random_resize_pad(x, jax.random.key(0), min_scale=0.0)
 
 
+def test_random_resize_pad_with_border_colour():
+  x = jnp.full((2, 32, 32, 3), 0.9).at[:, 8:24, 8:24].set(0.2)  # Dark item, light border.
+  y = np.asarray(random_resize_pad(x, jax.random.key(3), min_scale=0.6, pad="border"))
+  assert y.min() > 0.15  # No black padding...
+  np.testing.assert_allclose(y[:, 0, 0], 0.9, atol=1e-5)  # ...the corners keep the border colour.
+  with pytest.raises(ValueError, match="pad='edge'"):
+    random_resize_pad(x, jax.random.key(0), min_scale=0.5, pad="edge")
+
+
 def test_projection_head_is_unit_norm():
   head = ProjectionHead(hidden=8, out=4)
   h = jax.random.normal(jax.random.key(0), (5, 6))

@@ -11,23 +11,28 @@ import jax
 import jax.numpy as jnp
 
 
-def random_resize_pad(images: jax.Array, key: jax.Array, *, min_scale: float) -> jax.Array:
-  """Random resize to a smaller size and random zero-pad back (per image).
+def random_resize_pad(images: jax.Array, key: jax.Array, *, min_scale: float,
+                      pad: str = "zero") -> jax.Array:
+  """Random resize to a smaller size and random padding back (per image).
 
   Args:
     images: float32 [B, H, W, C] in [0, 1].
     key: PRNG key.
     min_scale: smallest scale factor, in (0, 1]; the resized side is ``s * H`` with
       ``s ~ U(min_scale, 1)``.
+    pad: 'zero' (Xie et al.: black padding) or 'border' (the mean colour of the image's
+      border, so product photos on a light background keep it).
 
   Returns:
-    float32 [B, H, W, C]: the shrunk image at a random position, zeros around it.
+    float32 [B, H, W, C]: the shrunk image at a random position, padding around it.
 
   Raises:
-    ValueError: ``min_scale`` outside (0, 1].
+    ValueError: ``min_scale`` outside (0, 1] or an unknown ``pad``.
   """
   if not 0.0 < min_scale <= 1.0:
     raise ValueError(f"min_scale={min_scale} must be in (0, 1]")
+  if pad not in ("zero", "border"):
+    raise ValueError(f"pad={pad!r} is not 'zero' or 'border'")
   b, h, w, _ = images.shape
   k_scale, k_y, k_x = jax.random.split(key, 3)
   scale = jax.random.uniform(k_scale, (b,), minval=min_scale, maxval=1.0)
@@ -38,4 +43,10 @@ def random_resize_pad(images: jax.Array, key: jax.Array, *, min_scale: float) ->
     return jax.image.scale_and_translate(img, img.shape, (0, 1), jnp.stack([s, s]),
                                          jnp.stack([ty, tx]), method="linear", antialias=True)
 
-  return jax.vmap(one)(images, scale, off_y, off_x)
+  out = jax.vmap(one)(images, scale, off_y, off_x)
+  if pad == "border":
+    coverage = jax.vmap(one)(jnp.ones_like(images[..., :1]), scale, off_y, off_x)
+    border = jnp.concatenate([images[:, 0], images[:, -1], images[:, :, 0], images[:, :, -1]],
+                             axis=1).mean(axis=1)  # [B, C]
+    out = out + (1.0 - coverage) * border[:, None, None, :]
+  return out

@@ -59,6 +59,7 @@ class VisualRecommender:
     backbone: frozen ResNet. vbpr: VBPR. denoiser: D. head: detector projection head.
     feature_norm: see :func:`normalize_features`.
     rand_min_scale: smallest scale of the random resize ("rand" defence).
+    rand_pad: padding of "rand": 'zero' (Xie et al.) or 'border' (the image's border colour).
   """
   backbone: ResNet
   vbpr: VBPR
@@ -66,6 +67,7 @@ class VisualRecommender:
   head: ProjectionHead
   feature_norm: str = "standardize"
   rand_min_scale: float = 0.875
+  rand_pad: str = "zero"
 
   def backbone_out(self, consts, images: jax.Array) -> dict:
     """ResNet outputs (stage maps, 'pooled') of float32 images [B, H, W, 3] in [0, 1]."""
@@ -81,7 +83,8 @@ class VisualRecommender:
   def denoise(self, params, images: jax.Array, *, rand_key: jax.Array | None = None):
     """D(x), or D(random_resize_pad(x)) when ``rand_key`` is given ("rand")."""
     if rand_key is not None:
-      images = random_resize_pad(images, rand_key, min_scale=self.rand_min_scale)
+      images = random_resize_pad(images, rand_key, min_scale=self.rand_min_scale,
+                                 pad=self.rand_pad)
     return self.denoiser.apply({"params": params["denoiser"]}, images)
 
   def embed_pooled(self, params, pooled: jax.Array) -> jax.Array:
