@@ -128,6 +128,10 @@ class _VarsBuilder(tfds.core.GeneratorBasedBuilder):
         if result is not None:
           yield result
 
+  def _dir(self) -> str:
+    """The manual directory of the hm and folder builders."""
+    return self.builder_config.source["manual_dir"]
+
   # Subclass API -------------------------------------------------------------
   def read_interactions(self) -> Iterator[tuple[str, list, list, list]]:
     """Yields (user_id, item_ids, timestamps, ratings) per user."""
@@ -244,9 +248,6 @@ class HMFashion(_VarsBuilder):
       "Download the Kaggle competition 'h-and-m-personalized-fashion-recommendations' and pass "
       "its directory (transactions_train.csv, articles.csv, images/) as data.manual_dir.")
 
-  def _dir(self) -> str:
-    return self.builder_config.source["manual_dir"]
-
   def read_interactions(self):
     path = os.path.join(self._dir(), "transactions_train.csv")
     cols = read_csv_columns(path, ("t_dat", "customer_id", "article_id"))
@@ -280,9 +281,6 @@ class FolderDataset(_VarsBuilder):
       "Pass a directory with interactions.csv (user_id,item_id[,timestamp][,rating]), "
       "images/<item_id>.jpg|jpeg|png and optionally items.csv (item_id,category) as "
       "data.manual_dir.")
-
-  def _dir(self) -> str:
-    return self.builder_config.source["manual_dir"]
 
   def read_interactions(self):
     path = os.path.join(self._dir(), "interactions.csv")
