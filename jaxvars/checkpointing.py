@@ -1,7 +1,8 @@
 """The one place that talks to Orbax.
 
-A checkpoint is one pytree (the train state plus the frozen backbone variables)
-saved with ``ocp.args.StandardSave`` under ``<workdir>/checkpoints/<step>``. Orbax
+A checkpoint is one pytree (a train state, plus the frozen backbone variables for VBPR)
+saved with ``ocp.args.StandardSave`` under ``<directory>/<step>``; train.py uses one
+directory per stage, ``<workdir>/checkpoints/<stage>``. Orbax
 writes to a temporary directory and renames it when complete, so an interrupted
 save never leaves a checkpoint that looks finished.
 """
@@ -16,9 +17,9 @@ import orbax.checkpoint as ocp
 from jaxvars.errors import CheckpointError
 
 
-def manager(workdir: str, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
-  """A CheckpointManager over ``<workdir>/checkpoints`` (created if absent)."""
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+def manager(directory: str, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
+  """A CheckpointManager over ``directory`` (created if absent)."""
+  directory = os.path.abspath(directory)
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          cleanup_tmp_directories=True)
   return ocp.CheckpointManager(directory, options=options)

@@ -340,9 +340,15 @@ def restore_all(exp: Experiment, workdir: str) -> tuple[dict, dict, int]:
   for name in stage_names(exp.config):
     stage = exp.config.stages[name]
     mgr = checkpointing.manager(os.path.join(workdir, "checkpoints", name))
-    step, stage_tree = checkpointing.restore_latest(mgr, {"state": _stage_state(exp, params,
-                                                                                stage)})
-    mgr.close()
+    try:
+      step, stage_tree = checkpointing.restore_latest(mgr, {"state": _stage_state(exp, params,
+                                                                                  stage)})
+    except CheckpointError as e:
+      raise CheckpointError(f"stage {name!r}: {e}; if the training run skipped or changed this "
+                            f"stage, evaluate with the same overrides (e.g. "
+                            f"--config.stages.{name}.epochs=0)") from None
+    finally:
+      mgr.close()
     if step < _stage_plan(exp, stage)[1]:
       raise CheckpointError(f"stage {name!r} stopped at step {step} of {_stage_plan(exp, stage)[1]};"
                             " run --mode=train to finish it")
