@@ -50,7 +50,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   b.arch = "resnet50"  # 'resnet18' | 'resnet34' | 'resnet50' | 'resnet101'.
   b.width = 64  # Channels of the first stage (64 = the standard ResNet).
   b.small_stem = False  # True: 3x3 stride-1 stem without max-pool (for 32-64 px images).
-  b.init = "random"  # 'random' (He init from `seed`); pretrained weights arrive with a later release.
+  b.init = "random"  # 'random' (He init from `seed`) | 'pretrained:<.pth|.safetensors|.h5|orbax dir>'.
   b.feature_batch_size = 256  # Images per batch when computing item features.
   b.feature_norm = "standardize"  # Item features fed to VBPR: 'standardize' | 'l2' | 'none'.
 

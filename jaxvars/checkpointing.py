@@ -53,3 +53,28 @@ def restore_latest(mgr: ocp.CheckpointManager, like):
     raise CheckpointError(f"checkpoint {step} in {mgr.directory} does not match this config's "
                           f"model ({type(e).__name__}: {str(e)[:500]})") from None
   return step, tree
+
+
+def save_tree(directory: str, tree) -> None:
+  """Saves one pytree (e.g. converted pretrained weights) to ``directory``, atomically."""
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.abspath(directory), tree)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+
+
+def load_tree(directory: str, like):
+  """Restores a pytree saved by :func:`save_tree` into the structure of ``like``.
+
+  Raises:
+    CheckpointError: the directory's tree does not match ``like``.
+  """
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    return checkpointer.restore(os.path.abspath(directory), abstract)
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{directory} does not hold the expected tree "
+                          f"({type(e).__name__}: {str(e)[:500]})") from None
+  finally:
+    checkpointer.close()

@@ -5,6 +5,7 @@ command-line override stops the run with one message naming the field, instead
 of failing deep inside training.
 """
 
+import os
 from collections.abc import Iterable
 
 import ml_collections
@@ -66,7 +67,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.vbpr.lr_drop_epochs={config.vbpr.lr_drop_epochs} exceeds "
                       f"config.vbpr.epochs={config.vbpr.epochs}")
   _one_of(config, "backbone.arch", RESNET_ARCHS)
-  _one_of(config, "backbone.init", ("random",))
+  init = config.backbone.init
+  if not (init == "random" or (init.startswith("pretrained:") and len(init) > len("pretrained:"))):
+    raise ConfigError(f"config.backbone.init={init!r} is not 'random' or "
+                      "'pretrained:<path to .pth, .safetensors, .h5 or a converted directory>'")
+  if init.startswith("pretrained:") and not os.path.exists(init.split(":", 1)[1]):
+    raise ConfigError(f"config.backbone.init={init!r}: {init.split(':', 1)[1]} does not exist")
   _one_of(config, "backbone.feature_norm", ("standardize", "l2", "none"))
   _one_of(config, "vbpr.form", ("tang", "he"))
   _one_of(config, "denoiser.rand_pad", ("zero", "border"))

@@ -36,6 +36,7 @@ from jaxvars.data import pipeline, splits
 from jaxvars.errors import CheckpointError, NonFiniteLossError
 from jaxvars.features import FeatureExtractor, feature_stats
 from jaxvars.models.denoiser import Denoiser
+from jaxvars.models import pretrained
 from jaxvars.models.detector import ProjectionHead
 from jaxvars.models.resnet import make_resnet
 from jaxvars.models.vars import VisualRecommender, normalize_features
@@ -97,10 +98,15 @@ def build(config: ml_collections.ConfigDict, workdir: str | None) -> Experiment:
     sharding.check_divisible(size, mesh, what)
   k_backbone, k_vbpr, k_denoiser, k_head = jax.random.split(jax.random.key(config.seed), 4)
   s = config.data.image_size
-  backbone = make_resnet(config.backbone.arch, width=config.backbone.width,
-                         small_stem=config.backbone.small_stem)
   image = jnp.zeros((1, s, s, 3), jnp.float32)
-  backbone_vars = jax.jit(backbone.init)(k_backbone, image)
+  if config.backbone.init.startswith("pretrained:"):
+    backbone, backbone_vars = pretrained.load_pretrained(
+        config.backbone.init.split(":", 1)[1], arch=config.backbone.arch,
+        width=config.backbone.width, small_stem=config.backbone.small_stem)
+  else:
+    backbone = make_resnet(config.backbone.arch, width=config.backbone.width,
+                           small_stem=config.backbone.small_stem)
+    backbone_vars = jax.jit(backbone.init)(k_backbone, image)
   vbpr = VBPR(num_users=data.num_users, num_items=data.num_items,
               feature_dim=backbone.feature_dim, factors=config.vbpr.factors,
               visual_factors=config.vbpr.visual_factors, form=config.vbpr.form,

@@ -2,10 +2,19 @@
 and the stage 2/3/4 feature maps.
 
 Parameter names follow torchvision's (``conv1``, ``bn1``, ``layer1_0/conv1``,
-``layer1_0/downsample_conv`` ...) so pretrained weights can be mapped one to one.
+``layer1_0/downsample_conv`` ...) so pretrained weights can be mapped one to one
+(:mod:`jaxvars.models.pretrained`).
 
-Input: float32 images in [0, 1], shape [B, H, W, 3] (NHWC). They are normalised
-inside the model with ImageNet's mean and std, so attacks work in pixel space.
+Two styles, to match the two sources of pretrained weights:
+
+* ``'torchvision'`` (default): v1.5 (stride on the 3x3 conv), convs without bias, BatchNorm
+  eps 1e-5, input normalised with ImageNet's RGB mean and std.
+* ``'keras'`` (``keras.applications.ResNet50``): v1 (stride on the first 1x1 conv), convs
+  with bias, BatchNorm eps 1.001e-5, "caffe" input: RGB -> BGR, x * 255 minus the BGR mean
+  (103.939, 116.779, 123.68), no scaling.
+
+Input: float32 images in [0, 1], shape [B, H, W, 3] (NHWC), normalised inside the
+model, so attacks work in pixel space.
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ import jax.numpy as jnp
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
+STYLES = ("torchvision", "keras")
 
 ARCHS = {
     "resnet18": ((2, 2, 2, 2), "basic"),
@@ -31,37 +42,44 @@ class BasicBlock(nn.Module):
   """Two 3x3 convs (ResNet-18/34)."""
   filters: int
   strides: int = 1
+  conv_bias: bool = False
+  stride_in_1x1: bool = False  # Unused: no 1x1 conv in the main path.
   expansion = 1
 
   @nn.compact
   def __call__(self, x, *, norm):
-    y = nn.Conv(self.filters, (3, 3), self.strides, padding=1, use_bias=False, name="conv1")(x)
+    conv = functools.partial(nn.Conv, use_bias=self.conv_bias)
+    y = conv(self.filters, (3, 3), self.strides, padding=1, name="conv1")(x)
     y = nn.relu(norm(name="bn1")(y))
-    y = nn.Conv(self.filters, (3, 3), padding=1, use_bias=False, name="conv2")(y)
+    y = conv(self.filters, (3, 3), padding=1, name="conv2")(y)
     y = norm(name="bn2")(y)
     if x.shape[-1] != self.filters or self.strides != 1:
-      x = nn.Conv(self.filters, (1, 1), self.strides, use_bias=False, name="downsample_conv")(x)
+      x = conv(self.filters, (1, 1), self.strides, name="downsample_conv")(x)
       x = norm(name="downsample_bn")(x)
     return nn.relu(x + y)
 
 
 class Bottleneck(nn.Module):
-  """1x1 -> 3x3 (strided) -> 1x1 x4 (ResNet-50/101)."""
+  """1x1 -> 3x3 -> 1x1 x4 (ResNet-50/101); the stride sits on the 3x3 conv (v1.5) or on
+  the first 1x1 conv (v1, ``stride_in_1x1``)."""
   filters: int
   strides: int = 1
+  conv_bias: bool = False
+  stride_in_1x1: bool = False
   expansion = 4
 
   @nn.compact
   def __call__(self, x, *, norm):
-    y = nn.Conv(self.filters, (1, 1), use_bias=False, name="conv1")(x)
+    conv = functools.partial(nn.Conv, use_bias=self.conv_bias)
+    s1, s3 = (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
+    y = conv(self.filters, (1, 1), s1, name="conv1")(x)
     y = nn.relu(norm(name="bn1")(y))
-    y = nn.Conv(self.filters, (3, 3), self.strides, padding=1, use_bias=False, name="conv2")(y)
+    y = conv(self.filters, (3, 3), s3, padding=1, name="conv2")(y)
     y = nn.relu(norm(name="bn2")(y))
-    y = nn.Conv(self.filters * 4, (1, 1), use_bias=False, name="conv3")(y)
+    y = conv(self.filters * 4, (1, 1), name="conv3")(y)
     y = norm(name="bn3")(y)
     if x.shape[-1] != self.filters * 4 or self.strides != 1:
-      x = nn.Conv(self.filters * 4, (1, 1), self.strides, use_bias=False,
-                  name="downsample_conv")(x)
+      x = conv(self.filters * 4, (1, 1), self.strides, name="downsample_conv")(x)
       x = norm(name="downsample_bn")(x)
     return nn.relu(x + y)
 
@@ -75,6 +93,7 @@ class ResNet(nn.Module):
     width: channels of the first stage (64 in the standard nets).
     small_stem: 3x3 stride-1 stem without max-pool (for 32-64 px images) instead of
       the 7x7 stride-2 conv + 3x3 stride-2 max-pool.
+    style: 'torchvision' or 'keras' (see module doc).
     dtype: computation dtype (parameters stay float32).
 
   Returns (``__call__(x, train=False)``), a dict of float32 arrays:
@@ -85,6 +104,7 @@ class ResNet(nn.Module):
   block: str = "bottleneck"
   width: int = 64
   small_stem: bool = False
+  style: str = "torchvision"
   dtype: jnp.dtype = jnp.float32
 
   @property
@@ -93,17 +113,23 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    if self.style not in STYLES:
+      raise ValueError(f"ResNet style {self.style!r} is not one of {STYLES}")
+    keras = self.style == "keras"
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype)
-    block_cls = Bottleneck if self.block == "bottleneck" else BasicBlock
-    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-    std = jnp.asarray(IMAGENET_STD, jnp.float32)
-    x = ((x - mean) / std).astype(self.dtype)
+                             epsilon=1.001e-5 if keras else 1e-5, dtype=self.dtype)
+    block_cls = functools.partial(Bottleneck if self.block == "bottleneck" else BasicBlock,
+                                  conv_bias=keras, stride_in_1x1=keras)
+    if keras:
+      x = x[..., ::-1] * 255.0 - jnp.asarray(CAFFE_BGR_MEAN, jnp.float32)
+    else:
+      x = (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
+    x = x.astype(self.dtype)
     if self.small_stem:
-      x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, name="conv1", dtype=self.dtype)(x)
+      x = nn.Conv(self.width, (3, 3), padding=1, use_bias=keras, name="conv1", dtype=self.dtype)(x)
       x = nn.relu(norm(name="bn1")(x))
     else:
-      x = nn.Conv(self.width, (7, 7), (2, 2), padding=3, use_bias=False, name="conv1",
+      x = nn.Conv(self.width, (7, 7), (2, 2), padding=3, use_bias=keras, name="conv1",
                   dtype=self.dtype)(x)
       x = nn.relu(norm(name="bn1")(x))
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
@@ -118,13 +144,16 @@ class ResNet(nn.Module):
 
 
 def make_resnet(arch: str, *, width: int = 64, small_stem: bool = False,
-                dtype=jnp.float32) -> ResNet:
+                style: str = "torchvision", dtype=jnp.float32) -> ResNet:
   """Builds ResNet-18/34/50/101 by name.
 
   Raises:
-    ValueError: for an unknown ``arch``.
+    ValueError: for an unknown ``arch`` or ``style``.
   """
   if arch not in ARCHS:
     raise ValueError(f"unknown ResNet arch {arch!r}; expected one of {tuple(ARCHS)}")
+  if style not in STYLES:
+    raise ValueError(f"unknown ResNet style {style!r}; expected one of {STYLES}")
   stages, block = ARCHS[arch]
-  return ResNet(stage_sizes=stages, block=block, width=width, small_stem=small_stem, dtype=dtype)
+  return ResNet(stage_sizes=stages, block=block, width=width, small_stem=small_stem, style=style,
+                dtype=dtype)
