@@ -24,6 +24,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   size, dataset = _parse_presets(arg)
   c = ml_collections.ConfigDict()
   c.presets = f"{size},{dataset}"  # The presets this config was built from (informational).
+  c.task = "joint"  # What jaxvars.main runs: 'joint' (this file) | 'pretrain' (configs/pretrain.py).
   c.seed = 0  # Seed of every PRNG key: model init, triplet sampling.
   c.num_devices = 0  # Devices on the `data` mesh axis; 0 = all local devices.
 

@@ -68,11 +68,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"config.vbpr.epochs={config.vbpr.epochs}")
   _one_of(config, "backbone.arch", RESNET_ARCHS)
   init = config.backbone.init
-  if not (init == "random" or (init.startswith("pretrained:") and len(init) > len("pretrained:"))):
-    raise ConfigError(f"config.backbone.init={init!r} is not 'random' or "
-                      "'pretrained:<path to .pth, .safetensors, .h5 or a converted directory>'")
-  if init.startswith("pretrained:") and not os.path.exists(init.split(":", 1)[1]):
-    raise ConfigError(f"config.backbone.init={init!r}: {init.split(':', 1)[1]} does not exist")
+  kind, _, path = init.partition(":")
+  if not (init == "random" or (kind in ("pretrained", "self_supervised") and path)):
+    raise ConfigError(f"config.backbone.init={init!r} is not 'random', "
+                      "'pretrained:<path to .pth, .safetensors, .h5 or a converted directory>' "
+                      "or 'self_supervised:<workdir of configs/pretrain.py>'")
+  if kind == "pretrained" and not os.path.exists(path):
+    raise ConfigError(f"config.backbone.init={init!r}: {path} does not exist")
+  if kind == "self_supervised" and not os.path.isdir(os.path.join(path, "backbone")):
+    raise ConfigError(f"config.backbone.init={init!r}: {os.path.join(path, 'backbone')} does "
+                      "not exist; run configs/pretrain.py with that --workdir first")
+  if config.get("task", "joint") == "pretrain":
+    for field in ("pretrain.epochs", "pretrain.batch_size", "pretrain.lr", "pretrain.temperature",
+                  "pretrain.min_area", "pretrain.head_hidden", "pretrain.head_dim"):
+      _positive(config, field)
   _one_of(config, "backbone.feature_norm", ("standardize", "l2", "none"))
   _one_of(config, "vbpr.form", ("tang", "he"))
   _one_of(config, "denoiser.rand_pad", ("zero", "border"))

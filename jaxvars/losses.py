@@ -75,3 +75,25 @@ def detector_pair_similarities(*, z_clean, z_clean_denoised, z_adv, z_adv_denois
   pos = jnp.stack([dot(z_clean, z_clean_denoised), dot(z_clean, z_adv_denoised)], axis=-1)
   neg = jnp.stack([dot(z_adv, z_clean), dot(z_adv, z_adv_denoised)], axis=-1)
   return pos, neg
+
+
+def nt_xent(*, z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
+  """SimCLR's NT-Xent loss (Chen et al. 2020): InfoNCE over 2N views of N images.
+
+  Each view's positive is the other view of the same image; its negatives are the other
+  2N - 2 views. Cosine similarity over unit-normalised embeddings, divided by ``temperature``.
+
+  Args:
+    z1, z2: float32 [N, D], the embeddings of two views of the same N images.
+
+  Returns:
+    float32 scalar, averaged over the 2N views.
+  """
+  z = jnp.concatenate([z1, z2])
+  z = z / (jnp.linalg.norm(z, axis=-1, keepdims=True) + 1e-8)
+  n = z1.shape[0]
+  logits = (z @ z.T) / temperature
+  logits = jnp.where(jnp.eye(2 * n, dtype=bool), -jnp.inf, logits)
+  positive = jnp.concatenate([jnp.arange(n, 2 * n), jnp.arange(n)])
+  log_prob = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.mean(log_prob[jnp.arange(2 * n), positive])

@@ -35,11 +35,16 @@ class _QuietLibraries:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from jaxvars import train  # Imported here so that --help is fast.
+  from jaxvars import pretrain, train  # Imported here so that --help is fast.
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
-    if _MODE.value == "train":
+    if _CONFIG.value.get("task", "joint") == "pretrain":
+      if _MODE.value != "train":
+        raise JaxvarsError("configs/pretrain.py runs with --mode=train only (it evaluates "
+                           "the backbone it trains)")
+      pretrain.pretrain_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    elif _MODE.value == "train":
       train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     else:
       train.evaluate(_CONFIG.value, _WORKDIR.value)

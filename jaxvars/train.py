@@ -99,10 +99,13 @@ def build(config: ml_collections.ConfigDict, workdir: str | None) -> Experiment:
   k_backbone, k_vbpr, k_denoiser, k_head = jax.random.split(jax.random.key(config.seed), 4)
   s = config.data.image_size
   image = jnp.zeros((1, s, s, 3), jnp.float32)
-  if config.backbone.init.startswith("pretrained:"):
+  if config.backbone.init.startswith(("pretrained:", "self_supervised:")):
+    kind, path = config.backbone.init.split(":", 1)
+    if kind == "self_supervised":  # A configs/pretrain.py workdir: its exported backbone.
+      path = os.path.join(path, "backbone")
     backbone, backbone_vars = pretrained.load_pretrained(
-        config.backbone.init.split(":", 1)[1], arch=config.backbone.arch,
-        width=config.backbone.width, small_stem=config.backbone.small_stem)
+        path, arch=config.backbone.arch, width=config.backbone.width,
+        small_stem=config.backbone.small_stem)
   else:
     backbone = make_resnet(config.backbone.arch, width=config.backbone.width,
                            small_stem=config.backbone.small_stem)

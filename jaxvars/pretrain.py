@@ -1,0 +1,221 @@
+"""Self-supervised pretraining of the ResNet on the catalogue's photos (SimCLR), and the
+measurement of what a backbone buys.
+
+``pretrain_and_evaluate(config, workdir)`` (``configs/pretrain.py``):
+
+1. SimCLR (Chen et al. 2020): two random views per image (``defenses/augment.py``), the
+   ResNet in train mode (BatchNorm statistics over the global batch: the batch is
+   sharded over the mesh, so they are synchronised by construction) and a projection
+   head, NT-Xent loss, AdamW with warmup + cosine decay; one jitted step sharded over the
+   ``data`` axis; Orbax checkpoints per epoch under ``<workdir>/checkpoints/pretrain``.
+2. The backbone is exported to ``<workdir>/backbone`` (usable with
+   ``--config.backbone.init=self_supervised:<workdir>``).
+3. ``results.json``'s ``backbone`` section: linear-probe accuracy on the item categories
+   and (``pretrain.compare_vbpr``) VBPR's ranking metrics, for a random and for the
+   pretrained backbone.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state
+
+from jaxvars import checkpointing, configuration, evaluate as ev, losses, sharding
+from jaxvars.data import pipeline
+from jaxvars.defenses.augment import simclr_view
+from jaxvars.errors import NonFiniteLossError
+from jaxvars.features import FeatureExtractor
+from jaxvars.models.detector import ProjectionHead
+from jaxvars.models.resnet import make_resnet
+from jaxvars.progress import progress
+
+BACKBONE_DIR = "backbone"
+
+
+class PretrainState(train_state.TrainState):
+  """Train state with the ResNet's BatchNorm statistics."""
+  batch_stats: Any = None
+
+
+def make_pretrain_step(backbone, head, mesh, *, temperature: float, min_area: float,
+                       jitter: float, jitter_prob: float):
+  """Jits one SimCLR step: ``step(state, images_uint8 [B, S, S, 3], key) -> (state, metrics)``.
+
+  The batch is sharded on ``data``; the state is replicated and donated.
+  """
+
+  def step(state, images, key):
+    x = images.astype(jnp.float32) / 255.0
+    b = x.shape[0]
+    keys = jax.random.split(key, 2 * b)
+    views = jnp.concatenate([simclr_view(x, keys[:b], min_area=min_area, jitter=jitter,
+                                         jitter_prob=jitter_prob),
+                             simclr_view(x, keys[b:], min_area=min_area, jitter=jitter,
+                                         jitter_prob=jitter_prob)])
+
+    def loss_fn(params):
+      out, updates = backbone.apply({"params": params["backbone"],
+                                     "batch_stats": state.batch_stats}, views, train=True,
+                                    mutable=["batch_stats"])
+      z = head.apply({"params": params["head"]}, out["pooled"])
+      loss = losses.nt_xent(z1=z[:b], z2=z[b:], temperature=temperature)
+      positive = jnp.mean(jnp.sum(z[:b] * z[b:], axis=-1))
+      return loss, (updates["batch_stats"], {"loss": loss, "positive_cosine": positive})
+
+    grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
+    return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
+
+  repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  return jax.jit(step, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
+                 donate_argnums=(0,))
+
+
+def pretrain(config: ml_collections.ConfigDict, data: pipeline.RecData, mesh, workdir: str):
+  """Runs SimCLR on ``data.images``; returns (backbone, exported variables, history, timing)."""
+  p = config.pretrain
+  sharding.check_divisible(p.batch_size, mesh, "config.pretrain.batch_size")
+  s = config.data.image_size
+  backbone = make_resnet(config.backbone.arch, width=config.backbone.width,
+                         small_stem=config.backbone.small_stem)
+  head = ProjectionHead(hidden=p.head_hidden, out=p.head_dim)
+  k_b, k_h, k_steps = jax.random.split(jax.random.key(config.seed), 3)
+  variables = backbone.init(k_b, jnp.zeros((1, s, s, 3)))
+  params = {"backbone": variables["params"],
+            "head": head.init(k_h, jnp.zeros((1, backbone.feature_dim)))["params"]}
+  n = data.num_items
+  steps_per_epoch = max(1, n // p.batch_size)
+  total = steps_per_epoch * p.epochs
+  schedule = optax.warmup_cosine_decay_schedule(0.0, p.lr, steps_per_epoch * p.warmup_epochs,
+                                                max(total, steps_per_epoch * p.warmup_epochs + 1))
+  state = jax.device_put(PretrainState.create(apply_fn=None, params=params,
+                                              tx=optax.adamw(schedule, weight_decay=p.weight_decay),
+                                              batch_stats=variables["batch_stats"]),
+                         sharding.replicated(mesh))
+  mgr = checkpointing.manager(os.path.join(workdir, "checkpoints", "pretrain"),
+                              max_to_keep=config.checkpoint.max_to_keep)
+  start = 0
+  if mgr.latest_step() is not None:
+    start, tree = checkpointing.restore_latest(mgr, {"state": state})
+    state = tree["state"]
+    logging.info("pretrain: resuming from step %d of %d", start, total)
+  step_fn = make_pretrain_step(backbone, head, mesh, temperature=p.temperature,
+                               min_area=p.min_area, jitter=p.jitter, jitter_prob=p.jitter_prob)
+  history, metrics, t0 = [], [], time.perf_counter()
+  images_seen = 0
+  deadline = t0 + 60.0 * p.max_minutes if p.max_minutes else None
+  bar = progress(range(start, total), desc="SimCLR steps", total=total, initial=start)
+  step = start
+  for step in bar:
+    epoch, k = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([config.seed, 3000, epoch]).permutation(n)
+    items = np.sort(order[k * p.batch_size:(k + 1) * p.batch_size])
+    batch = sharding.shard_batch(data.images[items], mesh)
+    state, m = step_fn(state, batch, jax.random.fold_in(k_steps, step))
+    metrics.append(m)
+    images_seen += p.batch_size
+    out_of_time = deadline is not None and time.perf_counter() > deadline
+    if k == steps_per_epoch - 1 or out_of_time:
+      got = jax.device_get(metrics)
+      losses_ = np.array([g["loss"] for g in got])
+      if not np.all(np.isfinite(losses_)):
+        raise NonFiniteLossError(f"non-finite SimCLR loss at epoch {epoch + 1}; lower "
+                                 f"config.pretrain.lr (now {p.lr}); checkpoints saved before "
+                                 f"stay valid (latest: {mgr.latest_step()})")
+      row = {key: float(np.mean([g[key] for g in got])) for key in got[0]}
+      row.update(epoch=epoch + 1, step=step + 1)
+      history.append(row)
+      logging.info("pretrain epoch %d/%d loss=%.4f positive_cosine=%.3f", epoch + 1, p.epochs,
+                   row["loss"], row["positive_cosine"])
+      bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+      checkpointing.save(mgr, step + 1, {"state": state})
+      metrics = []
+    if out_of_time:
+      logging.warning("pretrain: stopped after %.1f minutes (config.pretrain.max_minutes) at "
+                      "step %d of %d; run again to resume", p.max_minutes, step + 1, total)
+      break
+  mgr.close()
+  elapsed = time.perf_counter() - t0
+  exported = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
+  export_dir = os.path.join(workdir, BACKBONE_DIR)
+  if os.path.isdir(export_dir):
+    import shutil
+    shutil.rmtree(export_dir)
+  checkpointing.save_tree(export_dir, jax.device_get(exported))
+  timing = {"pretrain_s": elapsed, "pretrain_steps": int(state.step) - start,
+            "pretrain_images_per_s": images_seen / max(elapsed, 1e-9),
+            "pretrain_completed_steps": int(state.step), "pretrain_total_steps": total}
+  return backbone, exported, history, timing
+
+
+def backbone_report(config, data, mesh, workdir, candidates: dict) -> dict:
+  """Linear probe (and VBPR metrics) for each named backbone in ``candidates``
+  ({name: (model, variables)})."""
+  from jaxvars import train  # The VBPR comparison reuses the training code.
+
+  out = {}
+  for name, (model, variables) in candidates.items():
+    feats = FeatureExtractor(model, variables, mesh, config.backbone.feature_batch_size)(
+        data.images, desc=f"{name} features")
+    pr = config.pretrain.probe
+    row = {"linear_probe": ev.linear_probe(feats, data.categories, seed=config.seed,
+                                           min_per_class=pr.min_per_class,
+                                           test_fraction=pr.test_fraction, steps=pr.steps)}
+    if config.pretrain.compare_vbpr:
+      sub = copy.deepcopy(config)
+      sub.unlock()
+      sub.task = "joint"
+      sub.backbone.init = ("random" if name == "random" else
+                           f"self_supervised:{os.path.abspath(workdir)}")
+      sub_dir = os.path.join(workdir, f"vbpr_{name}")
+      exp = train.build(sub, sub_dir)
+      consts = train.make_consts(exp)
+      state, _, _ = train.train_vbpr(exp, consts, sub_dir)
+      scores = ev.vbpr_candidate_scores(
+          exp.system.vbpr, state.params, consts["features"],
+          ev.candidate_matrix(exp.data.test_items, exp.data.eval_negatives),
+          config.eval.batch_users)
+      row["vbpr"] = ev.evaluate_scores(scores, tuple(config.eval.ks))
+    out[name] = row
+    logging.info("backbone %s: %s", name, row)
+  return out
+
+
+def pretrain_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Pretrains, exports the backbone, measures random vs pretrained; writes results.json."""
+  configuration.validate(config)
+  t_start = time.perf_counter()
+  os.makedirs(workdir, exist_ok=True)
+  data = pipeline.load(config.data, workdir)
+  mesh = sharding.make_mesh(config.num_devices)
+  backbone, exported, history, timing = pretrain(config, data, mesh, workdir)
+  random_vars = backbone.init(jax.random.split(jax.random.key(config.seed), 3)[0],
+                              jnp.zeros((1, config.data.image_size, config.data.image_size, 3)))
+  report = backbone_report(config, data, mesh, workdir,
+                           {"random": (backbone, random_vars),
+                            "self_supervised": (backbone, exported)})
+  timing["total_s"] = time.perf_counter() - t_start
+  results = {"data": data.summary(), "pretrain": {"history": history},
+             "backbone": report, "timing": timing, "config": config.to_dict()}
+  ev.write_json_atomic(os.path.join(workdir, "results.json"), results)
+  print("\nbackbone")
+  for name, row in report.items():
+    probe = row["linear_probe"]
+    line = f"{name:16s} linear probe {probe['accuracy']:.4f} ({probe['classes']} classes, " \
+           f"majority {probe['majority_accuracy']:.4f})"
+    if "vbpr" in row:
+      line += f"  VBPR HR@10 {row['vbpr']['HR@10']:.4f} NDCG@10 {row['vbpr']['NDCG@10']:.4f}"
+    print(line)
+  print(f"\nbackbone exported to {os.path.join(workdir, BACKBONE_DIR)}; results written to "
+        f"{os.path.join(workdir, 'results.json')}")
+  return results
