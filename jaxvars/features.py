@@ -10,12 +10,11 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxvars import sharding
 from jaxvars.models.resnet import ResNet
-from jaxvars.models.vars import normalize_features, to_float  # noqa: F401 (re-exported)
+from jaxvars.models.vars import to_float
 from jaxvars.progress import progress
 
 

@@ -18,7 +18,6 @@ measurement of what a backbone buys.
 from __future__ import annotations
 
 import copy
-import functools
 import os
 import time
 from typing import Any
