@@ -8,8 +8,9 @@ Usage::
   python -m jaxvars.main --config=configs/joint.py:cpu,folder --config.data.manual_dir=/my/data
 
 The argument after ``:`` is a comma-separated list of presets: at most one size
-(``paper`` (default), ``cpu``, ``tiny``) and at most one dataset (``synthetic``
-(default), ``hm``, ``folder``). Any field can then be overridden on the command
+(``paper`` (default), ``cpu``, ``tiny``), at most one dataset (``synthetic``
+(default), ``hm``, ``folder``), and optionally ``vbpr`` (VBPR and most-popular on clean
+images only: no defence stages, no attacks). Any field can then be overridden on the command
 line, e.g. ``--config.vbpr.factors=32``.
 """
 
@@ -21,7 +22,7 @@ DATASETS = ("synthetic", "hm", "folder")
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """Returns the config for the presets named in ``arg`` (see module docstring)."""
-  size, dataset = _parse_presets(arg)
+  size, dataset, vbpr_only = _parse_presets(arg)
   c = ml_collections.ConfigDict()
   c.presets = f"{size},{dataset}"  # The presets this config was built from (informational).
   c.task = "joint"  # What jaxvars.main runs: 'joint' (this file) | 'pretrain' (configs/pretrain.py).
@@ -196,6 +197,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       st.denoiser_fgsm.epochs = 4
       dt.holdout_items = 1000
       dt.calibration_items = 1000
+  if vbpr_only:
+    c.presets += ",vbpr"
+    a.eval_eps = ()
+    for stage in st.values():
+      stage.epochs = 0
   return c
 
 
@@ -209,8 +215,8 @@ def _stage(epochs, trainable, mix, lr, terms) -> ml_collections.ConfigDict:
   })
 
 
-def _parse_presets(arg: str) -> tuple[str, str]:
-  size, dataset = "paper", "synthetic"
+def _parse_presets(arg: str) -> tuple[str, str, bool]:
+  size, dataset, vbpr_only = "paper", "synthetic", False
   seen_size = seen_data = False
   for token in (t.strip() for t in (arg or "").split(",")):
     if not token:
@@ -219,8 +225,10 @@ def _parse_presets(arg: str) -> tuple[str, str]:
       size, seen_size = token, True
     elif token in DATASETS and not seen_data:
       dataset, seen_data = token, True
+    elif token == "vbpr" and not vbpr_only:
+      vbpr_only = True
     else:
       raise ValueError(
           f"configs/joint.py: unknown or repeated preset {token!r} in {arg!r}; expected at "
-          f"most one size of {SIZES} and one dataset of {DATASETS}, comma-separated")
-  return size, dataset
+          f"most one size of {SIZES}, one dataset of {DATASETS} and 'vbpr', comma-separated")
+  return size, dataset, vbpr_only

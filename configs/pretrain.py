@@ -27,7 +27,7 @@ def _joint():
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """The joint config of the same presets, with task='pretrain' and a pretrain section."""
   c = _joint().get_config(arg)
-  size, dataset = c.presets.split(",")
+  size, dataset = c.presets.split(",")[:2]
   c.task = "pretrain"
   c.pretrain = p = ml_collections.ConfigDict()
   p.epochs = 100  # Passes over the catalogue's images.

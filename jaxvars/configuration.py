@@ -115,9 +115,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for path in ("loss.content", "loss.perceptual", "loss.contrastive", "loss.bpr",
                "denoiser.num_blocks", "defense.items_per_epoch"):
     _positive(config, path, allow_zero=True)
-  if not tuple(config.attack.eval_eps) or min(config.attack.eval_eps) <= 0:
-    raise ConfigError(f"config.attack.eval_eps={tuple(config.attack.eval_eps)!r} must be a "
-                      "non-empty tuple of positive budgets (1/255 units)")
+  if tuple(config.attack.eval_eps) and min(config.attack.eval_eps) <= 0:
+    raise ConfigError(f"config.attack.eval_eps={tuple(config.attack.eval_eps)!r} must hold "
+                      "positive budgets (1/255 units); () = clean evaluation only")
   if config.denoiser.attn_dim % 4 or config.denoiser.attn_dim % config.denoiser.heads:
     raise ConfigError(f"config.denoiser.attn_dim={config.denoiser.attn_dim} must be divisible "
                       f"by 4 and by config.denoiser.heads={config.denoiser.heads}")

@@ -275,14 +275,15 @@ def detection_scores(*, system, params, consts, images: np.ndarray, mesh, batch_
 
 
 def evaluate_all(*, system, params, consts, data, mesh, config, holdout: np.ndarray,
-                 calibration: np.ndarray) -> dict:
+                 calibration: np.ndarray, systems=SYSTEMS, detect: bool = True) -> dict:
   """Every table of results.json: ``ranking``, ``detection``, ``attack``, and their timing.
 
   Conditions: clean and, for every eps in ``config.attack.eval_eps``, ``fgsm@eps`` and
   ``pgd@eps`` (the whole catalogue attacked once per condition, against VBPR).
-  Systems: ``mostpop`` (clean only), ``vbpr``, ``defended``, ``defended_rand``.
-  Detection uses the ``holdout`` items (never used to train the defence), each clean and
-  attacked (a balanced set), with the threshold from the clean ``calibration`` items.
+  Systems: ``mostpop`` (clean only) and ``systems`` (of ``vbpr``, ``defended``,
+  ``defended_rand``). Detection (if ``detect``) uses the ``holdout`` items (never used to
+  train the defence), each clean and attacked (a balanced set), with the threshold from
+  the clean ``calibration`` items.
   """
   ks = tuple(config.eval.ks)
   bs = config.attack.batch_size
@@ -299,7 +300,7 @@ def evaluate_all(*, system, params, consts, data, mesh, config, holdout: np.ndar
           system=system, params=params, consts=consts, data=data, mesh=mesh, config=config,
           kind=kind, eps=float(eps))
   t = time.perf_counter()
-  for sys_name in SYSTEMS:
+  for sys_name in systems:
     for cond, images in conditions.items():
       if sys_name == "vbpr" and cond == "clean":
         feats = consts["features"]
@@ -311,12 +312,14 @@ def evaluate_all(*, system, params, consts, data, mesh, config, holdout: np.ndar
       ranking[f"{sys_name}/{cond}"] = evaluate_scores(scores, ks)
   timing["ranking_s"] = time.perf_counter() - t
 
+  detection = {}
+  if not detect or len(conditions) == 1:
+    return {"ranking": ranking, "detection": detection, "attack": attack, "timing": timing}
   t = time.perf_counter()
   score = lambda imgs: detection_scores(system=system, params=params, consts=consts, images=imgs,
                                         mesh=mesh, batch_size=bs)
   cal = score(data.images[calibration])
   clean_hold = score(data.images[holdout])
-  detection = {}
   for cond, images in conditions.items():
     if cond != "clean":
       detection[cond] = detection_metrics(calibration_clean=cal, clean=clean_hold,

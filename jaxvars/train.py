@@ -444,9 +444,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _evaluate(exp: Experiment, params: dict, consts: dict) -> dict:
+  # A defended system is evaluated only when a stage trained its parts.
+  trained = {g for name in stage_names(exp.config) for g in exp.config.stages[name].trainable}
+  systems = ("vbpr",) + (("defended", "defended_rand") if "denoiser" in trained else ())
   out = ev.evaluate_all(system=exp.system, params=params, consts=consts, data=exp.data,
                         mesh=exp.mesh, config=exp.config, holdout=exp.holdout,
-                        calibration=exp.calibration)
+                        calibration=exp.calibration, systems=systems,
+                        detect="detector" in trained)
   timing = dict(exp.timing, **out.pop("timing"))
   timing.update({f"attack_{k}_s": v["time_s"] for k, v in out["attack"].items()})
   return {"data": dict(exp.data.summary(), defense_holdout_items=int(len(exp.holdout))),

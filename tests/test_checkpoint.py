@@ -73,6 +73,16 @@ def test_train_then_evaluate_reproduces_metrics_and_resumes(tfds_dir, tmp_path):
   assert all(not h for h in again["training"]["stages"].values())  # No stage step re-run.
 
 
+def test_vbpr_preset_evaluates_clean_vbpr_only(tfds_dir, tmp_path):
+  from configs import joint
+  config = joint.get_config("tiny,vbpr")
+  config.data.tfds_dir = str(tfds_dir)
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert set(results["ranking"]) == {"mostpop/clean", "vbpr/clean"}
+  assert results["detection"] == {} and results["attack"] == {}
+  assert results["ranking"]["vbpr/clean"]["HR@10"] > results["ranking"]["mostpop/clean"]["HR@10"]
+
+
 def test_evaluate_without_training_is_an_error(tfds_dir, tmp_path):
   with pytest.raises(CheckpointError, match="run with --mode=train first"):
     train.evaluate(tiny_config(tfds_dir), str(tmp_path))
