@@ -38,7 +38,7 @@ def test_restore_gives_identical_scores(tmp_path):
 
 def test_restore_without_checkpoint_is_an_error(tmp_path):
   mgr = checkpointing.manager(str(tmp_path))
-  with pytest.raises(CheckpointError, match="no checkpoint in .*checkpoints"):
+  with pytest.raises(CheckpointError, match=f"no checkpoint in {tmp_path}; run with --mode=train"):
     checkpointing.restore_latest(mgr, {"a": jnp.zeros(2)})
 
 
