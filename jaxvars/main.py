@@ -6,7 +6,8 @@ Flags: ``--config`` (an ml_collections config file; any field can be overridden,
 e.g. ``--config.vbpr.factors=32``), ``--workdir`` (split, checkpoints,
 results.json), ``--mode``: ``train`` (train, resuming from the latest
 checkpoint, then evaluate) or ``evaluate`` (restore the latest checkpoint and
-recompute the metrics).
+recompute the metrics). A config whose ``task`` is ``'pretrain'`` (configs/pretrain.py)
+runs self-supervised pretraining of the backbone instead.
 """
 
 import sys
