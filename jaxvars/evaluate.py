@@ -314,20 +314,47 @@ def evaluate_all(*, system, params, consts, data, mesh, config, holdout: np.ndar
 
   detection = {}
   if not detect or len(conditions) == 1:
-    return {"ranking": ranking, "detection": detection, "attack": attack, "timing": timing}
+    return {"ranking": ranking, "detection": detection, "attack": attack, "timing": timing,
+            "artifacts": {}}
   t = time.perf_counter()
   score = lambda imgs: detection_scores(system=system, params=params, consts=consts, images=imgs,
                                         mesh=mesh, batch_size=bs)
   cal = score(data.images[calibration])
   clean_hold = score(data.images[holdout])
+  artifacts = {"detector/calibration_clean": cal, "detector/clean": clean_hold,
+               "holdout_items": np.asarray(holdout, np.int32)}
   for cond, images in conditions.items():
     if cond != "clean":
+      artifacts[f"detector/{cond}"] = score(images[holdout])
       detection[cond] = detection_metrics(calibration_clean=cal, clean=clean_hold,
-                                          adversarial=score(images[holdout]),
+                                          adversarial=artifacts[f"detector/{cond}"],
                                           fpr=config.detector.fpr)
       detection[cond]["items"] = int(len(holdout))
   timing["detection_s"] = time.perf_counter() - t
-  return {"ranking": ranking, "detection": detection, "attack": attack, "timing": timing}
+  artifacts.update(_report_samples(system=system, params=params, consts=consts, data=data,
+                                   conditions=conditions, holdout=holdout))
+  return {"ranking": ranking, "detection": detection, "attack": attack, "timing": timing,
+          "artifacts": artifacts}
+
+
+def _report_samples(*, system, params, consts, data, conditions, holdout, images_per_condition=8,
+                    embedded_items=200) -> dict[str, np.ndarray]:
+  """Pictures and embeddings for figures: for the first held-out items, each condition's
+  uint8 images and their denoised versions; detector embeddings of clean, denoised and
+  attacked images of up to ``embedded_items`` held-out items."""
+  out = {}
+  denoise = jax.jit(lambda x: jnp.round(
+      system.denoise(params, x.astype(jnp.float32) / 255.0) * 255.0).astype(jnp.uint8))
+  embed = jax.jit(lambda x: system.embed_pooled(
+      params, system.backbone_out(consts, x.astype(jnp.float32) / 255.0)["pooled"]))
+  shown, embedded = holdout[:images_per_condition], holdout[:embedded_items]
+  for cond, images in conditions.items():
+    out[f"images/{cond}"] = images[shown]
+    out[f"images/{cond}/denoised"] = np.asarray(denoise(images[shown]))
+    out[f"embeddings/{cond}"] = np.asarray(embed(images[embedded]))
+    if cond == "clean":
+      out["embeddings/clean/denoised"] = np.asarray(embed(np.asarray(denoise(images[embedded]))))
+  return out
 
 
 # ---------------------------------------------------------------------------

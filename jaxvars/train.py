@@ -44,6 +44,7 @@ from jaxvars.models.vbpr import VBPR
 from jaxvars.progress import progress
 
 RESULTS_FILE = "results.json"
+ARTIFACTS_FILE = "artifacts.npz"  # Detector scores, embeddings and sample images, for figures.
 
 
 @dataclasses.dataclass
@@ -69,6 +70,7 @@ class Experiment:
   pool: np.ndarray
   calibration: np.ndarray
   timing: dict
+  workdir: str | None = None
 
 
 def make_optimizer(vbpr_config, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -136,7 +138,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None) -> Experiment:
   return Experiment(config, data, mesh, system, jax.device_put(backbone_vars, repl),
                     jax.device_put(params, repl),
                     max(1, -(-len(data.train_users) // config.vbpr.batch_size)),
-                    holdout, pool, calibration, timing)
+                    holdout, pool, calibration, timing, workdir)
 
 
 def make_consts(exp: Experiment, backbone_vars=None) -> dict:
@@ -451,10 +453,19 @@ def _evaluate(exp: Experiment, params: dict, consts: dict) -> dict:
                         mesh=exp.mesh, config=exp.config, holdout=exp.holdout,
                         calibration=exp.calibration, systems=systems,
                         detect="detector" in trained)
+  artifacts = out.pop("artifacts")
+  if artifacts and exp.workdir:
+    _write_npz_atomic(os.path.join(exp.workdir, ARTIFACTS_FILE), artifacts)
   timing = dict(exp.timing, **out.pop("timing"))
   timing.update({f"attack_{k}_s": v["time_s"] for k, v in out["attack"].items()})
   return {"data": dict(exp.data.summary(), defense_holdout_items=int(len(exp.holdout))),
           **out, "timing": timing}
+
+
+def _write_npz_atomic(path: str, arrays: dict) -> None:
+  tmp = path + ".tmp.npz"
+  np.savez_compressed(tmp, **arrays)
+  os.replace(tmp, path)
 
 
 def _check_same(restored, current, mgr) -> None:

@@ -59,6 +59,21 @@ def test_train_then_evaluate_reproduces_metrics_and_resumes(tfds_dir, tmp_path):
                                                 "joint"}
   for name in trained["training"]["stages"]:
     assert os.path.isdir(os.path.join(workdir, "checkpoints", name))
+  # artifacts.npz holds the raw detector scores behind the detection table, and figures' inputs.
+  from jaxvars import evaluate as ev
+  with np.load(os.path.join(workdir, "artifacts.npz")) as art:
+    again = ev.detection_metrics(calibration_clean=art["detector/calibration_clean"],
+                                 clean=art["detector/clean"], adversarial=art["detector/pgd@8"],
+                                 fpr=config.detector.fpr)
+    assert again["accuracy"] == trained["detection"]["pgd@8"]["accuracy"]
+    assert again["roc_auc"] == trained["detection"]["pgd@8"]["roc_auc"]
+    n = trained["data"]["defense_holdout_items"]
+    assert art["detector/clean"].shape == (n,) and art["holdout_items"].shape == (n,)
+    for cond in ("clean", "fgsm@8", "pgd@8"):
+      assert art[f"images/{cond}"].dtype == np.uint8 and art[f"images/{cond}"].shape[0] == 8
+      assert art[f"images/{cond}/denoised"].shape == art[f"images/{cond}"].shape
+      assert art[f"embeddings/{cond}"].shape == (min(n, 200), config.detector.dim)
+    assert art["embeddings/clean/denoised"].shape == art["embeddings/clean"].shape
   on_disk = json.load(open(os.path.join(workdir, "results.json")))
   assert on_disk["ranking"] == trained["ranking"]
   assert on_disk["data"]["users"] == trained["data"]["users"] > 0
