@@ -6,12 +6,16 @@ Usage::
   python -m jaxvars.main --config=configs/joint.py:cpu        # CPU-sized, synthetic data
   python -m jaxvars.main --config=configs/joint.py:cpu,hm     # CPU-sized, H&M sample
   python -m jaxvars.main --config=configs/joint.py:cpu,folder --config.data.manual_dir=/my/data
+  python -m jaxvars.main --config=configs/joint.py:cpu,hm,full  # + eps sweep, ablations (~1 h)
 
 The argument after ``:`` is a comma-separated list of presets: at most one size
 (``paper`` (default), ``cpu``, ``tiny``), at most one dataset (``synthetic``
 (default), ``hm``, ``folder``), and optionally ``vbpr`` (VBPR and most-popular on clean
-images only: no defence stages, no attacks). Any field can then be overridden on the command
-line, e.g. ``--config.vbpr.factors=32``.
+images only: no defence stages, no attacks) or ``full`` (the paper's whole section 4: the
+eps sweep {2, 4, 8, 16, 32, 64} and the Table 5 ablations; the ``paper`` size always runs
+it). Any field can then be overridden on the command line, e.g. ``--config.vbpr.factors=32``.
+
+Every run ends by writing ``<workdir>/report.md`` and its figures (``jaxvars.report``).
 """
 
 import ml_collections
@@ -22,7 +26,8 @@ DATASETS = ("synthetic", "hm", "folder")
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """Returns the config for the presets named in ``arg`` (see module docstring)."""
-  size, dataset, vbpr_only = _parse_presets(arg)
+  size, dataset, vbpr_only, full = _parse_presets(arg)
+  full = (full or size == "paper") and not vbpr_only
   c = ml_collections.ConfigDict()
   c.presets = f"{size},{dataset}"  # The presets this config was built from (informational).
   c.task = "joint"  # What jaxvars.main runs: 'joint' (this file) | 'pretrain' (configs/pretrain.py).
@@ -75,11 +80,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.attack = a = ml_collections.ConfigDict()
   a.eval_eps = (8,)  # L-inf budgets evaluated, in 1/255 units (8 = 8/255).
   a.pgd_steps = 10  # PGD iterations.
-  a.pgd_alpha = 2.0  # PGD step size, 1/255 units.
+  a.pgd_alpha = 2.0  # PGD step size, 1/255 units (used when pgd_alpha_ratio = 0).
+  a.pgd_alpha_ratio = 0.25  # PGD step size as a fraction of eps (0.25: 2/255 at eps=8, 16/255 at 64).
   a.random_start = True  # PGD starts from a uniform point of the eps-ball.
   a.triplets_per_item = 8  # BPR triplets per item and role (positive / negative) in the attack loss.
   a.batch_size = 64  # Item images attacked per jitted call.
   a.seed = 1  # Seed of the attack's triplets and random starts (fixed: every system sees the same attack).
+  a.cache = True  # Keep each attacked catalogue in <workdir>/attacks/ (reused by ablations, --mode=evaluate).
 
   # ---- Denoiser D (paper 3.3) -------------------------------------------------
   c.denoiser = dn = ml_collections.ConfigDict()
@@ -129,6 +136,20 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   e.ks = (5, 10, 20)  # Cut-offs N of HR@N and NDCG@N.
   e.batch_users = 256  # Users scored per batch during evaluation.
   e.every_epochs = 0  # Also evaluate VBPR every this many epochs during training (0 = only at the end).
+
+  e.report = True  # Write <workdir>/report.md and figures/*.png at the end of the run.
+
+  # ---- Ablations (paper Table 5): each variant is a list of config overrides ----
+  # Every variant retrains the defence stages (VBPR and the attacked catalogues are
+  # shared with the main run) under <workdir>/ablations/<name>/ and is evaluated on clean
+  # images and on `attacks` at `eps`. Empty `variants` = no ablation study.
+  c.ablation = ab = ml_collections.ConfigDict()
+  ab.eps = 8.0  # Budget (1/255) of the ablation's attacks (paper Table 5: PGD, eps = 8).
+  ab.attacks = ("pgd",)  # Attacks the ablations are evaluated on: 'fgsm' and/or 'pgd'.
+  ab.variants = ml_collections.ConfigDict()
+  if full:
+    ab.variants.no_detector = ("loss.contrastive=0", "stages.detector.epochs=0")
+    ab.variants.no_perceptual = ("loss.perceptual=0",)
 
   # ---- Checkpoints -----------------------------------------------------------
   c.checkpoint = k = ml_collections.ConfigDict()
@@ -197,6 +218,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       st.denoiser_fgsm.epochs = 4
       dt.holdout_items = 1000
       dt.calibration_items = 1000
+  if full:
+    a.eval_eps = (2, 4, 8, 16, 32, 64)  # Figure 6 / Table 4.
+    if size != "paper":
+      c.presets += ",full"
+    if size == "cpu" and dataset == "hm":
+      # 16,581 photos x 12 attacked catalogues x 3 systems on 2 CPU cores: 32 px keeps the
+      # whole section-4 run near one hour (VBPR HR@10 0.2458 at 32 px vs 0.2492 at 64 px).
+      d.image_size = 32
+      st.denoiser_fgsm.epochs = 6  # Cheaper steps at 32 px buy more of the paper's 10 / 3 epochs.
+      st.denoiser_mix.epochs = 2
   if vbpr_only:
     c.presets += ",vbpr"
     a.eval_eps = ()
@@ -215,8 +246,8 @@ def _stage(epochs, trainable, mix, lr, terms) -> ml_collections.ConfigDict:
   })
 
 
-def _parse_presets(arg: str) -> tuple[str, str, bool]:
-  size, dataset, vbpr_only = "paper", "synthetic", False
+def _parse_presets(arg: str) -> tuple[str, str, bool, bool]:
+  size, dataset, vbpr_only, full = "paper", "synthetic", False, False
   seen_size = seen_data = False
   for token in (t.strip() for t in (arg or "").split(",")):
     if not token:
@@ -227,8 +258,13 @@ def _parse_presets(arg: str) -> tuple[str, str, bool]:
       dataset, seen_data = token, True
     elif token == "vbpr" and not vbpr_only:
       vbpr_only = True
+    elif token == "full" and not full:
+      full = True
     else:
       raise ValueError(
           f"configs/joint.py: unknown or repeated preset {token!r} in {arg!r}; expected at "
-          f"most one size of {SIZES}, one dataset of {DATASETS} and 'vbpr', comma-separated")
-  return size, dataset, vbpr_only
+          f"most one size of {SIZES}, one dataset of {DATASETS}, 'vbpr' and 'full', "
+          "comma-separated")
+  if vbpr_only and full:
+    raise ValueError(f"configs/joint.py: presets 'vbpr' and 'full' exclude each other ({arg!r})")
+  return size, dataset, vbpr_only, full

@@ -5,6 +5,7 @@ command-line override stops the run with one message naming the field, instead
 of failing deep inside training.
 """
 
+import ast
 import os
 from collections.abc import Iterable
 
@@ -13,6 +14,9 @@ import ml_collections
 from jaxvars.errors import ConfigError
 
 RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+# Fields an ablation variant may override: the defence's training, not the shared models.
+ABLATION_FIELDS = ("loss.", "stages.", "defense.", "detector.temperature", "detector.fpr",
+                   "denoiser.rand_")
 
 
 def _one_of(config, path: str, choices: Iterable[str]):
@@ -38,6 +42,61 @@ def _get(config, path: str):
       raise ConfigError(f"config.{path} is missing (config built from {config.get('presets')!r})")
     node = node[part]
   return node
+
+
+def pgd_alpha(attack: ml_collections.ConfigDict, eps: float) -> float:
+  """PGD step size (1/255 units) at budget ``eps`` (1/255): ``attack.pgd_alpha_ratio * eps``,
+  or the fixed ``attack.pgd_alpha`` when the ratio is 0 (or absent)."""
+  ratio = float(attack.get("pgd_alpha_ratio", 0.0) or 0.0)
+  return ratio * float(eps) if ratio > 0 else float(attack.pgd_alpha)
+
+
+def parse_override(text: str) -> tuple[str, object]:
+  """``'loss.perceptual=0'`` -> ``('loss.perceptual', 0)``; the value is a Python literal
+  (``ast.literal_eval``) or, failing that, the string itself.
+
+  Raises:
+    ConfigError: text without ``=`` or with an empty path.
+  """
+  path, sep, raw = str(text).partition("=")
+  path = path.strip()
+  if not sep or not path:
+    raise ConfigError(f"override {text!r} is not of the form 'path.to.field=value'")
+  try:
+    value = ast.literal_eval(raw.strip())
+  except (ValueError, SyntaxError):
+    value = raw.strip()
+  return path, value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides, *,
+                    where: str) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with every ``'path=value'`` of ``overrides`` applied.
+
+  Raises:
+    ConfigError: an unknown field (named, with ``where`` saying which list it came from)
+      or a value of the wrong type.
+  """
+  new = ml_collections.ConfigDict(config.to_dict())
+  for text in overrides:
+    path, value = parse_override(text)
+    *parents, leaf = path.split(".")
+    node = new
+    for part in parents:
+      if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+        raise ConfigError(f"{where}: override {text!r} names no field config.{path}")
+      node = node[part]
+    if leaf not in node:
+      raise ConfigError(f"{where}: override {text!r} names no field config.{path}")
+    old = node[leaf]
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    try:
+      node[leaf] = value
+    except TypeError as e:
+      raise ConfigError(f"{where}: override {text!r}: config.{path} holds "
+                        f"{type(old).__name__}, got {value!r} ({e})") from None
+  return new
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -118,6 +177,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if tuple(config.attack.eval_eps) and min(config.attack.eval_eps) <= 0:
     raise ConfigError(f"config.attack.eval_eps={tuple(config.attack.eval_eps)!r} must hold "
                       "positive budgets (1/255 units); () = clean evaluation only")
+  if "pgd_alpha_ratio" in config.attack:
+    _positive(config, "attack.pgd_alpha_ratio", allow_zero=True)
+  ablation = config.get("ablation")
+  if ablation is not None and len(ablation.get("variants", {})):
+    _positive(config, "ablation.eps")
+    bad = set(ablation.attacks) - {"fgsm", "pgd"}
+    if bad or not tuple(ablation.attacks):
+      raise ConfigError(f"config.ablation.attacks={tuple(ablation.attacks)!r} must be a non-empty "
+                        "tuple of 'fgsm' and/or 'pgd'")
+    for name, overrides in ablation.variants.items():
+      if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(f"config.ablation.variants.{name}={overrides!r} must be a tuple of "
+                          "'path.to.field=value' strings")
+      for text in overrides:
+        path = parse_override(text)[0]
+        if not path.startswith(ABLATION_FIELDS):
+          raise ConfigError(
+              f"config.ablation.variants.{name}: override {text!r} changes config.{path}, which "
+              "the ablation shares with the main run (data, backbone, VBPR, attacks, model "
+              f"shapes); ablations may change only {', '.join(f + '*' for f in ABLATION_FIELDS)}")
+      validate(apply_overrides(_without_ablations(config), overrides,
+                               where=f"config.ablation.variants.{name}"))
   if config.denoiser.attn_dim % 4 or config.denoiser.attn_dim % config.denoiser.heads:
     raise ConfigError(f"config.denoiser.attn_dim={config.denoiser.attn_dim} must be divisible "
                       f"by 4 and by config.denoiser.heads={config.denoiser.heads}")
@@ -132,3 +213,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for path in ("data.synthetic.num_users", "data.synthetic.num_items",
                  "data.synthetic.mean_interactions"):
       _positive(config, path)
+
+
+def _without_ablations(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  new = ml_collections.ConfigDict(config.to_dict())
+  new.ablation.variants = ml_collections.ConfigDict()
+  return new

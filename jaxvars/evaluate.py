@@ -13,6 +13,7 @@ averaged over users.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -21,8 +22,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
-from jaxvars import steps
+from jaxvars import configuration, steps
 from jaxvars.data import splits
 from jaxvars.features import batched_map
 from jaxvars.models.vbpr import VBPR
@@ -207,11 +209,60 @@ def perturbation_stats(clean_uint8: np.ndarray, adv_uint8: np.ndarray, chunk: in
 SYSTEMS = ("vbpr", "defended", "defended_rand")
 
 
+def attack_fingerprint(*, params, consts, config, kind: str, eps: float, image_shape) -> str:
+  """A hash of everything an attacked catalogue depends on: VBPR's parameters, the item
+  features (hence the backbone and the photos), the attack settings, kind and eps."""
+  a = config.attack
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(params["vbpr"]):
+    h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  h.update(np.ascontiguousarray(np.asarray(consts["features"][:64])).tobytes())
+  h.update(json.dumps([kind, float(eps), list(image_shape), int(a.seed), int(a.pgd_steps),
+                       configuration.pgd_alpha(a, eps), bool(a.random_start),
+                       int(a.triplets_per_item)]).encode())
+  return h.hexdigest()[:20]
+
+
+def cached_attack_catalogue(*, cache_dir: str | None, **kwargs):
+  """``attack_catalogue`` whose result is kept in ``cache_dir`` as ``<kind>@<eps>.npy`` +
+  ``.json`` (stats and fingerprint) and loaded, not recomputed, while the fingerprint
+  matches (same VBPR, backbone, photos and attack settings). Writes are atomic.
+
+  Returns: as ``attack_catalogue``; the stats gain ``'cached': bool``.
+  """
+  if not cache_dir:
+    adv, stats = attack_catalogue(**kwargs)
+    return adv, dict(stats, cached=False)
+  kind, eps = kwargs["kind"], float(kwargs["eps"])
+  fingerprint = attack_fingerprint(params=kwargs["params"], consts=kwargs["consts"],
+                                   config=kwargs["config"], kind=kind, eps=eps,
+                                   image_shape=kwargs["data"].images.shape)
+  stem = os.path.join(cache_dir, f"{kind}@{eps:g}")
+  try:
+    with open(stem + ".json") as f:
+      meta = json.load(f)
+    if meta.get("fingerprint") == fingerprint:
+      adv = np.load(stem + ".npy")
+      if adv.shape == kwargs["data"].images.shape and adv.dtype == np.uint8:
+        logging.info("%s@%g: attacked catalogue loaded from %s.npy", kind, eps, stem)
+        return adv, dict(meta["stats"], cached=True)
+  except (OSError, ValueError, KeyError):
+    pass
+  adv, stats = attack_catalogue(**kwargs)
+  os.makedirs(cache_dir, exist_ok=True)
+  tmp = stem + ".tmp.npy"
+  np.save(tmp, adv)
+  os.replace(tmp, stem + ".npy")
+  write_json_atomic(stem + ".json", {"fingerprint": fingerprint, "stats": stats})
+  return adv, dict(stats, cached=False)
+
+
 def attack_catalogue(*, system, params, consts, data, mesh, config, kind: str, eps: float):
   """Attacks every item image of the catalogue (paper eq. 3), in jitted sharded batches.
 
   Triplets and random starts come from ``config.attack.seed`` (and kind, eps), so the
-  attacked catalogue is the same for every system evaluated on it.
+  attacked catalogue is the same for every system evaluated on it. PGD's step size is
+  ``configuration.pgd_alpha(config.attack, eps)``.
 
   Returns:
     (uint8 [I, S, S, 3] attacked images, {'linf', 'linf_255', 'l2', 'time_s'}).
@@ -231,7 +282,8 @@ def attack_catalogue(*, system, params, consts, data, mesh, config, kind: str, e
     adv = steps.craft_item_attack(
         system, params["vbpr"], consts, x, batch["items"],
         {k: batch[k] for k in triplets}, kind=kind, eps=eps, pgd_steps=a.pgd_steps,
-        pgd_alpha=a.pgd_alpha, key=jax.random.fold_in(base_key, batch["items"][0]),
+        pgd_alpha=configuration.pgd_alpha(a, eps),
+        key=jax.random.fold_in(base_key, batch["items"][0]),
         random_start=a.random_start)
     return jnp.round(adv * 255.0).astype(jnp.uint8)
 
@@ -275,30 +327,36 @@ def detection_scores(*, system, params, consts, images: np.ndarray, mesh, batch_
 
 
 def evaluate_all(*, system, params, consts, data, mesh, config, holdout: np.ndarray,
-                 calibration: np.ndarray, systems=SYSTEMS, detect: bool = True) -> dict:
+                 calibration: np.ndarray, systems=SYSTEMS, detect: bool = True,
+                 eval_eps=None, kinds=("fgsm", "pgd"), cache_dir: str | None = None,
+                 mostpop: bool = True) -> dict:
   """Every table of results.json: ``ranking``, ``detection``, ``attack``, and their timing.
 
-  Conditions: clean and, for every eps in ``config.attack.eval_eps``, ``fgsm@eps`` and
-  ``pgd@eps`` (the whole catalogue attacked once per condition, against VBPR).
-  Systems: ``mostpop`` (clean only) and ``systems`` (of ``vbpr``, ``defended``,
-  ``defended_rand``). Detection (if ``detect``) uses the ``holdout`` items (never used to
-  train the defence), each clean and attacked (a balanced set), with the threshold from
-  the clean ``calibration`` items.
+  Conditions: clean and, for every eps in ``eval_eps`` (default
+  ``config.attack.eval_eps``) and kind in ``kinds``, ``<kind>@<eps>`` (the whole catalogue
+  attacked once per condition, against VBPR, and reused by every system; kept in
+  ``cache_dir`` when given, see ``cached_attack_catalogue``).
+  Systems: ``mostpop`` (clean only, if ``mostpop``) and ``systems`` (of ``vbpr``,
+  ``defended``, ``defended_rand``). Detection (if ``detect``) uses the ``holdout`` items
+  (never used to train the defence), each clean and attacked (a balanced set), with the
+  threshold from the clean ``calibration`` items.
   """
   ks = tuple(config.eval.ks)
   bs = config.attack.batch_size
   cands = candidate_matrix(data.test_items, data.eval_negatives)
   timing = {}
-  ranking = {"mostpop/clean": evaluate_scores(
-      mostpop_scores(data.train_items, data.num_items)[cands], ks)}
+  ranking = {}
+  if mostpop:
+    ranking["mostpop/clean"] = evaluate_scores(
+        mostpop_scores(data.train_items, data.num_items)[cands], ks)
   conditions = {"clean": data.images}
   attack = {}
-  for eps in config.attack.eval_eps:
-    for kind in ("fgsm", "pgd"):
-      name = f"{kind}@{eps:g}"
-      conditions[name], attack[name] = attack_catalogue(
-          system=system, params=params, consts=consts, data=data, mesh=mesh, config=config,
-          kind=kind, eps=float(eps))
+  for eps in (config.attack.eval_eps if eval_eps is None else eval_eps):
+    for kind in kinds:
+      name = f"{kind}@{float(eps):g}"
+      conditions[name], attack[name] = cached_attack_catalogue(
+          cache_dir=cache_dir, system=system, params=params, consts=consts, data=data, mesh=mesh,
+          config=config, kind=kind, eps=float(eps))
   t = time.perf_counter()
   for sys_name in systems:
     for cond, images in conditions.items():

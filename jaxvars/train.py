@@ -257,6 +257,7 @@ def _stage_plan(exp: Experiment, stage) -> tuple[int, int]:
 
 def _stage_state(exp: Experiment, params: dict, stage) -> steps.TrainState:
   tx = steps.stage_optimizer(tuple(stage.trainable), stage.lr)
+  params = jax.tree.map(jnp.copy, params)  # The step donates its state: keep the caller's arrays.
   return jax.device_put(steps.TrainState.create(apply_fn=None, params=params, tx=tx),
                         sharding.replicated(exp.mesh))
 
@@ -283,7 +284,7 @@ def train_defense(exp: Experiment, consts: dict, params: dict, workdir: str):
       logging.info("stage %s: resuming from checkpoint %d of %d steps", name, start, total)
     weights = {term: config.loss[term] for term in stage.terms}
     attack = {"eps": float(config.defense.train_eps), "pgd_steps": config.attack.pgd_steps,
-              "pgd_alpha": float(config.attack.pgd_alpha),
+              "pgd_alpha": configuration.pgd_alpha(config.attack, config.defense.train_eps),
               "random_start": bool(config.attack.random_start)}
     step_fn = steps.make_defense_step(exp.system, exp.mesh, weights=weights,
                                       mix=tuple(stage.mix), attack=attack,
@@ -347,7 +348,17 @@ def restore_all(exp: Experiment, workdir: str) -> tuple[dict, dict, int]:
   vbpr_step, tree = checkpointing.restore_latest(mgr, {"vbpr": _vbpr_state(exp),
                                                        "backbone": exp.backbone_vars})
   mgr.close()
-  params = dict(exp.params, vbpr=tree["vbpr"].params)
+  params = restore_stages(exp, dict(exp.params, vbpr=tree["vbpr"].params), workdir)
+  return params, tree["backbone"], vbpr_step
+
+
+def restore_stages(exp: Experiment, params: dict, workdir: str) -> dict:
+  """Restores every defence stage of ``exp.config`` from ``<workdir>/checkpoints/<stage>``
+  on top of ``params``; returns the parameters after the last stage.
+
+  Raises:
+    CheckpointError: a missing, unfinished or mismatched stage checkpoint (named).
+  """
   for name in stage_names(exp.config):
     stage = exp.config.stages[name]
     mgr = checkpointing.manager(os.path.join(workdir, "checkpoints", name))
@@ -355,7 +366,7 @@ def restore_all(exp: Experiment, workdir: str) -> tuple[dict, dict, int]:
       step, stage_tree = checkpointing.restore_latest(mgr, {"state": _stage_state(exp, params,
                                                                                   stage)})
     except CheckpointError as e:
-      raise CheckpointError(f"stage {name!r}: {e}; if the training run skipped or changed this "
+      raise CheckpointError(f"stage {name!r} in {workdir}: {e}; if the training run skipped or changed this "
                             f"stage, evaluate with the same overrides (e.g. "
                             f"--config.stages.{name}.epochs=0)") from None
     finally:
@@ -364,7 +375,7 @@ def restore_all(exp: Experiment, workdir: str) -> tuple[dict, dict, int]:
       raise CheckpointError(f"stage {name!r} stopped at step {step} of {_stage_plan(exp, stage)[1]};"
                             " run --mode=train to finish it")
     params = stage_tree["state"].params
-  return params, tree["backbone"], vbpr_step
+  return params
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -401,10 +412,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results["training"] = {"vbpr": {"epochs": config.vbpr.epochs, "steps": int(vbpr_state.step),
                                   "history": vbpr_history},
                          "stages": stage_history}
+  if len(config.ablation.variants):
+    results["ablations"] = run_ablations(exp, consts, vbpr_state.params, workdir, train=True)
   results["timing"]["total_s"] = time.perf_counter() - t_start
   results["config"] = config.to_dict()
   _finish(results, workdir)
   return results
+
+
+def run_ablations(exp: Experiment, consts: dict, vbpr_params, workdir: str, *,
+                  train: bool) -> dict:
+  """The ablation study (paper Table 5): every ``config.ablation.variants`` entry.
+
+  Each variant is the main config with its overrides applied; it shares VBPR, the
+  backbone and the attacked catalogues (``<workdir>/attacks``) with the main run, and
+  trains (``train=True``; resuming) or restores its own defence stages under
+  ``<workdir>/ablations/<name>/checkpoints``. It is evaluated on clean images and on
+  ``config.ablation.attacks`` at ``config.ablation.eps`` with the defended systems;
+  detection only where its stages trained the detector with a contrastive term.
+
+  Returns:
+    {name: {'overrides', 'ranking', 'detection', 'stages' (train only), 'timing'}};
+    each is also written to ``<workdir>/ablations/<name>/results.json``.
+
+  Raises:
+    ConfigError: an override naming no field or changing the shared models (see
+      ``configuration.validate``). CheckpointError (``train=False``): a missing stage.
+  """
+  out = {}
+  for name, overrides in exp.config.ablation.variants.items():
+    t = time.perf_counter()
+    cfg = configuration.apply_overrides(exp.config, overrides,
+                                        where=f"config.ablation.variants.{name}")
+    cfg.ablation.variants = ml_collections.ConfigDict()
+    sub = os.path.join(workdir, "ablations", name)
+    os.makedirs(sub, exist_ok=True)
+    logging.info("ablation %s: %s", name, ", ".join(overrides))
+    ab = dataclasses.replace(exp, config=cfg, workdir=sub, timing={})
+    params = dict(exp.params, vbpr=vbpr_params)
+    history = None
+    if train:
+      params, history, seconds = train_defense(ab, consts, params, sub)
+      ab.timing.update({f"stage_{k}_s": v for k, v in seconds.items()})
+    else:
+      params = restore_stages(ab, params, sub)
+    res = _evaluate(ab, params, consts, eval_eps=(cfg.ablation.eps,),
+                    kinds=tuple(cfg.ablation.attacks), include_vbpr=False,
+                    cache_dir=_attack_cache(exp, workdir))
+    res["timing"]["total_s"] = time.perf_counter() - t
+    row = {"overrides": list(overrides), "ranking": res["ranking"],
+           "detection": res["detection"], "timing": res["timing"]}
+    if history is not None:
+      row["stages"] = history
+    ev.write_json_atomic(os.path.join(sub, RESULTS_FILE), dict(row, config=cfg.to_dict()))
+    out[name] = row
+  return out
+
+
+def _attack_cache(exp: Experiment, workdir: str | None) -> str | None:
+  return os.path.join(workdir, "attacks") if workdir and exp.config.attack.cache else None
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -427,13 +493,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   consts = make_consts(exp)
   exp.timing["features_s"] = time.perf_counter() - t
   fresh = _evaluate(exp, params, consts)
+  if len(config.ablation.variants):
+    fresh["ablations"] = run_ablations(exp, consts, params["vbpr"], workdir, train=False)
   fresh["timing"]["total_s"] = time.perf_counter() - t_start
   path = os.path.join(workdir, RESULTS_FILE)
   results = {}
   if os.path.exists(path):
     with open(path) as f:
       results = json.load(f)
-    same = all(results.get(k) == fresh[k] for k in ("ranking", "detection"))
+    same = all(_without_timing(results.get(k)) == _without_timing(fresh.get(k))
+               for k in ("ranking", "detection", "ablations"))
     if same:
       logging.info("restored checkpoints reproduce the training run's metrics exactly")
     else:
@@ -445,14 +514,23 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-def _evaluate(exp: Experiment, params: dict, consts: dict) -> dict:
-  # A defended system is evaluated only when a stage trained its parts.
-  trained = {g for name in stage_names(exp.config) for g in exp.config.stages[name].trainable}
-  systems = ("vbpr",) + (("defended", "defended_rand") if "denoiser" in trained else ())
+def _evaluate(exp: Experiment, params: dict, consts: dict, *, eval_eps=None,
+              kinds=("fgsm", "pgd"), include_vbpr: bool = True, cache_dir=-1) -> dict:
+  # A defended system is evaluated only when a stage trained its parts; detection only
+  # when a stage trained the detector with a (non-zero) contrastive term.
+  config = exp.config
+  trained = {g for name in stage_names(config) for g in config.stages[name].trainable}
+  detector_trained = config.loss.contrastive > 0 and any(
+      "detector" in config.stages[n].trainable and "contrastive" in config.stages[n].terms
+      for n in stage_names(config))
+  systems = (("vbpr",) if include_vbpr else ()) + (
+      ("defended", "defended_rand") if "denoiser" in trained else ())
   out = ev.evaluate_all(system=exp.system, params=params, consts=consts, data=exp.data,
-                        mesh=exp.mesh, config=exp.config, holdout=exp.holdout,
+                        mesh=exp.mesh, config=config, holdout=exp.holdout,
                         calibration=exp.calibration, systems=systems,
-                        detect="detector" in trained)
+                        detect=detector_trained, eval_eps=eval_eps, kinds=kinds,
+                        mostpop=include_vbpr,
+                        cache_dir=_attack_cache(exp, exp.workdir) if cache_dir == -1 else cache_dir)
   artifacts = out.pop("artifacts")
   if artifacts and exp.workdir:
     _write_npz_atomic(os.path.join(exp.workdir, ARTIFACTS_FILE), artifacts)
@@ -460,6 +538,14 @@ def _evaluate(exp: Experiment, params: dict, consts: dict) -> dict:
   timing.update({f"attack_{k}_s": v["time_s"] for k, v in out["attack"].items()})
   return {"data": dict(exp.data.summary(), defense_holdout_items=int(len(exp.holdout))),
           **out, "timing": timing}
+
+
+def _without_timing(section):
+  """A results section without wall-clock fields (for comparing two runs)."""
+  if isinstance(section, dict):
+    return {k: _without_timing(v) for k, v in section.items() if k not in ("timing", "time_s",
+                                                                          "cached", "stages")}
+  return section
 
 
 def _write_npz_atomic(path: str, arrays: dict) -> None:
