@@ -5,8 +5,10 @@
 Flags: ``--config`` (an ml_collections config file; any field can be overridden,
 e.g. ``--config.vbpr.factors=32``), ``--workdir`` (split, checkpoints,
 results.json), ``--mode``: ``train`` (train, resuming from the latest
-checkpoint, then evaluate) or ``evaluate`` (restore the latest checkpoint and
-recompute the metrics). A config whose ``task`` is ``'pretrain'`` (configs/pretrain.py)
+checkpoint, then evaluate), ``evaluate`` (restore the latest checkpoint and
+recompute the metrics) or ``report`` (only rewrite ``report.md`` and its figures from
+``results.json``; same as ``python -m jaxvars.report``). ``train`` and ``evaluate`` end
+by writing the report too while ``config.eval.report`` is true. A config whose ``task`` is ``'pretrain'`` (configs/pretrain.py)
 runs self-supervised pretraining of the backbone instead.
 """
 
@@ -20,8 +22,9 @@ from jaxvars.errors import JaxvarsError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. "
                                           "configs/joint.py:cpu,hm.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the split, checkpoints and results.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate"],
-                          "train: train (resuming) and evaluate; evaluate: restore and evaluate.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "report"],
+                          "train: train (resuming) and evaluate; evaluate: restore and evaluate; "
+                          "report: write report.md and figures from results.json.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -36,7 +39,7 @@ class _QuietLibraries:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from jaxvars import pretrain, train  # Imported here so that --help is fast.
+  from jaxvars import pretrain, report, train  # Imported here so that --help is fast.
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
@@ -45,10 +48,13 @@ def main(argv):
         raise JaxvarsError("configs/pretrain.py runs with --mode=train only (it evaluates "
                            "the backbone it trains)")
       pretrain.pretrain_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    elif _MODE.value == "train":
-      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     else:
-      train.evaluate(_CONFIG.value, _WORKDIR.value)
+      if _MODE.value == "train":
+        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+      elif _MODE.value == "evaluate":
+        train.evaluate(_CONFIG.value, _WORKDIR.value)
+      if _MODE.value == "report" or _CONFIG.value.eval.get("report", True):
+        print(f"report written to {report.write_report(_WORKDIR.value)}")
   except JaxvarsError as e:
     logging.error("%s", e)
     print(f"jaxvars: error: {e}", file=sys.stderr)

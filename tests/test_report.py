@@ -1,0 +1,244 @@
+"""The full recipe's sweep, ablations and report (issue 5).
+
+The slow test trains a tiny synthetic run with a 2-eps sweep and both ablations, then
+checks the report against results.json number by number and the figures as PNG files.
+"""
+
+import json
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import tiny_config
+from jaxvars import configuration, evaluate, report, train
+from jaxvars.errors import ConfigError, JaxvarsError
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _tables(markdown: str) -> dict[str, list[list[str]]]:
+  """Markdown tables of ``markdown`` by the heading above them: heading -> rows of cells
+  (header row first, separator dropped)."""
+  tables, heading, current = {}, None, None
+  for line in markdown.splitlines():
+    if line.startswith("#"):
+      heading, current = line.lstrip("# ").strip(), None
+    elif line.startswith("|"):
+      cells = [c.strip() for c in line.strip().strip("|").split("|")]
+      if set("".join(cells)) <= {"-"}:
+        continue
+      if current is None:
+        current = tables.setdefault(heading, [])
+      current.append(cells)
+    else:
+      current = None
+  return tables
+
+
+def _num(cell: str) -> float:
+  return math.nan if cell == "NaN" else float(cell)
+
+
+@pytest.fixture(scope="module")
+def full_run(tfds_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("full") / "run")
+  config = tiny_config(tfds_dir)
+  config.attack.eval_eps = (4, 8)
+  config.ablation.variants.no_detector = ("loss.contrastive=0", "stages.detector.epochs=0")
+  config.ablation.variants.no_perceptual = ("loss.perceptual=0",)
+  results = train.train_and_evaluate(config, workdir)
+  return config, workdir, results
+
+
+@pytest.mark.slow
+def test_sweep_and_ablations_results(full_run):
+  config, workdir, results = full_run
+  conds = {"clean", "fgsm@4", "pgd@4", "fgsm@8", "pgd@8"}
+  assert set(results["ranking"]) == {"mostpop/clean"} | {
+      f"{s}/{c}" for s in ("vbpr", "defended", "defended_rand") for c in conds}
+  assert set(results["detection"]) == conds - {"clean"}
+  # Every attacked catalogue was crafted once and kept for reuse.
+  for cond in conds - {"clean"}:
+    assert os.path.exists(os.path.join(workdir, "attacks", f"{cond}.npy"))
+    assert results["attack"][cond]["linf_255"] <= float(cond.split("@")[1]) + 1e-4
+  ab = results["ablations"]
+  assert set(ab) == {"no_detector", "no_perceptual"}
+  for name, row in ab.items():
+    # Defended systems on clean and PGD@8 only (VBPR and the attack are shared).
+    assert set(row["ranking"]) == {f"{s}/{c}" for s in ("defended", "defended_rand")
+                                   for c in ("clean", "pgd@8")}
+    assert os.path.exists(os.path.join(workdir, "ablations", name, "results.json"))
+  assert ab["no_detector"]["detection"] == {}  # No detector was trained: no detection.
+  assert "detector" not in ab["no_detector"]["stages"]
+  assert set(ab["no_perceptual"]["detection"]) == {"pgd@8"}
+  # The perceptual term is gone from the ablation's losses, present in the main run's.
+  assert "perceptual" not in ab["no_perceptual"]["stages"]["denoiser_fgsm"][0]
+  assert "perceptual" in results["training"]["stages"]["denoiser_fgsm"][0]
+  # The ablation's denoiser differs from the main one: different defended metrics or not,
+  # its checkpoints exist apart from the main run's.
+  assert os.path.isdir(os.path.join(workdir, "ablations", "no_perceptual", "checkpoints",
+                                    "denoiser_fgsm"))
+
+
+@pytest.mark.slow
+def test_evaluate_mode_reproduces_sweep_and_ablations(full_run):
+  config, workdir, results = full_run
+  again = train.evaluate(config, workdir)
+  assert again["ranking"] == results["ranking"]
+  assert again["detection"] == results["detection"]
+  for name, row in results["ablations"].items():
+    assert again["ablations"][name]["ranking"] == row["ranking"]
+    assert again["ablations"][name]["detection"] == row["detection"]
+  # Attacks came from the cache this time.
+  assert all(a["cached"] for a in again["attack"].values())
+
+
+@pytest.mark.slow
+def test_report_tables_equal_results_and_figures_are_pngs(full_run):
+  _, workdir, _ = full_run
+  path = report.write_report(workdir)
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  with open(path) as f:
+    text = f.read()
+  tables = _tables(text)
+
+  main = tables["Ranking (Tables 2/3 layout, eps = 8)"]
+  header = main[0]
+  assert header[:8] == ["attack", "system", *report.METRICS]
+  labels = {v: k for k, v in report.SYSTEM_LABELS.items()}
+  seen = 0
+  for row in main[1:]:
+    cond, system = row[0], labels[row[1]]
+    for j, metric in enumerate(report.METRICS):
+      assert _num(row[2 + j]) == round(results["ranking"][f"{system}/{cond}"][metric], 4)
+    if system != "mostpop":
+      attack = cond.split("@")[0]
+      paper = [_num(c) for c in row[8:14]]
+      assert paper == list(report.PAPER_TABLE2[attack][system])
+    seen += 1
+  assert seen == 10  # 3 conditions x 3 systems + MostPop.
+
+  sweep = tables["The eps sweep (Figure 6)"]
+  assert sweep[0] == ["system", "attack", "clean", "eps=4", "eps=8"]
+  for row in sweep[1:]:
+    system, kind = labels[row[0]], row[1].lower()
+    assert _num(row[2]) == round(results["ranking"][f"{system}/clean"]["HR@10"], 4)
+    for cell, eps in zip(row[3:], (4, 8)):
+      assert _num(cell) == round(results["ranking"][f"{system}/{kind}@{eps}"]["HR@10"], 4)
+  assert len(sweep) == 1 + 6
+
+  det = tables["Detection (Table 4)"]
+  for row in det[1:]:
+    if row[0].startswith("paper"):
+      assert row[2:] == ["", "0.8826"]
+      continue
+    for cell, eps in zip(row[2:], (4, 8)):
+      assert _num(cell) == round(results["detection"][f"{row[0].lower()}@{eps}"][row[1]], 4)
+
+  abl = tables["Ablations (Table 5: PGD at eps = 8)"]
+  assert [r[0] for r in abl[1:]] == ["unmodified", "no_detector", "no_perceptual"]
+  sources = {"unmodified": results, **results["ablations"]}
+  for row in abl[1:]:
+    src = sources[row[0]]
+    acc = src["detection"].get("pgd@8", {}).get("accuracy", math.nan)
+    if math.isnan(acc):
+      assert row[1] == "NaN"
+    else:
+      assert _num(row[1]) == round(acc, 4)
+    assert _num(row[2]) == round(src["ranking"]["defended_rand/pgd@8"]["NDCG@10"], 4)
+    assert _num(row[3]) == round(src["ranking"]["defended_rand/pgd@8"]["HR@10"], 4)
+    assert _num(row[4]) == round(src["ranking"]["defended/pgd@8"]["NDCG@10"], 4)
+    assert _num(row[5]) == round(src["ranking"]["defended/pgd@8"]["HR@10"], 4)
+  assert abl[2][6:] == ["NaN", "0.0768", "0.1661"]
+
+  figures = re.findall(r"\]\((figures/[^)]+\.png)\)", text)
+  assert set(os.path.basename(f) for f in figures) == {
+      "fig6_hr10_vs_eps.png", "table4_detection_vs_eps.png", "fig8_detector_distances.png",
+      "fig9_roc.png", "fig7_images.png", "fig11_embeddings_pca.png"}
+  for rel in figures:
+    fig = os.path.join(workdir, rel)
+    with open(fig, "rb") as f:
+      assert f.read(8) == PNG_SIGNATURE
+    with Image.open(fig) as im:
+      im.verify()
+    with Image.open(fig) as im:
+      assert im.format == "PNG" and im.size[0] >= 300 and im.size[1] >= 200
+      assert np.asarray(im.convert("L")).std() > 1.0  # Not a blank canvas.
+  assert not [f for f in os.listdir(os.path.join(workdir, "figures")) if ".tmp" in f]
+
+
+def test_report_without_results_is_a_clear_error(tmp_path):
+  with pytest.raises(JaxvarsError, match=r"results.json does not exist; run python -m "
+                                         r"jaxvars.main"):
+    report.write_report(str(tmp_path))
+  (tmp_path / "results.json").write_text("{not json")
+  with pytest.raises(JaxvarsError, match="is not valid JSON"):
+    report.write_report(str(tmp_path))
+  assert not (tmp_path / "report.md").exists()
+
+
+def test_report_of_a_clean_only_run(tmp_path):
+  ranking = {f"{s}/clean": {m: 0.1 * (i + 1) for i, m in enumerate(report.METRICS)}
+             for s in ("mostpop", "vbpr")}
+  (tmp_path / "results.json").write_text(json.dumps({"ranking": ranking, "detection": {}}))
+  text = open(report.write_report(str(tmp_path))).read()
+  rows = _tables(text)["Ranking (Tables 2/3 layout)"]
+  assert [r[:2] for r in rows[1:]] == [["clean", "VBPR"], ["clean", "MostPop"]]
+  assert rows[1][2:8] == ["0.1000", "0.2000", "0.3000", "0.4000", "0.5000", "0.6000"]
+  assert "artifacts.npz is missing" in text and "![" not in text
+
+
+def test_roc_curve_area_equals_roc_auc():
+  rng = np.random.default_rng(0)
+  clean = np.round(rng.normal(0, 1, 300), 1)  # Rounded: ties across classes.
+  adv = np.round(rng.normal(1, 1, 200), 1)
+  fpr, tpr = report.roc_curve(clean, adv)
+  assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+  area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))  # Trapezoids: ties count 1/2.
+  assert area == pytest.approx(evaluate.roc_auc(clean, adv), abs=1e-12)
+
+
+def test_pca_matches_covariance_eigenvectors():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(200, 5)) @ np.diag([5.0, 3.0, 1.0, 0.5, 0.1]) + 7.0
+  xy = report.pca_2d(x)
+  w, v = np.linalg.eigh(np.cov(x.T))
+  ref = (x - x.mean(0)) @ v[:, ::-1][:, :2]
+  for j in range(2):  # Equal up to the sign of each component.
+    assert np.allclose(np.abs(xy[:, j]), np.abs(ref[:, j]), atol=1e-8)
+  assert xy[:, 0].var() > xy[:, 1].var()
+
+
+def test_pgd_step_size_scales_with_eps():
+  from configs import joint
+  a = joint.get_config("tiny").attack
+  assert configuration.pgd_alpha(a, 8) == 2.0 and configuration.pgd_alpha(a, 64) == 16.0
+  a.pgd_alpha_ratio = 0.0
+  assert configuration.pgd_alpha(a, 64) == a.pgd_alpha
+
+
+def test_ablation_overrides_are_validated(tfds_dir):
+  config = tiny_config(tfds_dir)
+  new = configuration.apply_overrides(config, ("loss.perceptual=0", "stages.joint.terms="
+                                               "('content', 'bpr')"), where="test")
+  assert new.loss.perceptual == 0.0 and isinstance(new.loss.perceptual, float)
+  assert tuple(new.stages.joint.terms) == ("content", "bpr")
+  assert config.loss.perceptual == 1.0  # The original is untouched.
+  config.ablation.variants.bad = ("loss.perceptul=0",)
+  with pytest.raises(ConfigError, match=r"config.ablation.variants.bad: override "
+                                        r"'loss.perceptul=0' names no field"):
+    configuration.validate(config)
+  config.ablation.variants.bad = ("vbpr.factors=4",)
+  with pytest.raises(ConfigError, match="shares with the main run"):
+    configuration.validate(config)
+  config.ablation.variants.bad = ("loss.perceptual",)
+  with pytest.raises(ConfigError, match="not of the form 'path.to.field=value'"):
+    configuration.validate(config)
+  config.ablation.variants.bad = ("loss.perceptual=-1",)
+  with pytest.raises(ConfigError, match=r"config.loss.perceptual=-1.0 must be a number >= 0"):
+    configuration.validate(config)
