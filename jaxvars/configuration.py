@@ -174,6 +174,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for path in ("loss.content", "loss.perceptual", "loss.contrastive", "loss.bpr",
                "denoiser.num_blocks", "defense.items_per_epoch"):
     _positive(config, path, allow_zero=True)
+  choices = tuple(config.defense.get("train_eps_choices", ()) or ())
+  if choices and (min(choices) <= 0 or not all(isinstance(e, (int, float)) for e in choices)):
+    raise ConfigError(f"config.defense.train_eps_choices={choices!r} must hold positive budgets "
+                      "(1/255 units); () = always config.defense.train_eps")
   if tuple(config.attack.eval_eps) and min(config.attack.eval_eps) <= 0:
     raise ConfigError(f"config.attack.eval_eps={tuple(config.attack.eval_eps)!r} must hold "
                       "positive budgets (1/255 units); () = clean evaluation only")

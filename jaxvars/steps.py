@@ -183,7 +183,9 @@ def make_defense_step(system, mesh, *, weights: dict, mix, attack: dict, tempera
     system: VisualRecommender.
     weights: {term: weight} of the terms to use (zero-weight terms are not computed).
     mix: (clean, fgsm, pgd) proportions.
-    attack: {'eps', 'pgd_steps', 'pgd_alpha', 'random_start'} (eps, alpha in 1/255 units).
+    attack: {'eps', 'pgd_steps', 'pgd_alpha', 'random_start'} (eps, alpha in 1/255 units),
+      optionally 'eps_choices' (a tuple: each step draws its eps uniformly from it) with
+      'pgd_alpha_ratio' (> 0: PGD's step is ratio * the drawn eps, else 'pgd_alpha').
     temperature: InfoNCE temperature.
 
   Returns:
@@ -196,13 +198,21 @@ def make_defense_step(system, mesh, *, weights: dict, mix, attack: dict, tempera
     raise ValueError(f"unknown loss term(s) {sorted(unknown)}; expected {LOSS_TERMS}")
   probs = jnp.asarray(mix, jnp.float32) / float(sum(mix))
 
+  choices = tuple(float(e) for e in attack.get("eps_choices", ()) or ())
+  ratio = float(attack.get("pgd_alpha_ratio", 0.0) or 0.0)
+
   def step(state, batch, consts, key):
-    k_kind, k_pgd = jax.random.split(key)
+    k_kind, k_pgd, k_eps = jax.random.split(key, 3)
     kind = jax.random.choice(k_kind, 3, p=probs)
+    if choices:  # A traced eps: one compiled step serves every budget.
+      eps = jax.random.choice(k_eps, jnp.asarray(choices, jnp.float32))
+      alpha = ratio * eps if ratio > 0 else attack["pgd_alpha"]
+    else:
+      eps, alpha = attack["eps"], attack["pgd_alpha"]
     x = batch["images"].astype(jnp.float32) / 255.0
     craft = functools.partial(craft_item_attack, system, state.params["vbpr"], consts, x,
-                              batch["items"], batch["triplets"], eps=attack["eps"],
-                              pgd_steps=attack["pgd_steps"], pgd_alpha=attack["pgd_alpha"],
+                              batch["items"], batch["triplets"], eps=eps,
+                              pgd_steps=attack["pgd_steps"], pgd_alpha=alpha,
                               key=k_pgd, random_start=attack["random_start"])
     branches = [lambda: x, lambda: craft(kind="fgsm"), lambda: craft(kind="pgd")]
     # Kinds with zero probability are never traced into the step.
@@ -215,6 +225,7 @@ def make_defense_step(system, mesh, *, weights: dict, mix, attack: dict, tempera
         state.params, consts, batch, x_adv, is_adv, system=system, weights=weights,
         temperature=temperature)
     metrics["input_kind"] = kind
+    metrics["input_eps"] = jnp.asarray(eps, jnp.float32) * (kind > 0)
     return state.apply_gradients(grads=grads), metrics
 
   repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)

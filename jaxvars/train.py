@@ -285,7 +285,9 @@ def train_defense(exp: Experiment, consts: dict, params: dict, workdir: str):
     weights = {term: config.loss[term] for term in stage.terms}
     attack = {"eps": float(config.defense.train_eps), "pgd_steps": config.attack.pgd_steps,
               "pgd_alpha": configuration.pgd_alpha(config.attack, config.defense.train_eps),
-              "random_start": bool(config.attack.random_start)}
+              "random_start": bool(config.attack.random_start),
+              "eps_choices": tuple(config.defense.get("train_eps_choices", ()) or ()),
+              "pgd_alpha_ratio": float(config.attack.get("pgd_alpha_ratio", 0.0))}
     step_fn = steps.make_defense_step(exp.system, exp.mesh, weights=weights,
                                       mix=tuple(stage.mix), attack=attack,
                                       temperature=config.detector.temperature)
@@ -319,9 +321,12 @@ def train_defense(exp: Experiment, consts: dict, params: dict, workdir: str):
         checkpointing.save(mgr, step + 1, {"state": state})
         if last_of_epoch:
           row = {key: float(np.mean([g[key] for g in got])) for key in got[0]
-                 if key != "input_kind"}
+                 if key not in ("input_kind", "input_eps")}
           row["inputs"] = {kind: int(sum(int(g["input_kind"]) == i for g in got))
                            for i, kind in enumerate(steps.INPUT_KINDS)}
+          eps_seen = [float(g["input_eps"]) for g in got if int(g["input_kind"]) > 0]
+          if config.defense.get("train_eps_choices") and eps_seen:
+            row["input_eps"] = {f"{e:g}": eps_seen.count(e) for e in sorted(set(eps_seen))}
           row["epoch"] = epoch + 1
           history.append(row)
           logging.info("stage %s epoch %d/%d %s", name, epoch + 1, stage.epochs,

@@ -188,3 +188,47 @@ def test_joint_step_same_on_one_and_eight_devices(mix):
 def test_stage_optimizer_rejects_unknown_group():
   with pytest.raises(ValueError, match="unknown trainable group"):
     steps.stage_optimizer(("denoiser", "resnet"), 1e-3)
+
+
+def test_joint_step_eps_choices():
+  """A step drawing its eps from ``eps_choices`` equals the fixed-eps step when there is one
+  choice, and draws every choice when there are several."""
+  system, params, consts, images, users, items = _tiny_system()
+  params = jax.device_get(params)
+  batch_items = np.arange(8, dtype=np.int32)
+  triplets = splits.item_triplets(batch_items, train_users=users, train_items=items,
+                                  num_users=20, num_items=40,
+                                  positive_keys=splits.pair_keys(users, items, 40), per_role=2,
+                                  rng=np.random.default_rng(1))
+  mesh = sharding.make_mesh(1)
+  batch = sharding.shard_batch({"images": images[:8], "items": batch_items,
+                                "triplets": triplets}, mesh)
+  weights = {"content": 1.0, "perceptual": 1.0, "bpr": 0.1}
+  c = jax.device_put(consts, sharding.replicated(mesh))
+
+  def run(attack, keys):
+    step = steps.make_defense_step(system, mesh, weights=weights, mix=(0, 1, 1), attack=attack,
+                                   temperature=0.1)
+    out = []
+    for k in keys:
+      state = jax.device_put(
+          steps.TrainState.create(apply_fn=None, params=params,
+                                  tx=steps.stage_optimizer(("denoiser",), 1e-3)),
+          sharding.replicated(mesh))
+      out.append(jax.device_get(step(state, batch, c, jax.random.key(k))[1]))
+    return out
+
+  base = {"eps": 8.0, "pgd_steps": 2, "pgd_alpha": 2.0, "random_start": True}
+  fixed = run(base, range(3))
+  chosen = run(dict(base, eps=99.0, eps_choices=(8.0,), pgd_alpha_ratio=0.25), range(3))
+  for a, b in zip(fixed, chosen):
+    assert int(a["input_kind"]) == int(b["input_kind"])
+    assert float(b["input_eps"]) == 8.0
+    for key in ("loss", "content", "perceptual", "bpr"):
+      assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-6), key
+  many = run(dict(base, eps_choices=(2.0, 64.0), pgd_alpha_ratio=0.25), range(12))
+  assert {float(m["input_eps"]) for m in many} == {2.0, 64.0}
+  # Larger budgets move the inputs further: the content loss grows with the drawn eps.
+  by_eps = {e: np.mean([float(m["content"]) for m in many if float(m["input_eps"]) == e])
+            for e in (2.0, 64.0)}
+  assert by_eps[64.0] > 10 * by_eps[2.0]
