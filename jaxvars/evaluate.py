@@ -242,7 +242,7 @@ def cached_attack_catalogue(*, cache_dir: str | None, **kwargs):
     with open(stem + ".json") as f:
       meta = json.load(f)
     if meta.get("fingerprint") == fingerprint:
-      adv = np.load(stem + ".npy")
+      adv = np.load(stem + ".npy", mmap_mode="r")
       if adv.shape == kwargs["data"].images.shape and adv.dtype == np.uint8:
         logging.info("%s@%g: attacked catalogue loaded from %s.npy", kind, eps, stem)
         return adv, dict(meta["stats"], cached=True)
@@ -349,17 +349,31 @@ def evaluate_all(*, system, params, consts, data, mesh, config, holdout: np.ndar
   if mostpop:
     ranking["mostpop/clean"] = evaluate_scores(
         mostpop_scores(data.train_items, data.num_items)[cands], ks)
-  conditions = {"clean": data.images}
-  attack = {}
-  for eps in (config.attack.eval_eps if eval_eps is None else eval_eps):
-    for kind in kinds:
-      name = f"{kind}@{float(eps):g}"
-      conditions[name], attack[name] = cached_attack_catalogue(
-          cache_dir=cache_dir, system=system, params=params, consts=consts, data=data, mesh=mesh,
-          config=config, kind=kind, eps=float(eps))
-  t = time.perf_counter()
-  for sys_name in systems:
-    for cond, images in conditions.items():
+  conditions = [("clean", None, None)] + [
+      (f"{kind}@{float(eps):g}", kind, float(eps))
+      for eps in (config.attack.eval_eps if eval_eps is None else eval_eps) for kind in kinds]
+  attack, detection, artifacts = {}, {}, {}
+  timing["ranking_s"] = 0.0
+  do_detect = detect and len(conditions) > 1
+  if do_detect:
+    t = time.perf_counter()
+    score = lambda imgs: detection_scores(system=system, params=params, consts=consts,
+                                          images=imgs, mesh=mesh, batch_size=bs)
+    cal = score(data.images[calibration])
+    clean_hold = score(data.images[holdout])
+    artifacts = {"detector/calibration_clean": cal, "detector/clean": clean_hold,
+                 "holdout_items": np.asarray(holdout, np.int32)}
+    timing["detection_s"] = time.perf_counter() - t
+  # One attacked catalogue in memory at a time (a cached one is memory-mapped).
+  for cond, kind, eps in conditions:
+    if kind is None:
+      images = data.images
+    else:
+      images, attack[cond] = cached_attack_catalogue(
+          cache_dir=cache_dir, system=system, params=params, consts=consts, data=data,
+          mesh=mesh, config=config, kind=kind, eps=eps)
+    t = time.perf_counter()
+    for sys_name in systems:
       if sys_name == "vbpr" and cond == "clean":
         feats = consts["features"]
       else:
@@ -368,29 +382,22 @@ def evaluate_all(*, system, params, consts, data, mesh, config, holdout: np.ndar
       scores = vbpr_candidate_scores(system.vbpr, params["vbpr"], jnp.asarray(feats), cands,
                                      config.eval.batch_users)
       ranking[f"{sys_name}/{cond}"] = evaluate_scores(scores, ks)
-  timing["ranking_s"] = time.perf_counter() - t
-
-  detection = {}
-  if not detect or len(conditions) == 1:
-    return {"ranking": ranking, "detection": detection, "attack": attack, "timing": timing,
-            "artifacts": {}}
-  t = time.perf_counter()
-  score = lambda imgs: detection_scores(system=system, params=params, consts=consts, images=imgs,
-                                        mesh=mesh, batch_size=bs)
-  cal = score(data.images[calibration])
-  clean_hold = score(data.images[holdout])
-  artifacts = {"detector/calibration_clean": cal, "detector/clean": clean_hold,
-               "holdout_items": np.asarray(holdout, np.int32)}
-  for cond, images in conditions.items():
-    if cond != "clean":
-      artifacts[f"detector/{cond}"] = score(images[holdout])
-      detection[cond] = detection_metrics(calibration_clean=cal, clean=clean_hold,
-                                          adversarial=artifacts[f"detector/{cond}"],
-                                          fpr=config.detector.fpr)
-      detection[cond]["items"] = int(len(holdout))
-  timing["detection_s"] = time.perf_counter() - t
-  artifacts.update(_report_samples(system=system, params=params, consts=consts, data=data,
-                                   conditions=conditions, holdout=holdout))
+    timing["ranking_s"] += time.perf_counter() - t
+    if do_detect:
+      t = time.perf_counter()
+      if kind is not None:
+        artifacts[f"detector/{cond}"] = score(images[holdout])
+        detection[cond] = detection_metrics(calibration_clean=cal, clean=clean_hold,
+                                            adversarial=artifacts[f"detector/{cond}"],
+                                            fpr=config.detector.fpr)
+        detection[cond]["items"] = int(len(holdout))
+      artifacts.update(_report_samples(system=system, params=params, consts=consts, data=data,
+                                       conditions={cond: images}, holdout=holdout))
+      timing["detection_s"] += time.perf_counter() - t
+    del images
+  # Rows grouped by system, conditions in sweep order (the layout of the printed table).
+  order = [f"{s}/{c}" for s in ("mostpop",) + tuple(systems) for c, _, _ in conditions]
+  ranking = {k: ranking[k] for k in order if k in ranking}
   return {"ranking": ranking, "detection": detection, "attack": attack, "timing": timing,
           "artifacts": artifacts}
 
