@@ -280,7 +280,7 @@ def figure_detection_vs_eps(results: dict, path: str) -> None:
   ticks = sorted(set(eps) | set(pe))
   ax.set_xticks(ticks, [f"{e:g}" for e in ticks])
   ax.set_xlabel("attack budget eps (L-inf, 1/255 pixel units)")
-  ax.set_ylabel("detection accuracy (balanced clean + attacked set)")
+  ax.set_ylabel("detection accuracy (balanced set, fraction)")
   ax.set_ylim(0.4, 1.01)
   ax.grid(alpha=0.3)
   ax.legend()
