@@ -150,6 +150,22 @@ def detection_table(results: dict) -> list[str]:
   return _md_table(header, rows)
 
 
+def confusion_table(results: dict, eps: float) -> list[str]:
+  """Figure 10 as a table: the detector's confusion matrix at the calibrated threshold
+  (held-out items, each clean and attacked)."""
+  rows = []
+  for kind in ("fgsm", "pgd"):
+    d = results.get("detection", {}).get(f"{kind}@{eps:g}")
+    if not d:
+      continue
+    n = int(d["items"])
+    tp, fp = round(d["tpr_at_threshold"] * n), round(d["fpr_at_threshold"] * n)
+    rows.append([f"{kind.upper()}@{eps:g}", n - fp, fp, n - tp, tp])
+  header = ["attack", "clean -> clean", "clean -> flagged", "attacked -> clean",
+            "attacked -> flagged"]
+  return _md_table(header, rows)
+
+
 def attack_table(results: dict) -> list[str]:
   header = ["condition", "mean L-inf (1/255)", "mean L2 ([0,1] pixels)", "time (s)"]
   rows = [[cond, fmt(a["linf_255"]), fmt(a["l2"]), f"{a['time_s']:.0f}"]
@@ -479,6 +495,9 @@ def write_report(workdir: str) -> str:
     add_figure("table4_detection_vs_eps.png", figure_detection_vs_eps, results,
                caption="Table 4: detection accuracy against eps (threshold at "
                        f"{cfg.get('detector', {}).get('fpr', 0.05):g} FPR on clean items)")
+    if eps is not None:
+      lines += [f"Confusion matrix at the threshold, eps = {eps:g} (Figure 10; item counts):", ""]
+      lines += confusion_table(results, eps) + [""]
     if art and eps is not None and f"detector/pgd@{eps:g}" in art:
       add_figure("fig8_detector_distances.png", figure_distances, results, art, eps,
                  caption=f"Figure 8: detector distances of held-out items, clean vs attacked "

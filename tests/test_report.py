@@ -22,7 +22,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def _tables(markdown: str) -> dict[str, list[list[str]]]:
   """Markdown tables of ``markdown`` by the heading above them: heading -> rows of cells
-  (header row first, separator dropped)."""
+  (header row first, separator dropped); a second table under one heading is
+  '<heading> #2'."""
   tables, heading, current = {}, None, None
   for line in markdown.splitlines():
     if line.startswith("#"):
@@ -32,7 +33,11 @@ def _tables(markdown: str) -> dict[str, list[list[str]]]:
       if set("".join(cells)) <= {"-"}:
         continue
       if current is None:
-        current = tables.setdefault(heading, [])
+        key, n = heading, 1
+        while key in tables:
+          n += 1
+          key = f"{heading} #{n}"
+        current = tables[key] = []
       current.append(cells)
     else:
       current = None
@@ -140,6 +145,15 @@ def test_report_tables_equal_results_and_figures_are_pngs(full_run):
     for cell, eps in zip(row[2:], (4, 8)):
       assert _num(cell) == round(results["detection"][f"{row[0].lower()}@{eps}"][row[1]], 4)
 
+  confusion = tables["Detection (Table 4) #2"]
+  for row in confusion[1:]:
+    d = results["detection"][row[0].lower()]
+    n = d["items"]
+    assert [int(c) for c in row[1:]] == [
+        n - round(d["fpr_at_threshold"] * n), round(d["fpr_at_threshold"] * n),
+        n - round(d["tpr_at_threshold"] * n), round(d["tpr_at_threshold"] * n)]
+  assert len(confusion) == 3
+
   abl = tables["Ablations (Table 5: PGD at eps = 8)"]
   assert [r[0] for r in abl[1:]] == ["unmodified", "no_detector", "no_perceptual"]
   sources = {"unmodified": results, **results["ablations"]}
@@ -242,3 +256,10 @@ def test_ablation_overrides_are_validated(tfds_dir):
   config.ablation.variants.bad = ("loss.perceptual=-1",)
   with pytest.raises(ConfigError, match=r"config.loss.perceptual=-1.0 must be a number >= 0"):
     configuration.validate(config)
+
+
+def test_confusion_table_counts():
+  results = {"detection": {"pgd@8": {"items": 200, "tpr_at_threshold": 0.9,
+                                     "fpr_at_threshold": 0.05}}}
+  rows = report.confusion_table(results, 8.0)
+  assert rows[2] == "| PGD@8 | 190 | 10 | 20 | 180 |"
