@@ -167,7 +167,7 @@ def confusion_table(results: dict, eps: float) -> list[str]:
 
 
 def attack_table(results: dict) -> list[str]:
-  header = ["condition", "mean L-inf (1/255)", "mean L2 ([0,1] pixels)", "time (s)"]
+  header = ["condition", "mean L-inf (1/255)", "mean L2 ([0,1] pixels)", "crafting time (s)"]
   rows = [[cond, fmt(a["linf_255"]), fmt(a["l2"]), f"{a['time_s']:.0f}"]
           for cond, a in results.get("attack", {}).items()]
   return _md_table(header, rows)

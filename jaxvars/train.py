@@ -540,7 +540,8 @@ def _evaluate(exp: Experiment, params: dict, consts: dict, *, eval_eps=None,
   if artifacts and exp.workdir:
     _write_npz_atomic(os.path.join(exp.workdir, ARTIFACTS_FILE), artifacts)
   timing = dict(exp.timing, **out.pop("timing"))
-  timing.update({f"attack_{k}_s": v["time_s"] for k, v in out["attack"].items()})
+  timing.update({f"attack_{k}_s": v["time_s"] for k, v in out["attack"].items()
+                 if not v.get("cached")})  # A cached catalogue cost nothing in this run.
   return {"data": dict(exp.data.summary(), defense_holdout_items=int(len(exp.holdout))),
           **out, "timing": timing}
 
