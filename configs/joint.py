@@ -52,21 +52,22 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   s.mean_interactions = 14  # Mean distinct purchases per synthetic user (minimum 5).
   s.seed = 0  # Seed of the synthetic generator (part of the prepared dataset's name).
 
-  # ---- Visual feature extractor (frozen ResNet) ------------------------------
+  # ---- Visual feature extractor (frozen backbone) ------------------------------
   c.backbone = b = ml_collections.ConfigDict()
-  b.arch = "resnet50"  # 'resnet18' | 'resnet34' | 'resnet50' | 'resnet101'.
+  b.arch = "resnet50"  # A registered backbone (jaxvars/backbones/): 'resnet18' | 'resnet34' | 'resnet50' | 'resnet101'.
   b.width = 64  # Channels of the first stage (64 = the standard ResNet).
   b.small_stem = False  # True: 3x3 stride-1 stem without max-pool (for 32-64 px images).
   b.init = "random"  # 'random' (He init from `seed`) | 'pretrained:<.pth|.safetensors|.h5|orbax dir>'.
   b.feature_batch_size = 256  # Images per batch when computing item features.
   b.feature_norm = "standardize"  # Item features fed to VBPR: 'standardize' | 'l2' | 'none'.
 
-  # ---- VBPR ------------------------------------------------------------------
-  c.vbpr = v = ml_collections.ConfigDict()
-  v.form = "tang"  # 'tang': x_ui = p_u.(q_i + E f_i) (paper); 'he': b_i + g_u.g_i + t_u.(E f_i) + b'.f_i.
+  # ---- Recommender (BPR training) ---------------------------------------------
+  c.recommender = v = ml_collections.ConfigDict()
+  v.name = "vbpr"  # A registered recommender (jaxvars/recommenders/): 'vbpr'.
+  v.form = "tang"  # VBPR's score. 'tang': x_ui = p_u.(q_i + E f_i) (paper); 'he': b_i + g_u.g_i + t_u.(E f_i) + b'.f_i.
   v.factors = 64  # Latent dimension K of p_u, q_i (and of g_u, g_i in the 'he' form).
   v.visual_factors = 64  # Dimension of t_u and E f_i in the 'he' form (the 'tang' form uses `factors`).
-  v.init_scale = 0.01  # Std of the normal initialisation of every VBPR parameter.
+  v.init_scale = 0.01  # Std of the normal initialisation of every recommender parameter.
   v.reg = 1e-4  # lambda: L2 weight on the user/item rows touched by a triplet (per triplet).
   v.reg_visual = 1e-4  # L2 weight on the visual projection E (and b' in the 'he' form).
   v.epochs = 100  # Epochs of BPR training (paper 4.3: about 100).
@@ -79,6 +80,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # ---- Attacks (paper eq. 3-4; DESIGN.md) ------------------------------------
   c.attack = a = ml_collections.ConfigDict()
   a.eval_eps = (8,)  # L-inf budgets evaluated, in 1/255 units (8 = 8/255).
+  a.methods = ("fgsm", "pgd")  # Attack methods evaluated at every eps (jaxvars/attacks/spec.py).
+  a.objective = "bpr"  # What the attacker maximises (jaxvars/attacks/objectives/): 'bpr' (paper eq. 3) | 'feature'.
   a.pgd_steps = 10  # PGD iterations.
   a.pgd_alpha = 2.0  # PGD step size, 1/255 units (used when pgd_alpha_ratio = 0).
   a.pgd_alpha_ratio = 0.25  # PGD step size as a fraction of eps (0.25: 2/255 at eps=8, 16/255 at 64).
@@ -87,6 +90,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   a.batch_size = 64  # Item images attacked per jitted call.
   a.seed = 1  # Seed of the attack's triplets and random starts (fixed: every system sees the same attack).
   a.cache = True  # Keep each attacked catalogue in <workdir>/attacks/ (reused by ablations, --mode=evaluate).
+
+  # ---- Defended systems evaluated (jaxvars/defenses/systems.py registry) -------
+  c.systems = sy = ml_collections.ConfigDict()
+  # Systems ranked under every condition; those whose parts no stage trained are skipped.
+  sy.evaluate = ("undefended", "defended", "defended_rand")
 
   # ---- Denoiser D (paper 3.3) -------------------------------------------------
   c.denoiser = dn = ml_collections.ConfigDict()
@@ -110,7 +118,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # ---- Joint loss weights (eq. 12: L = L_content + l1 L_perc + l2 L_contr + l3 L_bpr) ----
   c.loss = lw = ml_collections.ConfigDict()
   lw.content = 1.0  # Weight of the content loss ||x - D(x)||^2.
-  lw.perceptual = 1.0  # l1: weight of the perceptual loss (ResNet stages 2-4).
+  lw.perceptual = 1.0  # l1: weight of the perceptual loss (backbone stages 2-4).
   lw.contrastive = 1.0  # l2: weight of the InfoNCE loss of the detector.
   lw.bpr = 0.1  # l3: weight of VBPR's BPR loss on denoised images.
 
@@ -146,7 +154,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # images and on `attacks` at `eps`. Empty `variants` = no ablation study.
   c.ablation = ab = ml_collections.ConfigDict()
   ab.eps = 8.0  # Budget (1/255) of the ablation's attacks (paper Table 5: PGD, eps = 8).
-  ab.attacks = ("pgd",)  # Attacks the ablations are evaluated on: 'fgsm' and/or 'pgd'.
+  ab.attacks = ("pgd",)  # Attack methods the ablations are evaluated on: 'fgsm' and/or 'pgd'.
   ab.variants = ml_collections.ConfigDict()
   if full:
     ab.variants.no_detector = ("loss.contrastive=0", "stages.detector.epochs=0")

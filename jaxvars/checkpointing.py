@@ -78,3 +78,15 @@ def load_tree(directory: str, like):
                           f"({type(e).__name__}: {str(e)[:500]})") from None
   finally:
     checkpointer.close()
+
+
+def resume(mgr: ocp.CheckpointManager, like) -> tuple[int, object]:
+  """(step, tree) of the latest checkpoint restored into ``like``'s structure, or
+  ``(0, like)`` when the directory holds none (a fresh start).
+
+  Raises:
+    CheckpointError: a checkpoint of another structure.
+  """
+  if mgr.latest_step() is None:
+    return 0, like
+  return restore_latest(mgr, like)

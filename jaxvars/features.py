@@ -1,4 +1,5 @@
-"""Item features from the frozen ResNet, computed once per image set.
+"""Item features from the frozen backbone, computed once per image set, and their
+normalisation before the recommender.
 
 ``FeatureExtractor`` jits one batched forward pass (sharded over the mesh's
 ``data`` axis) and maps it over the catalogue; the last batch is padded so the
@@ -10,12 +11,33 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxvars import sharding
-from jaxvars.models.resnet import ResNet
-from jaxvars.models.vars import to_float
+from jaxvars.pixels import to_float
 from jaxvars.progress import progress
+
+FEATURE_NORMS = ("standardize", "l2", "none")  # config.backbone.feature_norm
+
+
+def normalize_features(features: jax.Array, stats: dict, mode: str) -> jax.Array:
+  """Normalises pooled features f [..., F] before the recommender.
+
+  Args:
+    stats: {'mean': [F], 'std': [F]} of the clean catalogue ('standardize').
+    mode: 'standardize' ((f - mean) / std), 'l2' (unit norm) or 'none'.
+
+  Raises:
+    ValueError: unknown mode.
+  """
+  if mode == "standardize":
+    return (features - stats["mean"]) / stats["std"]
+  if mode == "l2":
+    return features / (jnp.linalg.norm(features, axis=-1, keepdims=True) + 1e-8)
+  if mode == "none":
+    return features
+  raise ValueError(f"feature normalisation {mode!r} is not one of {FEATURE_NORMS}")
 
 
 def feature_stats(features: np.ndarray) -> dict:
@@ -49,16 +71,16 @@ def batched_map(fn, inputs: dict, *, batch_size: int, mesh, desc: str):
 
 
 class FeatureExtractor:
-  """Pooled ResNet features of many images, in jitted, sharded batches.
+  """Pooled backbone features of many images, in jitted, sharded batches.
 
   Args:
-    model: the ResNet (run in eval mode: BatchNorm uses its running statistics).
+    model: the backbone (run in eval mode: BatchNorm uses its running statistics).
     variables: {'params': ..., 'batch_stats': ...}.
     mesh: device mesh; ``batch_size`` must divide over its ``data`` axis.
     batch_size: images per jitted call.
   """
 
-  def __init__(self, model: ResNet, variables, mesh, batch_size: int):
+  def __init__(self, model, variables, mesh, batch_size: int):
     sharding.check_divisible(batch_size, mesh, "config.backbone.feature_batch_size")
     self.mesh, self.batch_size = mesh, batch_size
     self.variables = jax.device_put(variables, sharding.replicated(mesh))

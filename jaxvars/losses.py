@@ -34,12 +34,13 @@ def content(*, clean: jax.Array, denoised: jax.Array) -> jax.Array:
 
 def perceptual(*, clean_maps: dict, denoised_maps: dict,
                stages=("stage2", "stage3", "stage4")) -> jax.Array:
-  """Perceptual loss ``sum_s ||phi_s(x_clean) - phi_s(D(x))||^2`` over ResNet stages 2-4.
+  """Perceptual loss ``sum_s ||phi_s(x_clean) - phi_s(D(x))||^2`` over the backbone's
+  stages 2-4 (paper 3.3; :data:`jaxvars.backbones.PERCEPTUAL_MAPS`).
 
   Each stage's squared error is averaged over its elements, then summed over stages.
 
   Args:
-    clean_maps, denoised_maps: ResNet outputs (dicts of [B, h_s, w_s, C_s]).
+    clean_maps, denoised_maps: backbone outputs (dicts of [B, h_s, w_s, C_s]).
   """
   return sum(jnp.mean(jnp.square(clean_maps[s] - denoised_maps[s])) for s in stages)
 

@@ -39,7 +39,7 @@ class _QuietLibraries:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from jaxvars import pretrain, report, train  # Imported here so that --help is fast.
+  from jaxvars import report, run, run_pretrain  # Imported here so that --help is fast.
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
@@ -47,12 +47,12 @@ def main(argv):
       if _MODE.value != "train":
         raise JaxvarsError("configs/pretrain.py runs with --mode=train only (it evaluates "
                            "the backbone it trains)")
-      pretrain.pretrain_and_evaluate(_CONFIG.value, _WORKDIR.value)
+      run_pretrain.pretrain_and_evaluate(_CONFIG.value, _WORKDIR.value)
     else:
       if _MODE.value == "train":
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        run.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
       elif _MODE.value == "evaluate":
-        train.evaluate(_CONFIG.value, _WORKDIR.value)
+        run.evaluate(_CONFIG.value, _WORKDIR.value)
       if _MODE.value == "report" or _CONFIG.value.eval.get("report", True):
         print(f"report written to {report.write_report(_WORKDIR.value)}")
   except JaxvarsError as e:

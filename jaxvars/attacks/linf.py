@@ -36,20 +36,30 @@ def _finish(x_adv, x, eps, quantize):
 
 
 def fgsm(loss_fn: Callable[[jax.Array], jax.Array], images: jax.Array, *, eps: float,
-         quantize: bool = True) -> jax.Array:
+         quantize: bool = True, key: jax.Array | None = None) -> jax.Array:
   """Fast Gradient Sign Method: ``x' = clip(x + eps * sign(grad_x loss), 0, 1)``.
+
+  With a ``key`` it is R+FGSM (Tramer et al. 2018): a random sign step of eps/2 first,
+  then the gradient-sign step of eps/2 from there (for objectives whose gradient vanishes
+  at the clean image, such as a distance to the clean features).
 
   Args:
     loss_fn: images [B, H, W, 3] float32 -> scalar to maximise.
     images: float32 [B, H, W, 3] in [0, 1].
     eps: L-inf radius in 1/255 units.
     quantize: round the result to 8 bits (then re-project).
+    key: PRNG key of R+FGSM's random step (None = plain FGSM).
 
   Returns:
     float32 [B, H, W, 3], inside the eps-ball of ``images`` and [0, 1].
   """
-  g = jax.grad(loss_fn)(images)
-  return _finish(images + (eps / 255.0) * jnp.sign(g), images, eps, quantize)
+  if key is None:
+    g = jax.grad(loss_fn)(images)
+    return _finish(images + (eps / 255.0) * jnp.sign(g), images, eps, quantize)
+  half = 0.5 * eps / 255.0
+  x0 = project_linf(images + half * jnp.sign(jax.random.normal(key, images.shape)), images, eps)
+  g = jax.grad(loss_fn)(x0)
+  return _finish(x0 + half * jnp.sign(g), images, eps, quantize)
 
 
 def pgd(loss_fn: Callable[[jax.Array], jax.Array], images: jax.Array, *, eps: float,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+RAND_PADS = ("zero", "border")  # config.denoiser.rand_pad
+
 
 def random_resize_pad(images: jax.Array, key: jax.Array, *, min_scale: float,
                       pad: str = "zero") -> jax.Array:
@@ -31,8 +33,8 @@ def random_resize_pad(images: jax.Array, key: jax.Array, *, min_scale: float,
   """
   if not 0.0 < min_scale <= 1.0:
     raise ValueError(f"min_scale={min_scale} must be in (0, 1]")
-  if pad not in ("zero", "border"):
-    raise ValueError(f"pad={pad!r} is not 'zero' or 'border'")
+  if pad not in RAND_PADS:
+    raise ValueError(f"pad={pad!r} is not one of {RAND_PADS}")
   b, h, w, _ = images.shape
   k_scale, k_y, k_x = jax.random.split(key, 3)
   scale = jax.random.uniform(k_scale, (b,), minval=min_scale, maxval=1.0)

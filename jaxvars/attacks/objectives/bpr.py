@@ -1,11 +1,11 @@
-"""Attack objectives on item images (things to *maximise*).
+"""``bpr``: the untargeted VARS attack objective (paper eq. 3-4).
 
-The untargeted VARS attack (paper eq. 3-4): perturb the images of the items of
+The untargeted VARS attack: perturb the images of the items of
 training triplets (u, i, j) so that the BPR loss rises, i.e. the preference order
 flips. For a batch of item images we use the triplets each item takes part in
 (:func:`jaxvars.data.splits.item_triplets`): the item as the positive i (its
 score for its buyers should fall) and as the negative j (its score for
-non-buyers should rise). The ResNet and VBPR are frozen and in eval mode.
+non-buyers should rise). The backbone and the recommender are frozen and in eval mode.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from jaxvars.attacks.objectives import OBJECTIVES, AttackContext, Objective
 
 
 def item_bpr_loss(item_features: jax.Array, *, items: jax.Array, triplets: dict,
@@ -44,3 +46,13 @@ def item_bpr_loss(item_features: jax.Array, *, items: jax.Array, triplets: dict,
                    jnp.broadcast_to(f, (*t["neg_users"].shape, f.shape[-1])))
   as_negative = jnp.sum(jax.nn.softplus(x_uk2 - x_ui))
   return (as_positive + as_negative) / items.shape[0]
+
+
+def _loss(ctx: AttackContext, images: jax.Array) -> jax.Array:
+  return item_bpr_loss(ctx.features(images), items=ctx.items, triplets=ctx.triplets,
+                       score_fn=ctx.score_fn, other_features=ctx.table)
+
+
+OBJECTIVES.register("bpr", Objective(
+    loss=_loss, needs_triplets=True,
+    description="paper eq. 3: BPR loss of the training triplets each attacked item is in"))

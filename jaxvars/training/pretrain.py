@@ -1,49 +1,41 @@
-"""Self-supervised pretraining of the ResNet on the catalogue's photos (SimCLR), and the
-measurement of what a backbone buys.
+"""Self-supervised pretraining of the backbone on the catalogue's photos (SimCLR).
 
-``pretrain_and_evaluate(config, workdir)`` (``configs/pretrain.py``):
-
-1. SimCLR (Chen et al. 2020): two random views per image (``defenses/augment.py``), the
-   ResNet in train mode (BatchNorm statistics over the global batch: the batch is
-   sharded over the mesh, so they are synchronised by construction) and a projection
-   head, NT-Xent loss, AdamW with warmup + cosine decay; one jitted step sharded over the
-   ``data`` axis; Orbax checkpoints per epoch under ``<workdir>/checkpoints/pretrain``.
-2. The backbone is exported to ``<workdir>/backbone`` (usable with
-   ``--config.backbone.init=self_supervised:<workdir>``).
-3. ``results.json``'s ``backbone`` section: linear-probe accuracy on the item categories
-   and (``pretrain.compare_vbpr``) VBPR's ranking metrics, for a random and for the
-   pretrained backbone.
+SimCLR (Chen et al. 2020): two random views per image (:mod:`jaxvars.training.augment`),
+the backbone in train mode (BatchNorm statistics over the global batch: the batch is
+sharded over the mesh, so they are synchronised by construction) and a projection head,
+NT-Xent loss, AdamW with warmup + cosine decay; one jitted step sharded over the ``data``
+axis; Orbax checkpoints per epoch under ``<workdir>/checkpoints/pretrain``. The backbone
+is exported to ``<workdir>/backbone`` (``--config.backbone.init=self_supervised:<workdir>``).
+The ``pretrain`` task that runs it and measures the result is :mod:`jaxvars.run_pretrain`.
 """
 
 from __future__ import annotations
 
-import copy
 import os
+import shutil
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
 from flax.training import train_state
 
-from jaxvars import checkpointing, configuration, evaluate as ev, losses, sharding
-from jaxvars.data import pipeline
-from jaxvars.defenses.augment import simclr_view
-from jaxvars.errors import NonFiniteLossError
-from jaxvars.features import FeatureExtractor
-from jaxvars.models.detector import ProjectionHead
-from jaxvars.models.resnet import make_resnet
+from jaxvars import checkpointing, losses, sharding
+from jaxvars.backbones import build_backbone
+from jaxvars.defenses.detector import ProjectionHead
+from jaxvars.pixels import to_float
 from jaxvars.progress import progress
+from jaxvars.training.augment import simclr_view
+from jaxvars.training.common import check_finite
 
 BACKBONE_DIR = "backbone"
 
 
 class PretrainState(train_state.TrainState):
-  """Train state with the ResNet's BatchNorm statistics."""
+  """Train state with the backbone's BatchNorm statistics."""
   batch_stats: Any = None
 
 
@@ -55,7 +47,7 @@ def make_pretrain_step(backbone, head, mesh, *, temperature: float, min_area: fl
   """
 
   def step(state, images, key):
-    x = images.astype(jnp.float32) / 255.0
+    x = to_float(images)
     b = x.shape[0]
     keys = jax.random.split(key, 2 * b)
     views = jnp.concatenate([simclr_view(x, keys[:b], min_area=min_area, jitter=jitter,
@@ -80,13 +72,12 @@ def make_pretrain_step(backbone, head, mesh, *, temperature: float, min_area: fl
                  donate_argnums=(0,))
 
 
-def pretrain(config: ml_collections.ConfigDict, data: pipeline.RecData, mesh, workdir: str):
+def pretrain(config, data, mesh, workdir: str):
   """Runs SimCLR on ``data.images``; returns (backbone, exported variables, history, timing)."""
   p = config.pretrain
   sharding.check_divisible(p.batch_size, mesh, "config.pretrain.batch_size")
   s = config.data.image_size
-  backbone = make_resnet(config.backbone.arch, width=config.backbone.width,
-                         small_stem=config.backbone.small_stem)
+  backbone = build_backbone(config.backbone)
   head = ProjectionHead(hidden=p.head_hidden, out=p.head_dim)
   k_b, k_h, k_steps = jax.random.split(jax.random.key(config.seed), 3)
   variables = backbone.init(k_b, jnp.zeros((1, s, s, 3)))
@@ -103,10 +94,9 @@ def pretrain(config: ml_collections.ConfigDict, data: pipeline.RecData, mesh, wo
                          sharding.replicated(mesh))
   mgr = checkpointing.manager(os.path.join(workdir, "checkpoints", "pretrain"),
                               max_to_keep=config.checkpoint.max_to_keep)
-  start = 0
-  if mgr.latest_step() is not None:
-    start, tree = checkpointing.restore_latest(mgr, {"state": state})
-    state = tree["state"]
+  start, tree = checkpointing.resume(mgr, {"state": state})
+  state = tree["state"]
+  if start:
     logging.info("pretrain: resuming from step %d of %d", start, total)
   step_fn = make_pretrain_step(backbone, head, mesh, temperature=p.temperature,
                                min_area=p.min_area, jitter=p.jitter, jitter_prob=p.jitter_prob)
@@ -126,11 +116,9 @@ def pretrain(config: ml_collections.ConfigDict, data: pipeline.RecData, mesh, wo
     out_of_time = deadline is not None and time.perf_counter() > deadline
     if k == steps_per_epoch - 1 or out_of_time:
       got = jax.device_get(metrics)
-      losses_ = np.array([g["loss"] for g in got])
-      if not np.all(np.isfinite(losses_)):
-        raise NonFiniteLossError(f"non-finite SimCLR loss at epoch {epoch + 1}; lower "
-                                 f"config.pretrain.lr (now {p.lr}); checkpoints saved before "
-                                 f"stay valid (latest: {mgr.latest_step()})")
+      check_finite([g["loss"] for g in got], where=f"SimCLR (epoch {epoch + 1})",
+                   advice=f"lower config.pretrain.lr (now {p.lr})",
+                   latest_checkpoint=mgr.latest_step())
       row = {key: float(np.mean([g[key] for g in got])) for key in got[0]}
       row.update(epoch=epoch + 1, step=step + 1)
       history.append(row)
@@ -148,73 +136,9 @@ def pretrain(config: ml_collections.ConfigDict, data: pipeline.RecData, mesh, wo
   exported = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
   export_dir = os.path.join(workdir, BACKBONE_DIR)
   if os.path.isdir(export_dir):
-    import shutil
     shutil.rmtree(export_dir)
   checkpointing.save_tree(export_dir, jax.device_get(exported))
   timing = {"pretrain_s": elapsed, "pretrain_steps": int(state.step) - start,
             "pretrain_images_per_s": images_seen / max(elapsed, 1e-9),
             "pretrain_completed_steps": int(state.step), "pretrain_total_steps": total}
   return backbone, exported, history, timing
-
-
-def backbone_report(config, data, mesh, workdir, candidates: dict) -> dict:
-  """Linear probe (and VBPR metrics) for each named backbone in ``candidates``
-  ({name: (model, variables)})."""
-  from jaxvars import train  # The VBPR comparison reuses the training code.
-
-  out = {}
-  for name, (model, variables) in candidates.items():
-    feats = FeatureExtractor(model, variables, mesh, config.backbone.feature_batch_size)(
-        data.images, desc=f"{name} features")
-    pr = config.pretrain.probe
-    row = {"linear_probe": ev.linear_probe(feats, data.categories, seed=config.seed,
-                                           min_per_class=pr.min_per_class,
-                                           test_fraction=pr.test_fraction, steps=pr.steps)}
-    if config.pretrain.compare_vbpr:
-      sub = copy.deepcopy(config)
-      sub.unlock()
-      sub.task = "joint"
-      sub.backbone.init = ("random" if name == "random" else
-                           f"self_supervised:{os.path.abspath(workdir)}")
-      sub_dir = os.path.join(workdir, f"vbpr_{name}")
-      exp = train.build(sub, sub_dir)
-      consts = train.make_consts(exp)
-      state, _, _ = train.train_vbpr(exp, consts, sub_dir)
-      scores = ev.vbpr_candidate_scores(
-          exp.system.vbpr, state.params, consts["features"],
-          ev.candidate_matrix(exp.data.test_items, exp.data.eval_negatives),
-          config.eval.batch_users)
-      row["vbpr"] = ev.evaluate_scores(scores, tuple(config.eval.ks))
-    out[name] = row
-    logging.info("backbone %s: %s", name, row)
-  return out
-
-
-def pretrain_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Pretrains, exports the backbone, measures random vs pretrained; writes results.json."""
-  configuration.validate(config)
-  t_start = time.perf_counter()
-  os.makedirs(workdir, exist_ok=True)
-  data = pipeline.load(config.data, workdir)
-  mesh = sharding.make_mesh(config.num_devices)
-  backbone, exported, history, timing = pretrain(config, data, mesh, workdir)
-  random_vars = backbone.init(jax.random.split(jax.random.key(config.seed), 3)[0],
-                              jnp.zeros((1, config.data.image_size, config.data.image_size, 3)))
-  report = backbone_report(config, data, mesh, workdir,
-                           {"random": (backbone, random_vars),
-                            "self_supervised": (backbone, exported)})
-  timing["total_s"] = time.perf_counter() - t_start
-  results = {"data": data.summary(), "pretrain": {"history": history},
-             "backbone": report, "timing": timing, "config": config.to_dict()}
-  ev.write_json_atomic(os.path.join(workdir, "results.json"), results)
-  print("\nbackbone")
-  for name, row in report.items():
-    probe = row["linear_probe"]
-    line = f"{name:16s} linear probe {probe['accuracy']:.4f} ({probe['classes']} classes, " \
-           f"majority {probe['majority_accuracy']:.4f})"
-    if "vbpr" in row:
-      line += f"  VBPR HR@10 {row['vbpr']['HR@10']:.4f} NDCG@10 {row['vbpr']['NDCG@10']:.4f}"
-    print(line)
-  print(f"\nbackbone exported to {os.path.join(workdir, BACKBONE_DIR)}; results written to "
-        f"{os.path.join(workdir, 'results.json')}")
-  return results

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxvars import layers
+
 _EDGE = 1.0 / 512.0
 
 
@@ -45,8 +47,8 @@ class ResidualBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    y = nn.relu(nn.Conv(self.channels, (3, 3), padding=1, name="conv1")(x))
-    y = nn.Conv(self.channels, (3, 3), padding=1, kernel_init=nn.initializers.zeros,
+    y = nn.relu(layers.Conv(self.channels, (3, 3), padding=1, name="conv1")(x))
+    y = layers.Conv(self.channels, (3, 3), padding=1, kernel_init=nn.initializers.zeros,
                 name="conv2")(y)
     return x + y
 
@@ -96,10 +98,10 @@ class Denoiser(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h = nn.relu(nn.Conv(self.channels, (9, 9), padding=4, name="conv_in")(x * 2.0 - 1.0))
+    h = nn.relu(layers.Conv(self.channels, (9, 9), padding=4, name="conv_in")(x * 2.0 - 1.0))
     for k in range(self.num_blocks):
       h = ResidualBlock(self.channels, name=f"block{k}")(h)
     h = GlobalAttentionBlock(self.patch, self.attn_dim, self.heads, name="attention")(h)
-    r = nn.Conv(3, (9, 9), padding=4, kernel_init=nn.initializers.zeros, name="conv_out")(h)
+    r = layers.Conv(3, (9, 9), padding=4, kernel_init=nn.initializers.zeros, name="conv_out")(h)
     xc = jnp.clip(x, _EDGE, 1.0 - _EDGE)
     return jax.nn.sigmoid(jnp.log(xc) - jnp.log1p(-xc) + r)

@@ -1,8 +1,8 @@
 """Contrastive adversarial-example detector (paper section 3.4, eq. for z).
 
 The detector embeds an image as ``z = W2 relu(W1 h)`` where ``h`` is the pooled
-feature of a ResNet encoder (the recommender's frozen backbone, or a fine-tuned
-copy) and the MLP is :class:`ProjectionHead`. Embeddings are L2-normalised.
+feature of the backbone (the recommender's frozen one) and the MLP is
+:class:`ProjectionHead`. Embeddings are L2-normalised.
 The score of an input is ``||z(x_in) - z(D(x_in))||_2``; a score above a threshold
 means "adversarial".
 """
@@ -32,5 +32,6 @@ class ProjectionHead(nn.Module):
 
 
 def detection_score(z_input: jax.Array, z_denoised: jax.Array) -> jax.Array:
-  """Euclidean distance [B] between the embeddings of inputs and of their denoised versions."""
+  """The detector's score (paper 3.4): the Euclidean distance [B] between the embeddings
+  [B, D] of inputs and of their denoised versions; above the threshold = adversarial."""
   return jnp.linalg.norm(z_input - z_denoised, axis=-1)

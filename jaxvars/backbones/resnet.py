@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxvars import layers
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
@@ -48,7 +50,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, norm):
-    conv = functools.partial(nn.Conv, use_bias=self.conv_bias)
+    conv = functools.partial(layers.Conv, use_bias=self.conv_bias)
     y = conv(self.filters, (3, 3), self.strides, padding=1, name="conv1")(x)
     y = nn.relu(norm(name="bn1")(y))
     y = conv(self.filters, (3, 3), padding=1, name="conv2")(y)
@@ -70,7 +72,7 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, norm):
-    conv = functools.partial(nn.Conv, use_bias=self.conv_bias)
+    conv = functools.partial(layers.Conv, use_bias=self.conv_bias)
     s1, s3 = (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
     y = conv(self.filters, (1, 1), s1, name="conv1")(x)
     y = nn.relu(norm(name="bn1")(y))
@@ -126,11 +128,12 @@ class ResNet(nn.Module):
       x = (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
     x = x.astype(self.dtype)
     if self.small_stem:
-      x = nn.Conv(self.width, (3, 3), padding=1, use_bias=keras, name="conv1", dtype=self.dtype)(x)
+      x = layers.Conv(self.width, (3, 3), padding=1, use_bias=keras, name="conv1",
+                      dtype=self.dtype)(x)
       x = nn.relu(norm(name="bn1")(x))
     else:
-      x = nn.Conv(self.width, (7, 7), (2, 2), padding=3, use_bias=keras, name="conv1",
-                  dtype=self.dtype)(x)
+      x = layers.Conv(self.width, (7, 7), (2, 2), padding=3, use_bias=keras, name="conv1",
+                      dtype=self.dtype)(x)
       x = nn.relu(norm(name="bn1")(x))
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     out = {}
@@ -157,3 +160,34 @@ def make_resnet(arch: str, *, width: int = 64, small_stem: bool = False,
   stages, block = ARCHS[arch]
   return ResNet(stage_sizes=stages, block=block, width=width, small_stem=small_stem, style=style,
                 dtype=dtype)
+
+
+def _build(backbone_config, style: str, *, arch: str) -> ResNet:
+  return make_resnet(arch, width=int(backbone_config.get("width", 64)),
+                     small_stem=bool(backbone_config.get("small_stem", False)), style=style)
+
+
+def _cache_suffix(backbone_config) -> str:
+  width = int(backbone_config.get("width", 64))
+  return (f"-w{width}" if width != 64 else "") + (
+      "-small" if backbone_config.get("small_stem", False) else "")
+
+
+def _validate(backbone_config) -> None:
+  from jaxvars.errors import ConfigError
+  width = backbone_config.get("width", 64)
+  if not isinstance(width, int) or isinstance(width, bool) or width <= 0:
+    raise ConfigError(f"config.backbone.width={width!r} must be a positive integer")
+
+
+def _register() -> None:
+  from jaxvars.backbones import resnet_import
+  from jaxvars.backbones.base import BACKBONES, BackboneEntry
+  for arch in ARCHS:
+    BACKBONES.register(arch, BackboneEntry(
+        build=functools.partial(_build, arch=arch), convert=resnet_import.convert,
+        style_of=resnet_import.style_of, cache_suffix=_cache_suffix, validate=_validate,
+        default_style="torchvision"))
+
+
+_register()

@@ -1,13 +1,13 @@
 """VBPR: Visual Bayesian Personalised Ranking (He & McAuley, AAAI 2016).
 
-Two forms of the preference score (DESIGN.md; config ``vbpr.form``):
+Two forms of the preference score (DESIGN.md; config ``recommender.form``):
 
 * ``'tang'`` (Tang et al. 2020, AMR; the paper's eq. for x_ui):
   ``x_ui = p_u . (q_i + E f_i)``
 * ``'he'`` (He & McAuley 2016): ``x_ui = b_i + g_u . g_i + t_u . (E f_i) + b' . f_i``
   (the global and user biases cancel in BPR and are omitted).
 
-``f_i`` is the (normalised) pooled ResNet feature of item i's image, passed in
+``f_i`` is the (normalised) pooled backbone feature of item i's image, passed in
 by the caller, so that attacks can feed features of perturbed images.
 """
 
@@ -15,6 +15,11 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from jaxvars.errors import ConfigError
+from jaxvars.recommenders.base import RECOMMENDERS, Recommender, RecommenderEntry
+
+FORMS = ("tang", "he")
 
 
 class VBPR(nn.Module):
@@ -41,8 +46,8 @@ class VBPR(nn.Module):
   init_scale: float = 0.01
 
   def setup(self):
-    if self.form not in ("tang", "he"):
-      raise ValueError(f"VBPR form {self.form!r} is not 'tang' or 'he'")
+    if self.form not in FORMS:
+      raise ValueError(f"VBPR form {self.form!r} is not one of {FORMS}")
     init = nn.initializers.normal(self.init_scale)
     k_visual = self.factors if self.form == "tang" else self.visual_factors
     self.user_factors = self.param("user_factors", init, (self.num_users, self.factors))
@@ -54,6 +59,10 @@ class VBPR(nn.Module):
       self.item_bias = self.param("item_bias", nn.initializers.zeros, (self.num_items,))
       self.visual_bias = self.param("visual_bias", init, (self.feature_dim,))
 
+  def visual(self, features):
+    """The visual embedding E f [..., K'] of item features f [..., F]."""
+    return features @ self.visual_projection
+
   def __call__(self, users, items, features):
     visual = features @ self.visual_projection  # [..., K']
     if self.form == "tang":
@@ -63,7 +72,7 @@ class VBPR(nn.Module):
             + jnp.sum(self.user_visual_factors[users] * visual, axis=-1)
             + features @ self.visual_bias)
 
-  def l2_penalty(self, users, pos_items, neg_items):
+  def l2_terms(self, users, pos_items, neg_items):
     """Squared L2 norms of the rows a batch of triplets touches, and of the visual weights.
 
     Args:
@@ -82,3 +91,27 @@ class VBPR(nn.Module):
           self.item_bias[pos_items]) + jnp.square(self.item_bias[neg_items])
       visual = visual + jnp.sum(jnp.square(self.visual_bias))
     return jnp.mean(rows), visual
+
+
+def _build(rec_config, *, num_users: int, num_items: int, feature_dim: int) -> Recommender:
+  module = VBPR(num_users=num_users, num_items=num_items, feature_dim=feature_dim,
+                factors=rec_config.factors, visual_factors=rec_config.visual_factors,
+                form=rec_config.form, init_scale=rec_config.init_scale)
+  return Recommender(name="vbpr", label="VBPR", module=module,
+                     penalty_weights=(float(rec_config.reg), float(rec_config.reg_visual)))
+
+
+def _validate(rec_config) -> None:
+  if rec_config.form not in FORMS:
+    raise ConfigError(f"config.recommender.form={rec_config.form!r} is not one of {FORMS}")
+  for field in ("factors", "visual_factors"):
+    value = rec_config[field]
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      raise ConfigError(f"config.recommender.{field}={value!r} must be a positive integer")
+  for field in ("reg", "reg_visual", "init_scale"):
+    value = rec_config[field]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+      raise ConfigError(f"config.recommender.{field}={value!r} must be a number >= 0")
+
+
+RECOMMENDERS.register("vbpr", RecommenderEntry(build=_build, validate=_validate))

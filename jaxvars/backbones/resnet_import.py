@@ -1,4 +1,4 @@
-"""Importing pretrained ResNet weights into :class:`jaxvars.models.resnet.ResNet`.
+"""Importing pretrained ResNet weights into :class:`jaxvars.backbones.resnet.ResNet`.
 
 Sources:
 
@@ -8,7 +8,7 @@ Sources:
 * a Keras ``ResNet50``/``ResNet101`` weights file ``.h5`` (Keras 2 layout, as
   ``model.save_weights`` or ``keras.applications`` write it, with or without a top-level
   ``model_weights`` group); the model is built in 'keras' style (v1 blocks, conv biases,
-  caffe preprocessing: see ``models/resnet.py``).
+  caffe preprocessing: see ``backbones/resnet.py``).
 
 Conversion walks *our* model's expected tree, so a wrong or truncated file stops at the
 first missing or mismatched tensor, named with its expected shape. Convolution kernels
@@ -16,8 +16,7 @@ are transposed from torch's OIHW to flax's HWIO; BatchNorm weight/bias/running_m
 running_var (gamma/beta/moving_mean/moving_variance in Keras) become scale/bias and the
 ``batch_stats`` mean/var. Classifier weights (``fc.*``, ``predictions``) are ignored.
 
-``load_pretrained`` converts once and caches the result with Orbax next to the source
-(``<file>.jaxvars-<arch>``), or reads an Orbax directory given directly.
+Converting once and caching with Orbax is :func:`jaxvars.backbones.weights.load_pretrained`'s job.
 """
 
 from __future__ import annotations
@@ -26,13 +25,11 @@ import os
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
-from jaxvars import checkpointing
+from jaxvars.backbones.weights import (expected_variables, keypath_names, read_keras_h5,
+                                       read_torch_state_dict)
 from jaxvars.errors import DataError
-from jaxvars.models.resnet import ResNet, make_resnet
 
 _BN_TORCH = {("params", "scale"): "weight", ("params", "bias"): "bias",
              ("batch_stats", "mean"): "running_mean", ("batch_stats", "var"): "running_var"}
@@ -41,17 +38,9 @@ _BN_KERAS = {("params", "scale"): "gamma", ("params", "bias"): "beta",
 
 
 def style_of(source: str) -> str:
-  """'keras' for a .h5 file, else 'torchvision'."""
-  return "keras" if source.lower().endswith((".h5", ".hdf5")) else "torchvision"
-
-
-def expected_variables(model: ResNet):
-  """ShapeDtypeStructs of the model's {'params', 'batch_stats'} (nothing is computed)."""
-  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
-
-
-def _path(keypath) -> tuple[str, ...]:
-  return tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in keypath)
+  """'keras' for a .h5 file (or an Orbax cache of one), else 'torchvision'."""
+  name = os.path.basename(os.path.normpath(source)).lower()
+  return "keras" if ".h5" in name or ".hdf5" in name else "torchvision"
 
 
 def _torch_name(collection: str, path: tuple[str, ...]) -> tuple[str, bool]:
@@ -94,69 +83,7 @@ def _keras_name(collection: str, path: tuple[str, ...]) -> tuple[str, str]:
   return layer, _BN_KERAS[(collection, leaf)]
 
 
-def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Tensors of a torchvision checkpoint (.pth/.pt via torch.load(weights_only=True), or
-  .safetensors) as float32 numpy arrays.
-
-  Raises:
-    DataError: missing, truncated or unsafe file (named); ImportError without torch for .pth.
-  """
-  if not os.path.exists(path):
-    raise DataError(f"{path}: pretrained weights file is missing")
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    try:
-      tensors = load_file(path)
-    except Exception as e:  # safetensors raises its own SafetensorError and others.
-      raise DataError(f"{path}: cannot read safetensors file ({e})") from None
-  else:
-    try:
-      import torch
-    except ImportError:
-      raise ImportError(f"reading {path} needs PyTorch: pip install 'jaxvars[torch]' (or "
-                        "convert it to .safetensors)") from None
-    try:
-      obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # Truncated zip, or an object weights_only refuses to unpickle.
-      raise DataError(f"{path}: cannot load as a weights-only torch checkpoint ({e})") from None
-    for key in ("state_dict", "model"):
-      if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-        obj = obj[key]
-    if not isinstance(obj, dict):
-      raise DataError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    tensors = {k: v.detach().float().numpy() for k, v in obj.items() if hasattr(v, "detach")}
-  return {k.removeprefix("module."): np.asarray(v, np.float32) for k, v in tensors.items()}
-
-
-def read_keras_h5(path: str) -> dict[str, dict[str, np.ndarray]]:
-  """{layer name: {weight name: array}} of a Keras 2 weights file.
-
-  Raises:
-    DataError: missing or unreadable file (named).
-  """
-  import h5py
-  if not os.path.exists(path):
-    raise DataError(f"{path}: pretrained weights file is missing")
-  out: dict[str, dict[str, np.ndarray]] = {}
-  try:
-    with h5py.File(path, "r") as f:
-      root = f["model_weights"] if "model_weights" in f else f
-      for layer in root:
-        weights = {}
-
-        def visit(name, obj, weights=weights):
-          if isinstance(obj, h5py.Dataset):
-            weights[name.split("/")[-1].split(":")[0]] = np.asarray(obj[()], np.float32)
-
-        root[layer].visititems(visit)
-        if weights:
-          out[layer] = weights
-  except OSError as e:
-    raise DataError(f"{path}: cannot read HDF5 file ({e})") from None
-  return out
-
-
-def convert(source: str, model: ResNet) -> dict:
+def convert(source: str, model) -> dict:
   """Converts a torchvision or Keras weights file into ``model``'s variables.
 
   Args:
@@ -177,7 +104,7 @@ def convert(source: str, model: ResNet) -> dict:
   leaves, treedef = jax.tree_util.tree_flatten_with_path(expected)
   values = []
   for keypath, spec in leaves:
-    collection, *path = _path(keypath)
+    collection, *path = keypath_names(keypath)
     path = tuple(path)
     if keras:
       layer, weight = _keras_name(collection, path)
@@ -198,28 +125,3 @@ def convert(source: str, model: ResNet) -> dict:
                                                          len(spec.shape) == 4 else ""))
     values.append(np.asarray(array, np.float32))
   return jax.tree_util.tree_unflatten(treedef, values)
-
-
-def load_pretrained(source: str, *, arch: str, width: int = 64, small_stem: bool = False):
-  """The ResNet and its converted variables, converting once and caching with Orbax.
-
-  Args:
-    source: a weights file (see :func:`convert`) or an Orbax directory written by this
-      function (``<file>.jaxvars-<arch>``).
-
-  Returns:
-    (model, variables).
-  """
-  style = "keras" if ".h5" in os.path.basename(source).lower() else "torchvision"
-  model = make_resnet(arch, width=width, small_stem=small_stem, style=style)
-  like = expected_variables(model)
-  if os.path.isdir(source):
-    return model, checkpointing.load_tree(source, like)
-  cache = f"{source}.jaxvars-{arch}" + (f"-w{width}" if width != 64 else "") + (
-      "-small" if small_stem else "")
-  if os.path.isdir(cache):
-    return model, checkpointing.load_tree(cache, like)
-  variables = convert(source, model)
-  checkpointing.save_tree(cache, variables)
-  logging.info("converted %s to %s (cached with Orbax)", source, cache)
-  return model, variables

@@ -1,0 +1,61 @@
+"""The ablation study (paper Table 5): each ``config.ablation.variants`` entry is the main
+config with its overrides applied; it shares the recommender, the backbone and the
+attacked catalogues with the main run and retrains (or restores) only the defence stages,
+under ``<workdir>/ablations/<name>/``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import ml_collections
+from absl import logging
+
+from jaxvars import atomic, configuration
+from jaxvars.run import RESULTS_FILE, attack_cache, evaluate_run
+from jaxvars.training import defense
+
+
+def run_ablations(exp, consts: dict, rec_params, workdir: str, *, train: bool) -> dict:
+  """Trains (``train=True``; resuming) or restores every ablation variant and evaluates it
+  on clean images and on ``config.ablation.attacks`` at ``config.ablation.eps`` with the
+  defended systems; detection only where its stages trained the detector with a
+  contrastive term.
+
+  Returns:
+    {name: {'overrides', 'ranking', 'detection', 'stages' (train only), 'timing'}};
+    each is also written to ``<workdir>/ablations/<name>/results.json``.
+
+  Raises:
+    ConfigError: an override naming no field or changing the shared models (see
+      ``configuration.validate``). CheckpointError (``train=False``): a missing stage.
+  """
+  out = {}
+  for name, overrides in exp.config.ablation.variants.items():
+    t = time.perf_counter()
+    cfg = configuration.apply_overrides(exp.config, overrides,
+                                        where=f"config.ablation.variants.{name}")
+    cfg.ablation.variants = ml_collections.ConfigDict()
+    sub = os.path.join(workdir, "ablations", name)
+    os.makedirs(sub, exist_ok=True)
+    logging.info("ablation %s: %s", name, ", ".join(overrides))
+    ab = dataclasses.replace(exp, config=cfg, workdir=sub, timing={})
+    params = dict(exp.params, recommender=rec_params)
+    history = None
+    if train:
+      params, history, seconds = defense.train_defense(ab, consts, params, sub)
+      ab.timing.update({f"stage_{k}_s": v for k, v in seconds.items()})
+    else:
+      params = defense.restore_stages(ab, params, sub)
+    res = evaluate_run(ab, params, consts, eval_eps=(cfg.ablation.eps,),
+                       methods=tuple(cfg.ablation.attacks), include_undefended=False,
+                       cache_dir=attack_cache(exp.config, workdir))
+    res["timing"]["total_s"] = time.perf_counter() - t
+    row = {"overrides": list(overrides), "ranking": res["ranking"],
+           "detection": res["detection"], "timing": res["timing"]}
+    if history is not None:
+      row["stages"] = history
+    atomic.write_json(os.path.join(sub, RESULTS_FILE), dict(row, config=cfg.to_dict()))
+    out[name] = row
+  return out

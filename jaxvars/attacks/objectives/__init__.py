@@ -1,0 +1,62 @@
+"""Attack objectives (things an attacker *maximises*), chosen by ``config.attack.objective``.
+
+An objective is ``loss(ctx, images) -> float32 scalar`` over a batch of item photos, where
+``ctx`` is an :class:`AttackContext`: how the attacked pipeline turns photos into item
+features, the recommender's scores, and the batch's items (and BPR triplets when the
+objective needs them). One file per objective, each registering an :class:`Objective` in
+``OBJECTIVES``; every module of this package is imported here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+
+from jaxvars.registry import Registry, import_submodules
+
+OBJECTIVES = Registry("attack objective")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackContext:
+  """What an objective may use (all frozen, models in eval mode).
+
+  Attributes:
+    features: images float32 [B, H, W, 3] in [0, 1] -> normalised item features [B, F]
+      through the attacked pipeline (backbone, or a defended system then the backbone).
+    score_fn: (users int [...], items int [...], features [..., F]) -> scores [...] (the
+      recommender, parameters bound).
+    visual_fn: features [..., F] -> the recommender's visual embedding [..., K] (VBPR:
+      E f), or None for a recommender without one.
+    items: int32 [B], the catalogue indices of the batch's photos.
+    table: float32 [I, F], clean normalised features of every item.
+    triplets: ``jaxvars.data.splits.item_triplets`` of ``items`` ([B, T] arrays), or None.
+  """
+  features: Callable[[jax.Array], jax.Array]
+  score_fn: Callable
+  visual_fn: Callable | None
+  items: jax.Array
+  table: jax.Array
+  triplets: dict | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """A registered objective.
+
+  Attributes:
+    loss: ``(ctx, images) -> scalar`` to maximise.
+    needs_triplets: BPR triplets are sampled per attacked item (``ctx.triplets``).
+    random_first_step: the gradient vanishes at the clean image (a distance to it), so
+      FGSM takes a random step first (R+FGSM).
+    description: one line for the report.
+  """
+  loss: Callable[[AttackContext, jax.Array], jax.Array]
+  needs_triplets: bool = False
+  random_first_step: bool = False
+  description: str = ""
+
+
+import_submodules(__name__, __path__)

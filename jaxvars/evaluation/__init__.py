@@ -1,0 +1,1 @@
+"""Evaluation: ranking and detection metrics, and every system under every condition."""

@@ -1,0 +1,113 @@
+"""Building a run from its config: the data, the mesh, every model through the registries
+(backbone, recommender, denoiser, detector), their initial parameters, and the item split
+of the defence (defence training pool, detection holdout, calibration items).
+
+Reading order: ``main`` -> ``run`` -> ``experiment`` -> ``training`` / ``evaluation`` ->
+components (``backbones``, ``recommenders``, ``attacks``, ``defenses``, ``data``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxvars import configuration, sharding
+from jaxvars.backbones import load_backbone
+from jaxvars.data import pipeline
+from jaxvars.defenses.denoiser import Denoiser
+from jaxvars.defenses.detector import ProjectionHead
+from jaxvars.features import FeatureExtractor, feature_stats, normalize_features
+from jaxvars.models import Models
+from jaxvars.recommenders import build_recommender
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything a run builds before training.
+
+  Attributes:
+    models: the flax modules, composed (static).
+    params: {'recommender', 'denoiser', 'detector': {'head'}} initial parameters (replicated).
+    backbone_vars: the frozen backbone's {'params', 'batch_stats'} (replicated).
+    rec_steps_per_epoch: BPR steps per recommender epoch.
+    holdout: item indices never used to train the defence (detection is evaluated on them).
+    pool: the other items (defence training). calibration: clean items of the pool that
+      set the detection threshold.
+    timing: seconds of each phase so far.
+  """
+  config: ml_collections.ConfigDict
+  data: pipeline.RecData
+  mesh: jax.sharding.Mesh
+  models: Models
+  backbone_vars: dict
+  params: dict
+  rec_steps_per_epoch: int
+  holdout: np.ndarray
+  pool: np.ndarray
+  calibration: np.ndarray
+  timing: dict
+  workdir: str | None = None
+
+
+def build(config: ml_collections.ConfigDict, workdir: str | None) -> Experiment:
+  """Validates the config, loads the data and initialises every model.
+
+  Raises:
+    ConfigError, DataError, CheckpointError: a bad config value, data file or weights
+      file (named in the message).
+  """
+  configuration.validate(config)
+  timing = {}
+  t = time.perf_counter()
+  data = pipeline.load(config.data, workdir)
+  timing["data_s"] = time.perf_counter() - t
+  mesh = sharding.make_mesh(config.num_devices)
+  for what, size in (("config.recommender.batch_size", config.recommender.batch_size),
+                     ("config.defense.batch_size", config.defense.batch_size),
+                     ("config.attack.batch_size", config.attack.batch_size)):
+    sharding.check_divisible(size, mesh, what)
+  k_backbone, k_rec, k_denoiser, k_head = jax.random.split(jax.random.key(config.seed), 4)
+  s = config.data.image_size
+  image = jnp.zeros((1, s, s, 3), jnp.float32)
+  backbone, backbone_vars = load_backbone(config.backbone, image_size=s, key=k_backbone)
+  recommender = build_recommender(config.recommender, num_users=data.num_users,
+                                  num_items=data.num_items, feature_dim=backbone.feature_dim)
+  dn = config.denoiser
+  denoiser = Denoiser(channels=dn.channels, num_blocks=dn.num_blocks, patch=dn.patch,
+                      attn_dim=dn.attn_dim, heads=dn.heads)
+  head = ProjectionHead(hidden=config.detector.hidden, out=config.detector.dim)
+  params = {"recommender": recommender.init(k_rec, backbone.feature_dim),
+            "denoiser": jax.jit(denoiser.init)(k_denoiser, image)["params"],
+            "detector": {"head": head.init(k_head, jnp.zeros((1, backbone.feature_dim)))["params"]}}
+  models = Models(backbone=backbone, recommender=recommender, denoiser=denoiser, head=head,
+                  feature_norm=config.backbone.feature_norm, rand_min_scale=dn.rand_min_scale,
+                  rand_pad=dn.rand_pad)
+  rng = np.random.default_rng([config.seed, 7])
+  order = rng.permutation(data.num_items)
+  n_hold = min(config.detector.holdout_items, data.num_items // 4)
+  holdout, pool = np.sort(order[:n_hold]), np.sort(order[n_hold:])
+  calibration = np.sort(rng.choice(pool, min(config.detector.calibration_items, len(pool)),
+                                   replace=False))
+  repl = sharding.replicated(mesh)
+  return Experiment(config, data, mesh, models, jax.device_put(backbone_vars, repl),
+                    jax.device_put(params, repl),
+                    max(1, -(-len(data.train_users) // config.recommender.batch_size)),
+                    holdout, pool, calibration, timing, workdir)
+
+
+def make_consts(exp: Experiment, backbone_vars=None) -> dict:
+  """{'backbone', 'stats', 'features'}: the frozen backbone, the clean catalogue's feature
+  statistics and its normalised feature table [I, F], replicated on the mesh."""
+  backbone_vars = exp.backbone_vars if backbone_vars is None else backbone_vars
+  extractor = FeatureExtractor(exp.models.backbone, backbone_vars, exp.mesh,
+                               exp.config.backbone.feature_batch_size)
+  raw = extractor(exp.data.images)
+  stats = feature_stats(raw)
+  normed = normalize_features(jnp.asarray(raw), stats, exp.config.backbone.feature_norm)
+  return jax.device_put({"backbone": backbone_vars, "stats": stats, "features": normed},
+                        sharding.replicated(exp.mesh))

@@ -1,0 +1,107 @@
+"""The models of a run composed as one bundle of pure functions.
+
+``Models`` holds the flax modules (static, hashable) and composes them: ``features``
+(frozen backbone -> pooled -> normalised f_i), ``denoise`` (D, optionally behind random
+resize + pad), ``embed_pooled`` (detector embedding z), ``detection_scores`` and the
+recommender. Parameters are passed in explicitly:
+
+* ``params = {'recommender': ..., 'denoiser': ..., 'detector': {'head': ...}}`` (trainable,
+  by stage: :data:`PARAM_GROUPS`);
+* ``consts = {'backbone': {'params', 'batch_stats'}, 'stats': {'mean', 'std'},
+  'features': [I, F] clean normalised item features}`` (never trained).
+
+All models run in eval mode (BatchNorm running statistics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxvars.attacks.objectives import AttackContext
+from jaxvars.defenses.denoiser import Denoiser
+from jaxvars.defenses.detector import ProjectionHead, detection_score
+from jaxvars.defenses.transforms import random_resize_pad
+from jaxvars.features import normalize_features
+from jaxvars.recommenders import Recommender
+
+PARAM_GROUPS = ("recommender", "denoiser", "detector")  # Top-level groups of ``params``.
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+  """Backbone -> recommender, with the denoiser D and the detector head g in front.
+
+  Attributes:
+    backbone: frozen backbone (see :mod:`jaxvars.backbones`). recommender: the Recommender.
+    denoiser: D. head: detector projection head.
+    feature_norm: see :func:`jaxvars.features.normalize_features`.
+    rand_min_scale: smallest scale of the random resize ("rand" defence).
+    rand_pad: padding of "rand": 'zero' (Xie et al.) or 'border' (the image's border colour).
+  """
+  backbone: nn.Module
+  recommender: Recommender
+  denoiser: Denoiser
+  head: ProjectionHead
+  feature_norm: str = "standardize"
+  rand_min_scale: float = 0.875
+  rand_pad: str = "zero"
+
+  def backbone_out(self, consts, images: jax.Array) -> dict:
+    """Backbone outputs (stage maps, 'pooled', ...) of float32 images [B, H, W, 3] in [0, 1]."""
+    return self.backbone.apply(consts["backbone"], images, train=False)
+
+  def normalize(self, consts, pooled: jax.Array) -> jax.Array:
+    """Normalised item features f [B, F] from pooled backbone features [B, F]."""
+    return normalize_features(pooled, consts["stats"], self.feature_norm)
+
+  def features(self, consts, images: jax.Array) -> jax.Array:
+    """Normalised item features f [B, F] of float32 images [B, H, W, 3]."""
+    return self.normalize(consts, self.backbone_out(consts, images)["pooled"])
+
+  def rand(self, images: jax.Array, key: jax.Array) -> jax.Array:
+    """The random resize + pad of float32 images [B, H, W, 3] (Xie et al. 2018)."""
+    return random_resize_pad(images, key, min_scale=self.rand_min_scale, pad=self.rand_pad)
+
+  def denoise(self, params, images: jax.Array, *, rand_key: jax.Array | None = None):
+    """D(x), or D(rand(x)) when ``rand_key`` is given."""
+    if rand_key is not None:
+      images = self.rand(images, rand_key)
+    return self.denoiser.apply({"params": params["denoiser"]}, images)
+
+  def embed_pooled(self, params, pooled: jax.Array) -> jax.Array:
+    """Detector embeddings z [B, D] (unit norm) from pooled backbone features [B, F]."""
+    return self.head.apply({"params": params["detector"]["head"]}, pooled)
+
+  def score_fn(self, rec_params):
+    """(users, items, features) -> recommender scores, with ``rec_params`` bound."""
+    return self.recommender.score_fn(rec_params)
+
+  def detection_scores(self, params, consts, images: jax.Array) -> jax.Array:
+    """Detector score ||z(x) - z(D(x))||_2 [B] of float32 images [B, H, W, 3]."""
+    pooled = self.backbone_out(consts, jnp.concatenate([images, self.denoise(params, images)]))
+    z = self.embed_pooled(params, pooled["pooled"])
+    b = images.shape[0]
+    return detection_score(z[:b], z[b:])
+
+  def attack_context(self, rec_params, consts, items, triplets=None, *,
+                     pipeline=None) -> AttackContext:
+    """The context of an attack objective on a batch of item photos (models frozen).
+
+    Args:
+      rec_params: the attacked recommender's parameters. consts: as the module docstring.
+      items: int32 [B]. triplets: ``item_triplets`` of ``items`` (or None).
+      pipeline: images -> images in front of the backbone (a defence the attacker
+        differentiates through); None = the plain backbone.
+    """
+    rec_params = jax.lax.stop_gradient(rec_params)
+    if pipeline is None:
+      features = lambda x: self.features(consts, x)
+    else:
+      features = lambda x: self.features(consts, pipeline(x))
+    return AttackContext(features=features, score_fn=self.score_fn(rec_params),
+                         visual_fn=self.recommender.visual_fn(rec_params), items=items,
+                         table=consts["features"], triplets=triplets)

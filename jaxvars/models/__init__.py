@@ -1,1 +1,0 @@
-"""flax.linen models: ResNet feature extractor and VBPR."""

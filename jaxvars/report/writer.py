@@ -1,0 +1,135 @@
+"""``write_report(workdir)``: ``report.md`` and its figures from results.json + artifacts.npz."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from jaxvars import atomic
+from jaxvars.conditions import condition_key
+from jaxvars.errors import JaxvarsError
+from jaxvars.report import figures, tables
+
+REPORT_FILE = "report.md"
+FIGURES_DIR = "figures"
+
+
+def _load(workdir: str) -> tuple[dict, dict]:
+  path = os.path.join(workdir, "results.json")
+  try:
+    with open(path) as f:
+      results = json.load(f)
+  except FileNotFoundError:
+    raise JaxvarsError(f"{path} does not exist; run python -m jaxvars.main --workdir={workdir} "
+                       "first") from None
+  except json.JSONDecodeError as e:
+    raise JaxvarsError(f"{path} is not valid JSON ({e})") from None
+  if "ranking" not in results:
+    raise JaxvarsError(f"{path} has no 'ranking' section; it is not a results file of "
+                       "configs/joint.py")
+  art_path = os.path.join(workdir, "artifacts.npz")
+  return results, (dict(np.load(art_path)) if os.path.exists(art_path) else {})
+
+
+def _header(workdir: str, results: dict) -> list[str]:
+  data, cfg = results.get("data", {}), results.get("config", {})
+  lines = ["# jaxvars report", ""]
+  lines.append(f"Workdir `{os.path.abspath(workdir)}`; presets `{cfg.get('presets', '?')}`; "
+               f"data `{data.get('name', '?')}`: {data.get('users', '?')} users, "
+               f"{data.get('items', '?')} items, {data.get('image_size', '?')} px images, "
+               f"{data.get('eval_negatives_per_user', '?')} sampled negatives per test user "
+               "(leave-one-out).")
+  backbone = cfg.get("backbone", {})
+  if backbone:
+    lines.append(f"Backbone `{backbone.get('arch', '?')}`, init `{backbone.get('init', '?')}`.")
+  total = results.get("timing", {}).get("total_s")
+  if total:
+    lines.append(f"Wall time of the run: {total / 60:.1f} min.")
+  described = "; ".join(f"{info.get('label', name)}: {info.get('description', '')}"
+                        for name, info in results.get("systems", {}).items())
+  lines += ["", f"Systems: {described or 'see results.json'}. Attacks perturb every item "
+            "photo of the catalogue against the undefended recommender (paper eq. 3 unless "
+            "named otherwise); eps in 1/255 pixel units. Paper columns: Amazon Men, VBPR "
+            "block of Table 2 (a different dataset: compare shapes, not values).", ""]
+  return lines
+
+
+def write_report(workdir: str) -> str:
+  """Writes ``<workdir>/report.md`` and ``<workdir>/figures/*.png``; returns the report path.
+
+  Figures whose inputs are absent (a clean-only run, no detector, no artifacts.npz) are
+  left out and the report says so. Every file is written atomically.
+
+  Raises:
+    JaxvarsError: ``<workdir>/results.json`` is missing or not valid JSON.
+  """
+  results, art = _load(workdir)
+  fig_dir = os.path.join(workdir, FIGURES_DIR)
+  os.makedirs(fig_dir, exist_ok=True)
+  eps = tables.report_eps(results)
+  cfg = results.get("config", {})
+  lines = _header(workdir, results)
+
+  def add_figure(name, fn, *args, caption):
+    with atomic.atomic_path(os.path.join(fig_dir, name)) as tmp:
+      fn(*args, tmp)
+    lines.extend([f"![{caption}]({FIGURES_DIR}/{name})", "", f"*{caption}*", ""])
+
+  def in_art(prefix):
+    return eps is not None and any(f"{prefix}/{condition_key(a, eps)}" in art
+                                   for a in tables.attacks(results))
+
+  lines += [f"## Ranking (Tables 2/3 layout{f', eps = {eps:g}' if eps is not None else ''})", ""]
+  lines += tables.main_table(results, eps) + [""]
+  checked = tables.claims(results, eps)
+  if checked:
+    lines += ["### The paper's claims on this run", ""] + checked + [""]
+  if tables.sweep_eps(results):
+    lines += ["## The eps sweep (Figure 6)", "", "HR@10 by attack budget:", ""]
+    lines += tables.sweep_table(results) + [""]
+    add_figure("fig6_hr10_vs_eps.png", figures.hr_vs_eps, results,
+               caption="Figure 6: HR@10 against eps; dotted lines: the same system on clean images")
+    lines += ["### Attack size", ""] + tables.attack_table(results) + [""]
+  if results.get("detection"):
+    lines += ["## Detection (Table 4)", ""] + tables.detection_table(results) + [""]
+    add_figure("table4_detection_vs_eps.png", figures.detection_vs_eps, results,
+               caption="Table 4: detection accuracy against eps (threshold at "
+                       f"{cfg.get('detector', {}).get('fpr', 0.05):g} FPR on clean items)")
+    if eps is not None:
+      lines += [f"Confusion matrix at the threshold, eps = {eps:g} (Figure 10; item counts):", ""]
+      lines += tables.confusion_table(results, eps) + [""]
+    if art and in_art("detector"):
+      add_figure("fig8_detector_distances.png", figures.distances, results, art, eps,
+                 caption=f"Figure 8: detector distances of held-out items, clean vs attacked "
+                         f"(eps = {eps:g}), with the threshold")
+      add_figure("fig9_roc.png", figures.roc, results, art, eps,
+                 caption=f"Figure 9: ROC of the detector (eps = {eps:g}) with the operating point")
+  if art and in_art("images"):
+    lines += ["## Images and embeddings", ""]
+    add_figure("fig7_images.png", figures.images, results, art, eps,
+               caption=f"Figure 7: clean, adversarial (eps = {eps:g}), perturbation and denoised "
+                       "images")
+    if "embeddings/clean/denoised" in art and in_art("embeddings"):
+      add_figure("fig11_embeddings_pca.png", figures.embeddings, results, art, eps,
+                 caption="Figure 11: PCA of detector embeddings of clean, denoised and attacked "
+                         f"(eps = {eps:g}) images")
+  if results.get("ablations"):
+    ab = cfg.get("ablation", {})
+    lines += [f"## Ablations (Table 5: {', '.join(a.upper() for a in ab.get('attacks', []))} "
+              f"at eps = {float(ab.get('eps', 8)):g})", ""]
+    lines += tables.ablation_table(results) + [""]
+    for name, res in results["ablations"].items():
+      lines.append(f"* `{name}`: " + ", ".join(f"`{o}`" for o in res.get("overrides", [])))
+    lines.append("")
+  missing = []
+  if not art:
+    missing.append("artifacts.npz is missing: no histogram, ROC, image or embedding figure")
+  if not results.get("detection"):
+    missing.append("no detection results (no detector trained or no attack evaluated)")
+  if missing:
+    lines += ["## Not shown", ""] + [f"* {m}" for m in missing] + [""]
+  out = os.path.join(workdir, REPORT_FILE)
+  atomic.write_text(out, "\n".join(lines))
+  return out

@@ -1,0 +1,228 @@
+"""The two modes of a run: ``train_and_evaluate`` and ``evaluate`` (``jaxvars.main``).
+
+``train_and_evaluate`` builds the experiment, computes item features with the frozen
+backbone, trains the recommender (BPR), runs the defence stages, evaluates every system
+under every condition and the ablations, and writes ``<workdir>/results.json`` (and
+``artifacts.npz``). Every stage checkpoints under ``<workdir>/checkpoints/<stage>`` and is
+resumed, or restored when finished. ``evaluate`` restores them and recomputes every
+metric, which equals the training run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+from absl import logging
+
+from jaxvars import atomic
+from jaxvars.attacks.spec import attack_spec
+from jaxvars.defenses import SYSTEMS, UNDEFENDED
+from jaxvars.errors import CheckpointError
+from jaxvars.evaluation.ranking import (candidate_matrix, candidate_scores, evaluate_scores,
+                                        format_ranking_table)
+from jaxvars.evaluation.runner import evaluate_all
+from jaxvars.experiment import Experiment, build, make_consts
+from jaxvars.training import defense, recommender as rec_training
+
+RESULTS_FILE = "results.json"
+ARTIFACTS_FILE = "artifacts.npz"  # Detector scores, embeddings and sample images, for figures.
+_OLD_LAYOUT = os.path.join("checkpoints", "vbpr")  # jaxvars 0.1's recommender checkpoints.
+
+
+def trained_groups(config) -> set[str]:
+  """Parameter groups some defence stage trains."""
+  return {g for name in defense.stage_names(config) for g in config.stages[name].trainable}
+
+
+def detector_trained(config) -> bool:
+  """Whether a stage trains the detector with a (non-zero) contrastive term."""
+  return config.loss.contrastive > 0 and any(
+      "detector" in config.stages[n].trainable and "contrastive" in config.stages[n].terms
+      for n in defense.stage_names(config))
+
+
+def evaluated_systems(config, *, include_undefended: bool = True) -> tuple[str, ...]:
+  """``config.systems.evaluate`` without the systems whose parts no stage trained."""
+  trained = trained_groups(config)
+  return tuple(s for s in config.systems.evaluate
+               if set(SYSTEMS.get(s).needs) <= trained
+               and (include_undefended or s != UNDEFENDED))
+
+
+def attack_specs(config, *, eval_eps=None, methods=None) -> list:
+  """The evaluated attacks: every eps of ``eval_eps`` (default ``config.attack.eval_eps``),
+  every method of ``methods`` (default ``config.attack.methods``), in that order."""
+  eps_list = config.attack.eval_eps if eval_eps is None else eval_eps
+  methods = tuple(config.attack.methods) if methods is None else methods
+  return [attack_spec(config.attack, m, e) for e in eps_list for m in methods]
+
+
+def attack_cache(config, workdir: str | None) -> str | None:
+  """``<workdir>/attacks`` where attacked catalogues are kept (None: not kept)."""
+  return os.path.join(workdir, "attacks") if workdir and config.attack.cache else None
+
+
+def evaluate_run(exp: Experiment, params: dict, consts: dict, *, eval_eps=None, methods=None,
+                 include_undefended: bool = True, cache_dir=-1) -> dict:
+  """Every system under every condition for the trained ``params``; writes artifacts.npz.
+
+  A defended system is evaluated only when a stage trained its parts, detection only when
+  a stage trained the detector with a contrastive term.
+  """
+  config = exp.config
+  out = evaluate_all(models=exp.models, params=params, consts=consts, data=exp.data,
+                     mesh=exp.mesh, config=config, holdout=exp.holdout,
+                     calibration=exp.calibration,
+                     systems=evaluated_systems(config, include_undefended=include_undefended),
+                     specs=attack_specs(config, eval_eps=eval_eps, methods=methods),
+                     detect=detector_trained(config), mostpop=include_undefended,
+                     cache_dir=attack_cache(config, exp.workdir) if cache_dir == -1 else cache_dir)
+  artifacts = out.pop("artifacts")
+  if artifacts and exp.workdir:
+    atomic.write_npz(os.path.join(exp.workdir, ARTIFACTS_FILE), artifacts)
+  timing = dict(exp.timing, **out.pop("timing"))
+  timing.update({f"attack_{k}_s": v["time_s"] for k, v in out["attack"].items()
+                 if not v.get("cached")})  # A cached catalogue cost nothing in this run.
+  return {"data": dict(exp.data.summary(), defense_holdout_items=int(len(exp.holdout))),
+          **out, "timing": timing}
+
+
+def _check_layout(workdir: str) -> None:
+  if (os.path.isdir(os.path.join(workdir, _OLD_LAYOUT))
+      and not os.path.isdir(os.path.join(workdir, "checkpoints", rec_training.CHECKPOINT_DIR))):
+    raise CheckpointError(
+        f"{workdir} was written by jaxvars 0.1 (checkpoints/vbpr); its checkpoints cannot be "
+        "restored by this version: run again with a fresh --workdir")
+
+
+def _periodic_eval(exp: Experiment, consts: dict):
+  config = exp.config
+  if not config.eval.every_epochs:
+    return None
+  cands = candidate_matrix(exp.data.test_items, exp.data.eval_negatives)
+
+  def on_epoch_end(params, epoch):
+    if epoch % config.eval.every_epochs:
+      return {}
+    scores = candidate_scores(exp.models.recommender, params, consts["features"], cands,
+                              config.eval.batch_users)
+    name = exp.models.recommender.name
+    return {f"{name}/{k}": v for k, v in evaluate_scores(scores, tuple(config.eval.ks)).items()
+            if k.endswith("@10")}
+
+  return on_epoch_end
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs every stage and the evaluation, writes ``<workdir>/results.json``; returns it.
+
+  Each stage resumes from (or, finished, restores) its checkpoint in ``workdir``.
+
+  Raises:
+    ConfigError, DataError: bad config value or data file (named in the message).
+    NonFiniteLossError: a NaN/inf loss; checkpoints already saved stay valid and no
+      results file is written.
+  """
+  from jaxvars import ablations
+  t_start = time.perf_counter()
+  os.makedirs(workdir, exist_ok=True)
+  _check_layout(workdir)
+  exp = build(config, workdir)
+  atomic.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  logging.info("data: %s", json.dumps(exp.data.summary()))
+  logging.info("mesh: %d %s device(s)", exp.mesh.size, jax.devices()[0].platform)
+
+  t = time.perf_counter()
+  consts = make_consts(exp)
+  exp.timing["features_s"] = time.perf_counter() - t
+
+  t = time.perf_counter()
+  rec_state, rec_history, n_steps = rec_training.train_recommender(
+      exp, consts, workdir, on_epoch_end=_periodic_eval(exp, consts))
+  exp.timing["recommender_train_s"] = time.perf_counter() - t
+  exp.timing["recommender_train_steps"] = n_steps
+  params = dict(exp.params, recommender=rec_state.params)
+
+  params, stage_history, stage_seconds = defense.train_defense(exp, consts, params, workdir)
+  exp.timing.update({f"stage_{k}_s": v for k, v in stage_seconds.items()})
+
+  results = evaluate_run(exp, params, consts)
+  results["training"] = {"recommender": {"name": config.recommender.name,
+                                         "epochs": config.recommender.epochs,
+                                         "steps": int(rec_state.step), "history": rec_history},
+                         "stages": stage_history}
+  if len(config.ablation.variants):
+    results["ablations"] = ablations.run_ablations(exp, consts, rec_state.params, workdir,
+                                                   train=True)
+  results["timing"]["total_s"] = time.perf_counter() - t_start
+  results["config"] = config.to_dict()
+  finish(results, workdir)
+  return results
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Restores every stage's latest checkpoint in ``workdir`` and recomputes all metrics.
+
+  They equal those of the training run (same split from ``split.npz``, same
+  parameters, same seeded attacks). ``results.json`` is rewritten with the
+  recomputed tables; its ``training`` and ``config`` sections are kept.
+
+  Raises:
+    CheckpointError: no checkpoint in ``workdir``, or one of another model shape.
+  """
+  from jaxvars import ablations
+  t_start = time.perf_counter()
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise CheckpointError(f"{workdir}/checkpoints does not exist; run with --mode=train first")
+  _check_layout(workdir)
+  exp = build(config, workdir)
+  rec_state, backbone_vars, step = rec_training.restore(exp, workdir)
+  params = defense.restore_stages(exp, dict(exp.params, recommender=rec_state.params), workdir)
+  exp.backbone_vars = backbone_vars
+  t = time.perf_counter()
+  consts = make_consts(exp)
+  exp.timing["features_s"] = time.perf_counter() - t
+  fresh = evaluate_run(exp, params, consts)
+  if len(config.ablation.variants):
+    fresh["ablations"] = ablations.run_ablations(exp, consts, params["recommender"], workdir,
+                                                 train=False)
+  fresh["timing"]["total_s"] = time.perf_counter() - t_start
+  path = os.path.join(workdir, RESULTS_FILE)
+  results = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      results = json.load(f)
+    same = all(without_timing(results.get(k)) == without_timing(fresh.get(k))
+               for k in ("ranking", "detection", "ablations"))
+    if same:
+      logging.info("restored checkpoints reproduce the training run's metrics exactly")
+    else:
+      logging.warning("restored checkpoints give metrics that differ from %s", path)
+  results.update(fresh)
+  results["restored_recommender_step"] = int(step)
+  results.setdefault("config", config.to_dict())
+  finish(results, workdir)
+  return results
+
+
+def without_timing(section):
+  """A results section without wall-clock fields (for comparing two runs)."""
+  if isinstance(section, dict):
+    return {k: without_timing(v) for k, v in section.items()
+            if k not in ("timing", "time_s", "cached", "stages")}
+  return section
+
+
+def finish(results: dict, workdir: str) -> None:
+  """Writes results.json and prints the ranking and detection tables."""
+  atomic.write_json(os.path.join(workdir, RESULTS_FILE), results)
+  print("\nranking\n" + format_ranking_table(results["ranking"]))
+  if results.get("detection"):
+    print("\ndetection\n" + format_ranking_table(
+        {k: {m: v for m, v in row.items() if m != "items"}
+         for k, row in results["detection"].items()}))
+  print(f"\nresults written to {os.path.join(workdir, RESULTS_FILE)}")

@@ -1,0 +1,148 @@
+"""The defence stages (paper 4.3): every entry of ``config.stages`` in order, each run by
+the one joint step (:mod:`jaxvars.training.defense_step`) with its trainable mask, input
+mix and loss terms, and checkpointed under ``<workdir>/checkpoints/<stage>``."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax.training import train_state
+
+from jaxvars import checkpointing, sharding
+from jaxvars.attacks.spec import attack_spec
+from jaxvars.data import splits
+from jaxvars.errors import CheckpointError
+from jaxvars.progress import progress
+from jaxvars.training.common import check_finite
+from jaxvars.training.defense_step import INPUT_KINDS, make_defense_step, stage_optimizer
+
+
+def stage_names(config) -> list[str]:
+  """The defence stages that run (epochs > 0), in config order."""
+  return [name for name, stage in config.stages.items() if stage.epochs > 0]
+
+
+def stage_plan(exp, stage) -> tuple[int, int]:
+  """(steps per epoch, total steps) of a stage over the defence-training pool."""
+  per_epoch = exp.config.defense.items_per_epoch or len(exp.pool)
+  per_epoch = min(per_epoch, len(exp.pool))
+  steps_per_epoch = max(1, per_epoch // exp.config.defense.batch_size)
+  return steps_per_epoch, steps_per_epoch * stage.epochs
+
+
+def _stage_state(exp, params: dict, stage) -> train_state.TrainState:
+  tx = stage_optimizer(tuple(stage.trainable), stage.lr)
+  params = jax.tree.map(jnp.copy, params)  # The step donates its state: keep the caller's arrays.
+  return jax.device_put(train_state.TrainState.create(apply_fn=None, params=params, tx=tx),
+                        sharding.replicated(exp.mesh))
+
+
+def _epoch_row(got: list, train_eps_choices) -> dict:
+  row = {key: float(np.mean([g[key] for g in got])) for key in got[0]
+         if key not in ("input_kind", "input_eps")}
+  row["inputs"] = {kind: int(sum(int(g["input_kind"]) == i for g in got))
+                   for i, kind in enumerate(INPUT_KINDS)}
+  eps_seen = [float(g["input_eps"]) for g in got if int(g["input_kind"]) > 0]
+  if train_eps_choices and eps_seen:
+    row["input_eps"] = {f"{e:g}": eps_seen.count(e) for e in sorted(set(eps_seen))}
+  return row
+
+
+def train_defense(exp, consts: dict, params: dict, workdir: str):
+  """Runs every defence stage of ``config.stages`` with the joint step (resuming).
+
+  Returns:
+    (params after the last stage, {stage: per-epoch history}, {stage: seconds}).
+  """
+  config = exp.config
+  positive_keys = splits.pair_keys(exp.data.train_users, exp.data.train_items, exp.data.num_items)
+  histories, seconds = {}, {}
+  choices = tuple(config.defense.get("train_eps_choices", ()) or ())
+  attack = attack_spec(config.attack, "pgd", config.defense.train_eps, objective="bpr")
+  for s_index, name in enumerate(stage_names(config)):
+    stage = config.stages[name]
+    steps_per_epoch, total = stage_plan(exp, stage)
+    mgr = checkpointing.manager(os.path.join(workdir, "checkpoints", name),
+                                max_to_keep=config.checkpoint.max_to_keep)
+    start, tree = checkpointing.resume(mgr, {"state": _stage_state(exp, params, stage)})
+    state = tree["state"]
+    if start:
+      logging.info("stage %s: resuming from checkpoint %d of %d steps", name, start, total)
+    step_fn = make_defense_step(exp.models, exp.mesh,
+                                weights={term: config.loss[term] for term in stage.terms},
+                                mix=tuple(stage.mix), attack=attack, eps_choices=choices,
+                                temperature=config.detector.temperature)
+    stage_key = jax.random.fold_in(jax.random.key(config.seed), 1000 + s_index)
+    history = []
+    t = time.perf_counter()
+    bar = progress(range(start, total), desc=f"stage {name}", total=total, initial=start)
+    epoch_metrics, batches = [], None
+    for step in bar:
+      epoch, k = divmod(step, steps_per_epoch)
+      if batches is None or k == 0 or batches[0] != epoch:
+        rng = np.random.default_rng([config.seed, 2000 + s_index, epoch])
+        order = rng.permutation(exp.pool)[:steps_per_epoch * config.defense.batch_size]
+        batches = (epoch, order.reshape(steps_per_epoch, -1), rng)
+      items = batches[1][k]
+      triplets = splits.item_triplets(items, train_users=exp.data.train_users,
+                                      train_items=exp.data.train_items,
+                                      num_users=exp.data.num_users, num_items=exp.data.num_items,
+                                      positive_keys=positive_keys,
+                                      per_role=config.defense.triplets_per_item, rng=batches[2])
+      batch = sharding.shard_batch({"images": exp.data.images[items],
+                                    "items": items.astype(np.int32), "triplets": triplets},
+                                   exp.mesh)
+      state, m = step_fn(state, batch, consts, jax.random.fold_in(stage_key, step))
+      epoch_metrics.append(m)
+      last_of_epoch = k == steps_per_epoch - 1
+      if last_of_epoch or (step + 1) % config.defense.checkpoint_every_steps == 0:
+        got = jax.device_get(epoch_metrics)
+        check_finite([g["loss"] for g in got], where=f"stage {name!r}",
+                     advice=f"lower config.stages.{name}.lr (now {stage.lr})",
+                     latest_checkpoint=mgr.latest_step())
+        checkpointing.save(mgr, step + 1, {"state": state})
+        if last_of_epoch:
+          row = _epoch_row(got, choices)
+          row["epoch"] = epoch + 1
+          history.append(row)
+          logging.info("stage %s epoch %d/%d %s", name, epoch + 1, stage.epochs,
+                       " ".join(f"{k_}={v:.4f}" for k_, v in row.items()
+                                if isinstance(v, float)))
+          bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+          epoch_metrics = []
+    mgr.close()
+    params = state.params
+    histories[name], seconds[name] = history, time.perf_counter() - t
+  return params, histories, seconds
+
+
+def restore_stages(exp, params: dict, workdir: str) -> dict:
+  """Restores every defence stage of ``exp.config`` from ``<workdir>/checkpoints/<stage>``
+  on top of ``params``; returns the parameters after the last stage.
+
+  Raises:
+    CheckpointError: a missing, unfinished or mismatched stage checkpoint (named).
+  """
+  for name in stage_names(exp.config):
+    stage = exp.config.stages[name]
+    mgr = checkpointing.manager(os.path.join(workdir, "checkpoints", name))
+    try:
+      step, stage_tree = checkpointing.restore_latest(
+          mgr, {"state": _stage_state(exp, params, stage)})
+    except CheckpointError as e:
+      raise CheckpointError(f"stage {name!r} in {workdir}: {e}; if the training run skipped or "
+                            "changed this stage, evaluate with the same overrides (e.g. "
+                            f"--config.stages.{name}.epochs=0)") from None
+    finally:
+      mgr.close()
+    total = stage_plan(exp, stage)[1]
+    if step < total:
+      raise CheckpointError(f"stage {name!r} stopped at step {step} of {total}; run "
+                            "--mode=train to finish it")
+    params = stage_tree["state"].params
+  return params

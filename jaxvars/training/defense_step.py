@@ -1,0 +1,158 @@
+"""The joint defence step (paper section 3.5, eq. 12; training recipe of 4.3).
+
+``make_defense_step`` returns one jitted, mesh-sharded update that crafts its inputs
+(clean, FGSM or PGD, drawn per step), denoises clean and adversarial images and applies
+the stage's masked Optax update to ``content + l1 perceptual + l2 contrastive + l3 bpr``.
+Every defence stage of ``config.stages`` is this step with its own trainable groups,
+input mix and loss terms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxvars import losses, sharding
+from jaxvars.attacks.objectives.bpr import item_bpr_loss
+from jaxvars.attacks.spec import AttackSpec
+from jaxvars.backbones import PERCEPTUAL_MAPS
+from jaxvars.defenses.detector import detection_score
+from jaxvars.models import PARAM_GROUPS
+from jaxvars.pixels import to_float
+
+LOSS_TERMS = ("content", "perceptual", "contrastive", "bpr")  # config.stages.<stage>.terms
+INPUT_KINDS = ("clean", "fgsm", "pgd")  # The order of config.stages.<stage>.mix.
+
+
+def stage_optimizer(trainable, lr: float) -> optax.GradientTransformation:
+  """Adam on the parameter groups in ``trainable``; every other group frozen.
+
+  The mask is ``optax.multi_transform`` over the top-level groups of ``params``
+  (:data:`jaxvars.models.PARAM_GROUPS`); frozen groups get ``optax.set_to_zero()``, so
+  under jit their gradients are never computed.
+
+  Raises:
+    ValueError: an unknown group.
+  """
+  unknown = set(trainable) - set(PARAM_GROUPS)
+  if unknown:
+    raise ValueError(f"unknown trainable group(s) {sorted(unknown)}; expected {PARAM_GROUPS}")
+
+  def labels(params):
+    return {k: jax.tree.map(lambda _, k=k: "train" if k in trainable else "freeze", v)
+            for k, v in params.items()}
+
+  return optax.multi_transform({"train": optax.adam(lr), "freeze": optax.set_to_zero()}, labels)
+
+
+def defense_objective(params, consts, batch, x_adv, is_adv, *, models, weights: dict,
+                      temperature: float):
+  """The joint loss ``w_c L_content + l1 L_perceptual + l2 L_contrastive + l3 L_bpr``.
+
+  Args:
+    params: {'recommender', 'denoiser', 'detector'}. consts: {'backbone', 'stats', 'features'}.
+    batch: {'images' uint8 [B, H, W, 3], 'items' int32 [B], 'triplets' dict of [B, T]}.
+    x_adv: float32 [B, H, W, 3], the (possibly adversarial) inputs (= clean when is_adv=0).
+    is_adv: float32 scalar, 1 when ``x_adv`` is adversarial (the contrastive term needs it).
+    models: :class:`jaxvars.models.Models`.
+    weights: {term: weight} for the terms in LOSS_TERMS to compute (others skipped).
+    temperature: InfoNCE temperature.
+
+  Returns:
+    (loss, metrics dict).
+  """
+  x = to_float(batch["images"])
+  b = x.shape[0]
+  denoised = models.denoise(params, jnp.concatenate([x, x_adv]))
+  d_clean, d_adv = denoised[:b], denoised[b:]
+  out = models.backbone_out(consts, jnp.concatenate([x, d_clean, x_adv, d_adv]))
+  maps = {k: out[k] for k in PERCEPTUAL_MAPS}
+  pooled = out["pooled"]
+  metrics = {}
+  loss = 0.0
+  if "content" in weights:
+    metrics["content"] = losses.content(clean=x, denoised=d_adv) + losses.content(
+        clean=x, denoised=d_clean)
+  if "perceptual" in weights:
+    metrics["perceptual"] = losses.perceptual(
+        clean_maps={k: jax.lax.stop_gradient(v[:b]) for k, v in maps.items()},
+        denoised_maps={k: v[3 * b:] for k, v in maps.items()})
+  if "contrastive" in weights:
+    z = models.embed_pooled(params, pooled)
+    pos, neg = losses.detector_pair_similarities(
+        z_clean=z[:b], z_clean_denoised=z[b:2 * b], z_adv=z[2 * b:3 * b], z_adv_denoised=z[3 * b:])
+    metrics["contrastive"] = is_adv * losses.info_nce(pos_sim=pos, neg_sim=neg,
+                                                      temperature=temperature)
+    metrics["score_clean"] = jnp.mean(detection_score(z[:b], z[b:2 * b]))
+    metrics["score_adv"] = jnp.mean(detection_score(z[2 * b:3 * b], z[3 * b:]))
+  if "bpr" in weights:
+    metrics["bpr"] = item_bpr_loss(models.normalize(consts, pooled[3 * b:]), items=batch["items"],
+                                   triplets=batch["triplets"],
+                                   score_fn=models.score_fn(params["recommender"]),
+                                   other_features=consts["features"])
+  for term, w in weights.items():
+    loss = loss + w * metrics[term]
+  metrics["loss"] = loss
+  return loss, metrics
+
+
+def make_defense_step(models, mesh, *, weights: dict, mix, attack: AttackSpec,
+                      eps_choices=(), temperature: float):
+  """Jits one joint step: craft inputs, denoise, four losses, masked Optax update.
+
+  Each step draws the kind of its inputs (clean / FGSM / PGD) with probabilities
+  proportional to ``mix`` (paper 4.3: "a random number generator determines which
+  type of input is used in one iteration"), crafts them against the current, frozen
+  recommender inside the step, and applies the stage's optimizer (see ``stage_optimizer``).
+
+  Args:
+    models: :class:`jaxvars.models.Models`.
+    weights: {term: weight} of the terms to use (zero-weight terms are not computed).
+    mix: (clean, fgsm, pgd) proportions.
+    attack: the training attack (its eps, steps and step rule; ``method`` is ignored).
+    eps_choices: if non-empty, each step draws its eps uniformly from these (1/255; one
+      compiled step: eps is traced), and PGD's step follows the drawn eps.
+    temperature: InfoNCE temperature.
+
+  Returns:
+    step(state, batch, consts, key) -> (state, metrics); batch sharded on ``data``,
+    state and consts replicated; ``state`` is donated.
+  """
+  weights = {k: float(v) for k, v in weights.items() if float(v) != 0.0}
+  unknown = set(weights) - set(LOSS_TERMS)
+  if unknown:
+    raise ValueError(f"unknown loss term(s) {sorted(unknown)}; expected {LOSS_TERMS}")
+  probs = jnp.asarray(mix, jnp.float32) / float(sum(mix))
+  choices = tuple(float(e) for e in eps_choices or ())
+  specs = {kind: dataclasses.replace(attack, method=kind) for kind in ("fgsm", "pgd")}
+
+  def step(state, batch, consts, key):
+    k_kind, k_pgd, k_eps = jax.random.split(key, 3)
+    kind = jax.random.choice(k_kind, 3, p=probs)
+    eps = (jax.random.choice(k_eps, jnp.asarray(choices, jnp.float32)) if choices
+           else attack.eps)
+    x = to_float(batch["images"])
+    ctx = models.attack_context(state.params["recommender"], consts, batch["items"],
+                                batch["triplets"])
+    craft = lambda kind_: specs[kind_].run(ctx, x, k_pgd, eps=eps)
+    branches = [lambda: x, functools.partial(craft, "fgsm"), functools.partial(craft, "pgd")]
+    # Kinds with zero probability are never traced into the step.
+    for k, p in enumerate(mix):
+      if not p:
+        branches[k] = lambda: x
+    x_adv = jax.lax.stop_gradient(jax.lax.switch(kind, branches))
+    is_adv = (kind > 0).astype(jnp.float32)
+    grads, metrics = jax.grad(defense_objective, has_aux=True)(
+        state.params, consts, batch, x_adv, is_adv, models=models, weights=weights,
+        temperature=temperature)
+    metrics["input_kind"] = kind
+    metrics["input_eps"] = jnp.asarray(eps, jnp.float32) * (kind > 0)
+    return state.apply_gradients(grads=grads), metrics
+
+  repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  return jax.jit(step, in_shardings=(repl, data, repl, repl), out_shardings=(repl, repl),
+                 donate_argnums=(0,))
