@@ -47,3 +47,51 @@ def requires_hm():
   return pytest.mark.skipif(not (SHARED_HM / "transactions_train.csv").exists(),
                             reason=f"real H&M sample not found at {SHARED_HM} (a user's clone "
                             "without ../shared); CI has it")
+
+
+def tiny_models(num_users=20, num_items=40, size=16):
+  """A tiny Models bundle (ResNet-18 width 4, VBPR K=4, small denoiser and head), its
+  parameters and constants, random uint8 photos [I, size, size, 3] and training pairs.
+
+  Returns:
+    (models, params, consts, images, train_users, train_items).
+  """
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  import numpy as np
+
+  from jaxvars.backbones.resnet import make_resnet
+  from jaxvars.data import splits
+  from jaxvars.defenses.denoiser import Denoiser
+  from jaxvars.defenses.detector import ProjectionHead
+  from jaxvars.features import normalize_features
+  from jaxvars.models import Models
+  from jaxvars.recommenders import build_recommender
+
+  backbone = make_resnet("resnet18", width=4, small_stem=True)
+  x = jnp.zeros((1, size, size, 3))
+  bvars = backbone.init(jax.random.key(0), x)
+  rec_config = ml_collections.ConfigDict(dict(name="vbpr", form="tang", factors=4,
+                                              visual_factors=4, init_scale=0.3, reg=1e-4,
+                                              reg_visual=1e-4))
+  rec = build_recommender(rec_config, num_users=num_users, num_items=num_items,
+                          feature_dim=backbone.feature_dim)
+  denoiser = Denoiser(channels=4, num_blocks=1, patch=8, attn_dim=8, heads=2)
+  head = ProjectionHead(hidden=8, out=4)
+  f = jnp.zeros((1, backbone.feature_dim))
+  params = {"recommender": rec.init(jax.random.key(1), backbone.feature_dim),
+            "denoiser": denoiser.init(jax.random.key(2), x)["params"],
+            "detector": {"head": head.init(jax.random.key(3), f)["params"]}}
+  models = Models(backbone=backbone, recommender=rec, denoiser=denoiser, head=head)
+  images = np.asarray(jax.random.randint(jax.random.key(4), (num_items, size, size, 3), 0, 256),
+                      np.uint8)
+  raw = backbone.apply(bvars, images / 255.0)["pooled"]
+  stats = {"mean": raw.mean(0), "std": raw.std(0) + 1e-6}
+  consts = {"backbone": bvars, "stats": stats,
+            "features": normalize_features(raw, stats, "standardize")}
+  rng = np.random.default_rng(0)
+  n = 3 * num_items
+  users, items = rng.integers(0, num_users, n), rng.integers(0, num_items, n)
+  users, items, _ = splits.binarize(users, items, np.zeros(n, np.int64))
+  return models, params, consts, images, users, items

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from jaxvars.attacks import fgsm, pgd, project_linf, quantize_8bit
-from jaxvars.attacks.objectives import item_bpr_loss
+from jaxvars.attacks.objectives.bpr import item_bpr_loss
+from jaxvars.backbones.resnet import make_resnet
 from jaxvars.data import splits
-from jaxvars.models.resnet import make_resnet
-from jaxvars.models.vars import normalize_features
-from jaxvars.models.vbpr import VBPR
+from jaxvars.features import normalize_features
+from jaxvars.recommenders.vbpr import VBPR
 
 
 def _quadratic_loss(key, shape):

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO, tiny_config
 from test_data import folder_config, write_folder_dataset
-from jaxvars import configuration, train
+from jaxvars import configuration, run
 from jaxvars.data import pipeline
 from jaxvars.errors import ConfigError, DataError, NonFiniteLossError
 
@@ -61,10 +61,15 @@ def test_missing_manual_dir(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("vbpr.form", "tangg", r"config.vbpr.form='tangg' is not one of \('tang', 'he'\)"),
-    ("backbone.arch", "resnet51", r"config.backbone.arch='resnet51' is not one of"),
+    ("recommender.form", "tangg", r"config.recommender.form='tangg' is not one of \('tang', 'he'\)"),
+    ("recommender.name", "dvbprr", r"config.recommender.name='dvbprr' is not a known recommender"),
+    ("backbone.arch", "resnet51", r"config.backbone.arch='resnet51' is not a known backbone"),
     ("data.name", "amazon", r"config.data.name='amazon' is not one of"),
-    ("vbpr.lr", -1.0, r"config.vbpr.lr=-1.0 must be a number > 0"),
+    ("recommender.lr", -1.0, r"config.recommender.lr=-1.0 must be a number > 0"),
+    ("attack.objective", "bprr", r"config.attack.objective='bprr' is not a known attack objective"),
+    ("attack.methods", ("fgsm", "cw"), r"config.attack.methods='cw' is not a known attack method"),
+    ("systems.evaluate", ("defended", "jpg"), r"config.systems.evaluate='jpg' is not a known "
+     r"defended system"),
     ("eval.ks", (5, 500), r"a cut-off exceeds the 101 ranked candidates"),
     ("denoiser.rand_pad", "edge", r"config.denoiser.rand_pad='edge' is not one of"),
     ("stages.joint.trainable", ("denoiser", "resnet"), r"config.stages.joint.trainable has "
@@ -81,10 +86,10 @@ def test_unknown_config_values(field, value, message, tmp_path):
 
 def test_non_finite_loss_stops_without_results(tfds_dir, tmp_path):
   workdir = tmp_path / "run"
-  c = tiny_config(tfds_dir, **{"vbpr.init_scale": 1e30})  # Scores overflow to inf - inf = NaN.
+  c = tiny_config(tfds_dir, **{"recommender.init_scale": 1e30})  # inf - inf = NaN scores.
   with pytest.raises(NonFiniteLossError,
-                     match=r"non-finite VBPR \(epoch 1\) loss .* at step 1 of"):
-    train.train_and_evaluate(c, str(workdir))
+                     match=r"non-finite recommender \(epoch 1\) loss .* at step 1 of"):
+    run.train_and_evaluate(c, str(workdir))
   assert not (workdir / "results.json").exists()
   assert not list(workdir.rglob("_CHECKPOINT_METADATA"))  # No checkpoint was written.
 
@@ -99,16 +104,17 @@ def _cli(*args, cwd=REPO):
 @pytest.mark.slow
 def test_cli_reports_bad_value_in_one_line(tmp_path):
   r = _cli("--config=configs/joint.py:tiny", f"--workdir={tmp_path}/w",
-           "--config.vbpr.form=nope")
+           "--config.recommender.form=nope")
   assert r.returncode == 2
-  assert "jaxvars: error: config.vbpr.form='nope' is not one of ('tang', 'he')" in r.stderr
+  assert "jaxvars: error: config.recommender.form='nope' is not one of ('tang', 'he')" in r.stderr
   assert "Traceback" not in r.stderr
   assert not os.path.exists(tmp_path / "w" / "results.json")
 
 
 @pytest.mark.slow
 def test_cli_rejects_unknown_field_and_preset(tmp_path):
-  r = _cli("--config=configs/joint.py:tiny", f"--workdir={tmp_path}", "--config.vbpr.fctors=3")
+  r = _cli("--config=configs/joint.py:tiny", f"--workdir={tmp_path}",
+           "--config.recommender.fctors=3")
   assert r.returncode != 0 and "fctors" in r.stderr
   r = _cli("--config=configs/joint.py:tiny,amazon", f"--workdir={tmp_path}")
   assert r.returncode != 0 and "unknown or repeated preset 'amazon'" in r.stderr

@@ -12,15 +12,18 @@ import optax
 import pytest
 
 from conftest import REPO, tiny_config
-from jaxvars import checkpointing, sharding, steps, train
+from flax.training.train_state import TrainState
+
+from jaxvars import checkpointing, run, sharding
 from jaxvars.errors import CheckpointError
-from jaxvars.models.vbpr import VBPR
+from jaxvars.evaluation import detection as det
+from jaxvars.recommenders.vbpr import VBPR
 
 
 def test_restore_gives_identical_scores(tmp_path):
   mesh = sharding.make_mesh(1)
   model = VBPR(num_users=9, num_items=13, feature_dim=6, factors=4, form="he", init_scale=0.3)
-  init = lambda key: steps.TrainState.create(
+  init = lambda key: TrainState.create(
       apply_fn=model.apply, tx=optax.adam(1e-3),
       params=model.init(key, jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32),
                         jnp.zeros((1, 6)))["params"])
@@ -45,10 +48,18 @@ def test_restore_without_checkpoint_is_an_error(tmp_path):
 def test_train_then_evaluate_reproduces_metrics_and_resumes(tfds_dir, tmp_path):
   workdir = str(tmp_path / "run")
   config = tiny_config(tfds_dir)
-  trained = train.train_and_evaluate(config, workdir)
+  trained = run.train_and_evaluate(config, workdir)
   want = {"mostpop/clean"} | {f"{s}/{c}" for s in ("vbpr", "defended", "defended_rand")
                               for c in ("clean", "fgsm@8", "pgd@8")}
   assert set(trained["ranking"]) == want
+  # The registries refactor changed no number: ranking and detection equal those main gave
+  # before it (stored in tests/golden/; same preset, same seeds).
+  with open(os.path.join(REPO, "tests", "golden", "tiny_before_refactor.json")) as f:
+    golden = json.load(f)
+  for section in ("ranking", "detection"):
+    assert set(trained[section]) == set(golden[section]), section
+    for key, row in golden[section].items():
+      assert trained[section][key] == pytest.approx(row, rel=1e-6, abs=1e-9), (section, key)
   assert set(trained["ranking"]["vbpr/clean"]) == {f"{m}@{k}" for m in ("HR", "NDCG")
                                                    for k in (5, 10, 20)}
   assert set(trained["detection"]) == {"fgsm@8", "pgd@8"}
@@ -60,9 +71,8 @@ def test_train_then_evaluate_reproduces_metrics_and_resumes(tfds_dir, tmp_path):
   for name in trained["training"]["stages"]:
     assert os.path.isdir(os.path.join(workdir, "checkpoints", name))
   # artifacts.npz holds the raw detector scores behind the detection table, and figures' inputs.
-  from jaxvars import evaluate as ev
   with np.load(os.path.join(workdir, "artifacts.npz")) as art:
-    again = ev.detection_metrics(calibration_clean=art["detector/calibration_clean"],
+    again = det.detection_metrics(calibration_clean=art["detector/calibration_clean"],
                                  clean=art["detector/clean"], adversarial=art["detector/pgd@8"],
                                  fpr=config.detector.fpr)
     assert again["accuracy"] == trained["detection"]["pgd@8"]["accuracy"]
@@ -77,14 +87,14 @@ def test_train_then_evaluate_reproduces_metrics_and_resumes(tfds_dir, tmp_path):
   on_disk = json.load(open(os.path.join(workdir, "results.json")))
   assert on_disk["ranking"] == trained["ranking"]
   assert on_disk["data"]["users"] == trained["data"]["users"] > 0
-  assert {"features_s", "vbpr_train_s", "ranking_s", "detection_s", "total_s"} <= set(
+  assert {"features_s", "recommender_train_s", "ranking_s", "detection_s", "total_s"} <= set(
       on_disk["timing"])
-  evaluated = train.evaluate(config, workdir)
+  evaluated = run.evaluate(config, workdir)
   assert evaluated["ranking"] == trained["ranking"]  # Exactly, not approximately.
   assert evaluated["detection"] == trained["detection"]
   # Training again in the same workdir restores every finished stage: same metrics.
-  again = train.train_and_evaluate(config, workdir)
-  assert again["ranking"] == trained["ranking"] and again["timing"]["vbpr_train_steps"] == 0
+  again = run.train_and_evaluate(config, workdir)
+  assert again["ranking"] == trained["ranking"] and again["timing"]["recommender_train_steps"] == 0
   assert all(not h for h in again["training"]["stages"].values())  # No stage step re-run.
 
 
@@ -92,7 +102,7 @@ def test_vbpr_preset_evaluates_clean_vbpr_only(tfds_dir, tmp_path):
   from configs import joint
   config = joint.get_config("tiny,vbpr")
   config.data.tfds_dir = str(tfds_dir)
-  results = train.train_and_evaluate(config, str(tmp_path))
+  results = run.train_and_evaluate(config, str(tmp_path))
   assert set(results["ranking"]) == {"mostpop/clean", "vbpr/clean"}
   assert results["detection"] == {} and results["attack"] == {}
   assert results["ranking"]["vbpr/clean"]["HR@10"] > results["ranking"]["mostpop/clean"]["HR@10"]
@@ -100,7 +110,7 @@ def test_vbpr_preset_evaluates_clean_vbpr_only(tfds_dir, tmp_path):
 
 def test_evaluate_without_training_is_an_error(tfds_dir, tmp_path):
   with pytest.raises(CheckpointError, match="run with --mode=train first"):
-    train.evaluate(tiny_config(tfds_dir), str(tmp_path))
+    run.evaluate(tiny_config(tfds_dir), str(tmp_path))
 
 
 @pytest.mark.slow

@@ -6,14 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxvars import evaluate as ev, losses, sharding, steps
+from flax.training.train_state import TrainState
+
+from conftest import tiny_models
+from jaxvars import losses, sharding
+from jaxvars.attacks.spec import AttackSpec
 from jaxvars.data import splits
 from jaxvars.defenses import random_resize_pad
-from jaxvars.models.denoiser import Denoiser
-from jaxvars.models.detector import ProjectionHead
-from jaxvars.models.resnet import make_resnet
-from jaxvars.models.vars import VisualRecommender, normalize_features
-from jaxvars.models.vbpr import VBPR
+from jaxvars.defenses.denoiser import Denoiser
+from jaxvars.defenses.detector import ProjectionHead
+from jaxvars.evaluation import detection as det
+from jaxvars.training.defense_step import make_defense_step, stage_optimizer
 
 
 def test_info_nce_matches_numpy():
@@ -112,38 +115,18 @@ def test_roc_auc_matches_pairwise_count():
   rng = np.random.default_rng(0)
   clean, adv = rng.integers(0, 5, 40).astype(float), rng.integers(2, 8, 30).astype(float)
   pairs = [(a > c) + 0.5 * (a == c) for a in adv for c in clean]
-  assert ev.roc_auc(clean, adv) == pytest.approx(np.mean(pairs))
+  assert det.roc_auc(clean, adv) == pytest.approx(np.mean(pairs))
 
 
 def test_detection_metrics_on_separable_scores():
-  m = ev.detection_metrics(calibration_clean=np.linspace(0, 1, 101), clean=np.full(50, 0.5),
+  m = det.detection_metrics(calibration_clean=np.linspace(0, 1, 101), clean=np.full(50, 0.5),
                            adversarial=np.full(50, 3.0), fpr=0.05)
   assert m["accuracy"] == 1.0 and m["roc_auc"] == 1.0 and m["tpr@fpr=0.05"] == 1.0
   assert m["threshold"] == pytest.approx(0.95)
 
 
 def _tiny_system():
-  backbone = make_resnet("resnet18", width=4, small_stem=True)
-  x = jnp.zeros((1, 16, 16, 3))
-  bvars = backbone.init(jax.random.key(0), x)
-  vbpr = VBPR(num_users=20, num_items=40, feature_dim=backbone.feature_dim, factors=4,
-              init_scale=0.3)
-  denoiser = Denoiser(channels=4, num_blocks=1, patch=8, attn_dim=8, heads=2)
-  head = ProjectionHead(hidden=8, out=4)
-  idx, f = jnp.zeros(1, jnp.int32), jnp.zeros((1, backbone.feature_dim))
-  params = {"vbpr": vbpr.init(jax.random.key(1), idx, idx, f)["params"],
-            "denoiser": denoiser.init(jax.random.key(2), x)["params"],
-            "detector": {"head": head.init(jax.random.key(3), f)["params"]}}
-  system = VisualRecommender(backbone=backbone, vbpr=vbpr, denoiser=denoiser, head=head)
-  images = np.asarray(jax.random.randint(jax.random.key(4), (40, 16, 16, 3), 0, 256), np.uint8)
-  raw = backbone.apply(bvars, images / 255.0)["pooled"]
-  stats = {"mean": raw.mean(0), "std": raw.std(0) + 1e-6}
-  consts = {"backbone": bvars, "stats": stats,
-            "features": normalize_features(raw, stats, "standardize")}
-  rng = np.random.default_rng(0)
-  users, items = rng.integers(0, 20, 120), rng.integers(0, 40, 120)
-  users, items, _ = splits.binarize(users, items, np.zeros(120, np.int64))
-  return system, params, consts, images, users, items
+  return tiny_models()
 
 
 @pytest.mark.parametrize("mix", [(0, 1, 0), (1, 1, 1)])
@@ -157,15 +140,15 @@ def test_joint_step_same_on_one_and_eight_devices(mix):
                                   rng=np.random.default_rng(1))
   host_batch = {"images": images[:8], "items": batch_items, "triplets": triplets}
   weights = {"content": 1.0, "perceptual": 1.0, "contrastive": 1.0, "bpr": 0.1}
-  attack = {"eps": 8.0, "pgd_steps": 2, "pgd_alpha": 2.0, "random_start": True}
+  attack = AttackSpec(method="pgd", eps=8.0, steps=2, alpha_ratio=0.0, alpha=2.0)
   results = []
   for n in (1, 8):
     mesh = sharding.make_mesh(n)
-    state = steps.TrainState.create(apply_fn=None, params=params,
-                                    tx=steps.stage_optimizer(("denoiser", "detector"), 1e-3))
+    state = TrainState.create(apply_fn=None, params=params,
+                              tx=stage_optimizer(("denoiser", "detector"), 1e-3))
     state = jax.device_put(state, sharding.replicated(mesh))
-    step = steps.make_defense_step(system, mesh, weights=weights, mix=mix, attack=attack,
-                                   temperature=0.1)
+    step = make_defense_step(system, mesh, weights=weights, mix=mix, attack=attack,
+                             temperature=0.1)
     c = jax.device_put(consts, sharding.replicated(mesh))
     for k in range(2):
       state, m = step(state, sharding.shard_batch(host_batch, mesh), c, jax.random.key(k))
@@ -178,8 +161,8 @@ def test_joint_step_same_on_one_and_eight_devices(mix):
   # parameter by up to ~1e-6 (of an lr=1e-3 step); 1e-5 is 1% of a step.
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-  # The mask: VBPR is frozen in this stage, the denoiser is not.
-  for a, b in zip(jax.tree.leaves(p1["vbpr"]), jax.tree.leaves(params["vbpr"])):
+  # The mask: the recommender is frozen in this stage, the denoiser is not.
+  for a, b in zip(jax.tree.leaves(p1["recommender"]), jax.tree.leaves(params["recommender"])):
     np.testing.assert_array_equal(a, b)
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(p1["denoiser"]),
                                                       jax.tree.leaves(params["denoiser"])))
@@ -187,7 +170,7 @@ def test_joint_step_same_on_one_and_eight_devices(mix):
 
 def test_stage_optimizer_rejects_unknown_group():
   with pytest.raises(ValueError, match="unknown trainable group"):
-    steps.stage_optimizer(("denoiser", "resnet"), 1e-3)
+    stage_optimizer(("denoiser", "resnet"), 1e-3)
 
 
 def test_joint_step_eps_choices():
@@ -206,27 +189,28 @@ def test_joint_step_eps_choices():
   weights = {"content": 1.0, "perceptual": 1.0, "bpr": 0.1}
   c = jax.device_put(consts, sharding.replicated(mesh))
 
-  def run(attack, keys):
-    step = steps.make_defense_step(system, mesh, weights=weights, mix=(0, 1, 1), attack=attack,
-                                   temperature=0.1)
+  def run(attack, keys, eps_choices=()):
+    step = make_defense_step(system, mesh, weights=weights, mix=(0, 1, 1), attack=attack,
+                             eps_choices=eps_choices, temperature=0.1)
     out = []
     for k in keys:
       state = jax.device_put(
-          steps.TrainState.create(apply_fn=None, params=params,
-                                  tx=steps.stage_optimizer(("denoiser",), 1e-3)),
+          TrainState.create(apply_fn=None, params=params,
+                            tx=stage_optimizer(("denoiser",), 1e-3)),
           sharding.replicated(mesh))
       out.append(jax.device_get(step(state, batch, c, jax.random.key(k))[1]))
     return out
 
-  base = {"eps": 8.0, "pgd_steps": 2, "pgd_alpha": 2.0, "random_start": True}
+  base = AttackSpec(method="pgd", eps=8.0, steps=2, alpha_ratio=0.0, alpha=2.0)
   fixed = run(base, range(3))
-  chosen = run(dict(base, eps=99.0, eps_choices=(8.0,), pgd_alpha_ratio=0.25), range(3))
+  ratio = AttackSpec(method="pgd", eps=99.0, steps=2, alpha_ratio=0.25)
+  chosen = run(ratio, range(3), eps_choices=(8.0,))
   for a, b in zip(fixed, chosen):
     assert int(a["input_kind"]) == int(b["input_kind"])
     assert float(b["input_eps"]) == 8.0
     for key in ("loss", "content", "perceptual", "bpr"):
       assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-6), key
-  many = run(dict(base, eps_choices=(2.0, 64.0), pgd_alpha_ratio=0.25), range(12))
+  many = run(ratio, range(12), eps_choices=(2.0, 64.0))
   assert {float(m["input_eps"]) for m in many} == {2.0, 64.0}
   # Larger budgets move the inputs further: the content loss grows with the drawn eps.
   by_eps = {e: np.mean([float(m["content"]) for m in many if float(m["input_eps"]) == e])

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from jaxvars import evaluate as ev
+from jaxvars.evaluation import ranking as ev
 
 
 def test_ranks_count_ties_against_the_positive():

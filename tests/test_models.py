@@ -5,11 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxvars import losses, sharding, steps
-from jaxvars.features import FeatureExtractor
-from jaxvars.models.vars import normalize_features, to_float
-from jaxvars.models.resnet import make_resnet
-from jaxvars.models.vbpr import VBPR
+from jaxvars import losses, sharding
+from jaxvars.backbones.resnet import make_resnet
+from jaxvars.features import FeatureExtractor, normalize_features
+from jaxvars.pixels import to_float
+from jaxvars.recommenders import Recommender
+from jaxvars.recommenders.vbpr import VBPR
+from jaxvars.training.recommender import bpr_objective
 
 
 def _vbpr(form):
@@ -56,8 +58,8 @@ def test_objective_gradient_matches_finite_differences():
   model, p, u, i, f = _vbpr("tang")
   features = jax.random.normal(jax.random.key(3), (11, 5))
   batch = {"user": jnp.asarray(u), "pos": jnp.asarray(i), "neg": jnp.array([2, 3, 5, 9])}
-  fn = lambda e: steps.bpr_objective(dict(p, visual_projection=e), batch, features, model=model,
-                                     reg=0.1, reg_visual=0.2)[0]
+  rec = Recommender(name="vbpr", label="VBPR", module=model, penalty_weights=(0.1, 0.2))
+  fn = lambda e: bpr_objective(dict(p, visual_projection=e), batch, features, recommender=rec)[0]
   g = jax.grad(fn)(p["visual_projection"])
   e = np.asarray(p["visual_projection"], np.float64)
   d = np.zeros_like(e)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from jaxvars import evaluate as ev, losses, train
-from jaxvars.defenses.augment import simclr_view
+from jaxvars import experiment, losses
+from jaxvars.evaluation.probe import linear_probe
+from jaxvars.training.augment import simclr_view
 
 
 def test_nt_xent_matches_numpy():
@@ -42,28 +43,28 @@ def test_linear_probe_separates_clusters_and_drops_rare_classes():
   feats = centres[np.repeat(np.arange(3), 40)] + rng.normal(size=(120, 8))
   feats = np.concatenate([feats, rng.normal(size=(3, 8))])
   labels = np.concatenate([labels, ["rare", "rare", ""]])
-  m = ev.linear_probe(feats, labels, steps=200)
+  m = linear_probe(feats, labels, steps=200)
   assert m["classes"] == 3 and m["train_items"] + m["test_items"] == 120
   assert m["accuracy"] > 0.95 and m["majority_accuracy"] < 0.6
 
 
 @pytest.mark.slow
 def test_pretrain_exports_a_backbone_the_joint_config_loads(tfds_dir, tmp_path):
-  from jaxvars import pretrain
+  from jaxvars import run_pretrain
   config = tiny_config(tfds_dir)
   config.task = "pretrain"
   import configs.pretrain as pretrain_cfg
   p = pretrain_cfg.get_config("tiny")
   config.pretrain = p.pretrain
   config.pretrain.epochs = 1
-  results = pretrain.pretrain_and_evaluate(config, str(tmp_path / "pt"))
+  results = run_pretrain.pretrain_and_evaluate(config, str(tmp_path / "pt"))
   assert set(results["backbone"]) == {"random", "self_supervised"}
   for row in results["backbone"].values():
     assert 0.0 <= row["linear_probe"]["accuracy"] <= 1.0 and row["linear_probe"]["classes"] == 6
   assert results["timing"]["pretrain_images_per_s"] > 0
   joint = tiny_config(tfds_dir, **{"backbone.init": f"self_supervised:{tmp_path / 'pt'}"})
-  exp = train.build(joint, None)
-  random_exp = train.build(tiny_config(tfds_dir), None)
+  exp = experiment.build(joint, None)
+  random_exp = experiment.build(tiny_config(tfds_dir), None)
   leaves = jax.tree.leaves(exp.backbone_vars)
   assert any(not np.array_equal(a, b) for a, b in zip(leaves,
                                                       jax.tree.leaves(random_exp.backbone_vars)))

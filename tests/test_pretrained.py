@@ -11,9 +11,11 @@ torch = pytest.importorskip("torch", reason="PyTorch is an optional extra: "
 from safetensors.torch import save_file  # noqa: E402
 
 from jaxvars.errors import DataError  # noqa: E402
-from jaxvars.models import pretrained  # noqa: E402
-from jaxvars.models.resnet import make_resnet  # noqa: E402
+from jaxvars.backbones import resnet_import, weights  # noqa: E402
+from jaxvars.backbones.resnet import make_resnet  # noqa: E402
 import torch_resnet  # noqa: E402
+
+_RESNET = {"width": 64, "small_stem": False}  # config.backbone fields the ResNet builder reads.
 
 
 def _compare(net, model, variables, size=64):
@@ -33,12 +35,12 @@ def test_torchvision_weights_match_torch(arch, fmt, tmp_path):
   path = str(tmp_path / f"{arch}{fmt}")
   state = {k: v for k, v in net.state_dict().items()}
   torch.save(state, path) if fmt == ".pth" else save_file(state, path)
-  model, variables = pretrained.load_pretrained(path, arch=arch)
+  model, variables = weights.load_pretrained(path, arch=arch, backbone_config=_RESNET)
   assert model.style == "torchvision"
   _compare(net, model, variables)
   # Converted once: the Orbax cache is read back to identical arrays.
   assert os.path.isdir(path + f".jaxvars-{arch}")
-  _, again = pretrained.load_pretrained(path, arch=arch)
+  _, again = weights.load_pretrained(path, arch=arch, backbone_config=_RESNET)
   for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(again)):
     np.testing.assert_array_equal(a, b)
 
@@ -48,7 +50,7 @@ def test_keras_h5_matches_torch(group, tmp_path):
   net = torch_resnet.randomised("resnet50", keras=True, seed=2)
   path = str(tmp_path / "resnet50.h5")
   torch_resnet.save_keras_h5(net, path, model_weights_group=group)
-  model, variables = pretrained.load_pretrained(path, arch="resnet50")
+  model, variables = weights.load_pretrained(path, arch="resnet50", backbone_config=_RESNET)
   assert model.style == "keras"
   _compare(net, model, variables)
 
@@ -61,10 +63,10 @@ def test_missing_and_mismatched_tensors_are_named(tmp_path):
   torch.save(missing, tmp_path / "missing.pth")
   with pytest.raises(DataError, match=r"tensor 'layer2.0.downsample.1.running_var' \(for "
                      r"batch_stats/layer2_0/downsample_bn/var\) is missing; expected shape \(128,\)"):
-    pretrained.convert(str(tmp_path / "missing.pth"), model)
+    resnet_import.convert(str(tmp_path / "missing.pth"), model)
   with pytest.raises(DataError, match=r"tensor 'bn1.running_mean' \(for batch_stats/bn1/mean\) "
                      r"has shape \(64,\), expected \(128,\)"):
-    pretrained.convert(str(tmp_path / "missing.pth"), make_resnet("resnet18", width=128))
+    resnet_import.convert(str(tmp_path / "missing.pth"), make_resnet("resnet18", width=128))
 
 
 def test_truncated_and_unsafe_files_are_refused(tmp_path):
@@ -73,12 +75,12 @@ def test_truncated_and_unsafe_files_are_refused(tmp_path):
   data = (tmp_path / "ok.pth").read_bytes()
   (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
   with pytest.raises(DataError, match=r"cut\.pth: cannot load as a weights-only torch checkpoint"):
-    pretrained.read_torch_state_dict(str(tmp_path / "cut.pth"))
+    weights.read_torch_state_dict(str(tmp_path / "cut.pth"))
   torch.save({"model": torch_resnet.Basic(3, 3, 1, False)}, tmp_path / "code.pth")  # A pickled class.
   with pytest.raises(DataError, match=r"code\.pth: cannot load as a weights-only"):
-    pretrained.read_torch_state_dict(str(tmp_path / "code.pth"))
+    weights.read_torch_state_dict(str(tmp_path / "code.pth"))
   (tmp_path / "cut.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
   with pytest.raises(DataError, match=r"cut\.h5: cannot read HDF5 file"):
-    pretrained.read_keras_h5(str(tmp_path / "cut.h5"))
+    weights.read_keras_h5(str(tmp_path / "cut.h5"))
   with pytest.raises(DataError, match="weights file is missing"):
-    pretrained.read_torch_state_dict(str(tmp_path / "nope.safetensors"))
+    weights.read_torch_state_dict(str(tmp_path / "nope.safetensors"))

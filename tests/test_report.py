@@ -14,7 +14,10 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_config
-from jaxvars import configuration, evaluate, report, train
+from jaxvars import configuration, report, run
+from jaxvars.attacks.spec import attack_spec
+from jaxvars.evaluation import detection
+from jaxvars.report import figures, paper, tables
 from jaxvars.errors import ConfigError, JaxvarsError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -55,7 +58,7 @@ def full_run(tfds_dir, tmp_path_factory):
   config.attack.eval_eps = (4, 8)
   config.ablation.variants.no_detector = ("loss.contrastive=0", "stages.detector.epochs=0")
   config.ablation.variants.no_perceptual = ("loss.perceptual=0",)
-  results = train.train_and_evaluate(config, workdir)
+  results = run.train_and_evaluate(config, workdir)
   return config, workdir, results
 
 
@@ -92,7 +95,7 @@ def test_sweep_and_ablations_results(full_run):
 @pytest.mark.slow
 def test_evaluate_mode_reproduces_sweep_and_ablations(full_run):
   config, workdir, results = full_run
-  again = train.evaluate(config, workdir)
+  again = run.evaluate(config, workdir)
   assert again["ranking"] == results["ranking"]
   assert again["detection"] == results["detection"]
   for name, row in results["ablations"].items():
@@ -114,17 +117,17 @@ def test_report_tables_equal_results_and_figures_are_pngs(full_run):
 
   main = tables["Ranking (Tables 2/3 layout, eps = 8)"]
   header = main[0]
-  assert header[:8] == ["attack", "system", *report.METRICS]
-  labels = {v: k for k, v in report.SYSTEM_LABELS.items()}
+  assert header[:8] == ["attack", "system", *paper.METRICS]
+  labels = {v: k for k, v in paper.DEFAULT_LABELS.items()}
   seen = 0
   for row in main[1:]:
     cond, system = row[0], labels[row[1]]
-    for j, metric in enumerate(report.METRICS):
+    for j, metric in enumerate(paper.METRICS):
       assert _num(row[2 + j]) == round(results["ranking"][f"{system}/{cond}"][metric], 4)
     if system != "mostpop":
       attack = cond.split("@")[0]
-      paper = [_num(c) for c in row[8:14]]
-      assert paper == list(report.PAPER_TABLE2[attack][system])
+      ref = [_num(c) for c in row[8:14]]
+      assert ref == list(paper.TABLE2[attack][system])
     seen += 1
   assert seen == 10  # 3 conditions x 3 systems + MostPop.
 
@@ -197,7 +200,7 @@ def test_report_without_results_is_a_clear_error(tmp_path):
 
 
 def test_report_of_a_clean_only_run(tmp_path):
-  ranking = {f"{s}/clean": {m: 0.1 * (i + 1) for i, m in enumerate(report.METRICS)}
+  ranking = {f"{s}/clean": {m: 0.1 * (i + 1) for i, m in enumerate(paper.METRICS)}
              for s in ("mostpop", "vbpr")}
   (tmp_path / "results.json").write_text(json.dumps({"ranking": ranking, "detection": {}}))
   text = open(report.write_report(str(tmp_path))).read()
@@ -211,16 +214,16 @@ def test_roc_curve_area_equals_roc_auc():
   rng = np.random.default_rng(0)
   clean = np.round(rng.normal(0, 1, 300), 1)  # Rounded: ties across classes.
   adv = np.round(rng.normal(1, 1, 200), 1)
-  fpr, tpr = report.roc_curve(clean, adv)
+  fpr, tpr = detection.roc_curve(clean, adv)
   assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
   area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))  # Trapezoids: ties count 1/2.
-  assert area == pytest.approx(evaluate.roc_auc(clean, adv), abs=1e-12)
+  assert area == pytest.approx(detection.roc_auc(clean, adv), abs=1e-12)
 
 
 def test_pca_matches_covariance_eigenvectors():
   rng = np.random.default_rng(1)
   x = rng.normal(size=(200, 5)) @ np.diag([5.0, 3.0, 1.0, 0.5, 0.1]) + 7.0
-  xy = report.pca_2d(x)
+  xy = figures.pca_2d(x)
   w, v = np.linalg.eigh(np.cov(x.T))
   ref = (x - x.mean(0)) @ v[:, ::-1][:, :2]
   for j in range(2):  # Equal up to the sign of each component.
@@ -231,9 +234,9 @@ def test_pca_matches_covariance_eigenvectors():
 def test_pgd_step_size_scales_with_eps():
   from configs import joint
   a = joint.get_config("tiny").attack
-  assert configuration.pgd_alpha(a, 8) == 2.0 and configuration.pgd_alpha(a, 64) == 16.0
+  assert attack_spec(a, "pgd", 8).step() == 2.0 and attack_spec(a, "pgd", 64).step() == 16.0
   a.pgd_alpha_ratio = 0.0
-  assert configuration.pgd_alpha(a, 64) == a.pgd_alpha
+  assert attack_spec(a, "pgd", 64).step() == a.pgd_alpha
 
 
 def test_ablation_overrides_are_validated(tfds_dir):
@@ -247,7 +250,7 @@ def test_ablation_overrides_are_validated(tfds_dir):
   with pytest.raises(ConfigError, match=r"config.ablation.variants.bad: override "
                                         r"'loss.perceptul=0' names no field"):
     configuration.validate(config)
-  config.ablation.variants.bad = ("vbpr.factors=4",)
+  config.ablation.variants.bad = ("recommender.factors=4",)
   with pytest.raises(ConfigError, match="shares with the main run"):
     configuration.validate(config)
   config.ablation.variants.bad = ("loss.perceptual",)
@@ -261,5 +264,5 @@ def test_ablation_overrides_are_validated(tfds_dir):
 def test_confusion_table_counts():
   results = {"detection": {"pgd@8": {"items": 200, "tpr_at_threshold": 0.9,
                                      "fpr_at_threshold": 0.05}}}
-  rows = report.confusion_table(results, 8.0)
+  rows = tables.confusion_table(results, 8.0)
   assert rows[2] == "| PGD@8 | 190 | 10 | 20 | 180 |"

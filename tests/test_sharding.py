@@ -1,28 +1,31 @@
 """The jitted BPR step gives the same result on 1 device and on 8 simulated devices."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from jaxvars import sharding, steps
+import ml_collections
+from flax.training.train_state import TrainState
+
+from jaxvars import sharding
 from jaxvars.errors import ConfigError
-from jaxvars.models.vbpr import VBPR
+from jaxvars.recommenders import build_recommender
+from jaxvars.training.recommender import make_bpr_step
 
 
 def _run(num_devices, form):
   assert len(jax.devices()) >= 8, "conftest.py should simulate 8 CPU devices"
   mesh = sharding.make_mesh(num_devices)
-  model = VBPR(num_users=50, num_items=80, feature_dim=16, factors=8, visual_factors=8, form=form,
-               init_scale=0.1)
-  params = model.init(jax.random.key(0), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32),
-                      jnp.zeros((1, 16)))["params"]
-  state = steps.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-2))
+  rec = build_recommender(ml_collections.ConfigDict(dict(
+      name="vbpr", factors=8, visual_factors=8, form=form, init_scale=0.1, reg=1e-3,
+      reg_visual=1e-3)), num_users=50, num_items=80, feature_dim=16)
+  params = rec.init(jax.random.key(0), 16)
+  state = TrainState.create(apply_fn=None, params=params, tx=optax.adam(1e-2))
   state = jax.device_put(state, sharding.replicated(mesh))
   features = jax.device_put(jax.random.normal(jax.random.key(1), (80, 16)),
                             sharding.replicated(mesh))
-  step = steps.make_bpr_step(model, mesh, reg=1e-3, reg_visual=1e-3)
+  step = make_bpr_step(rec, mesh)
   rng = np.random.default_rng(0)
   losses = []
   for _ in range(3):
@@ -52,7 +55,7 @@ def test_batch_is_really_split_over_devices():
 
 def test_indivisible_batch_and_too_many_devices_are_errors():
   mesh = sharding.make_mesh(8)
-  with pytest.raises(ConfigError, match="config.vbpr.batch_size=100 is not divisible by the 8"):
-    sharding.check_divisible(100, mesh, "config.vbpr.batch_size")
+  with pytest.raises(ConfigError, match="config.recommender.batch_size=100 is not divisible by the 8"):
+    sharding.check_divisible(100, mesh, "config.recommender.batch_size")
   with pytest.raises(ConfigError, match="config.num_devices=999"):
     sharding.make_mesh(999)

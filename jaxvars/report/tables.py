@@ -31,10 +31,13 @@ def md_table(header, rows) -> list[str]:
 
 
 def conditions(results: dict) -> list[str]:
-  """Every condition of ``results['ranking']``, in order of first appearance."""
+  """Every condition of ``results['ranking']`` (then of ``results['detection']``), in order
+  of first appearance."""
   seen = {}
   for key in results.get("ranking", {}):
     seen.setdefault(parse_row_key(key)[1], None)
+  for cond in results.get("detection", {}):
+    seen.setdefault(cond, None)
   return list(seen)
 
 
