@@ -49,7 +49,7 @@ def run_ablations(exp, consts: dict, rec_params, workdir: str, *, train: bool) -
     else:
       params = defense.restore_stages(ab, params, sub)
     res = evaluate_run(ab, params, consts, eval_eps=(cfg.ablation.eps,),
-                       methods=tuple(cfg.ablation.attacks), include_undefended=False,
+                       methods=tuple(cfg.ablation.attacks), only_trained=True,
                        cache_dir=attack_cache(exp.config, workdir))
     res["timing"]["total_s"] = time.perf_counter() - t
     row = {"overrides": list(overrides), "ranking": res["ranking"],

@@ -147,7 +147,7 @@ def _systems(config) -> None:
   if not names:
     raise ConfigError(f"config.systems.evaluate is empty; name some of {SYSTEMS.names()}")
   for name in names:
-    SYSTEMS.check(name, "config.systems.evaluate")
+    SYSTEMS.get(name, "config.systems.evaluate").validate(config)
 
 
 def _denoiser(config) -> None:

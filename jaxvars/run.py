@@ -20,7 +20,7 @@ from absl import logging
 
 from jaxvars import atomic
 from jaxvars.attacks.spec import attack_spec
-from jaxvars.defenses import SYSTEMS, UNDEFENDED
+from jaxvars.defenses import SYSTEMS
 from jaxvars.errors import CheckpointError
 from jaxvars.evaluation.ranking import (candidate_matrix, candidate_scores, evaluate_scores,
                                         format_ranking_table)
@@ -45,12 +45,13 @@ def detector_trained(config) -> bool:
       for n in defense.stage_names(config))
 
 
-def evaluated_systems(config, *, include_undefended: bool = True) -> tuple[str, ...]:
-  """``config.systems.evaluate`` without the systems whose parts no stage trained."""
+def evaluated_systems(config, *, only_trained: bool = False) -> tuple[str, ...]:
+  """``config.systems.evaluate`` without the systems whose parts no stage trained (with
+  ``only_trained``: only the systems that have trained parts, as the ablations need)."""
   trained = trained_groups(config)
   return tuple(s for s in config.systems.evaluate
                if set(SYSTEMS.get(s).needs) <= trained
-               and (include_undefended or s != UNDEFENDED))
+               and (SYSTEMS.get(s).needs or not only_trained))
 
 
 def attack_specs(config, *, eval_eps=None, methods=None) -> list:
@@ -67,19 +68,20 @@ def attack_cache(config, workdir: str | None) -> str | None:
 
 
 def evaluate_run(exp: Experiment, params: dict, consts: dict, *, eval_eps=None, methods=None,
-                 include_undefended: bool = True, cache_dir=-1) -> dict:
+                 only_trained: bool = False, cache_dir=-1) -> dict:
   """Every system under every condition for the trained ``params``; writes artifacts.npz.
 
   A defended system is evaluated only when a stage trained its parts, detection only when
-  a stage trained the detector with a contrastive term.
+  a stage trained the detector with a contrastive term; ``only_trained`` (the ablations)
+  leaves out the systems without trained parts and the most-popular baseline.
   """
   config = exp.config
   out = evaluate_all(models=exp.models, params=params, consts=consts, data=exp.data,
                      mesh=exp.mesh, config=config, holdout=exp.holdout,
                      calibration=exp.calibration,
-                     systems=evaluated_systems(config, include_undefended=include_undefended),
+                     systems=evaluated_systems(config, only_trained=only_trained),
                      specs=attack_specs(config, eval_eps=eval_eps, methods=methods),
-                     detect=detector_trained(config), mostpop=include_undefended,
+                     detect=detector_trained(config), mostpop=not only_trained,
                      cache_dir=attack_cache(config, exp.workdir) if cache_dir == -1 else cache_dir)
   artifacts = out.pop("artifacts")
   if artifacts and exp.workdir:

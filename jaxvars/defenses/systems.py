@@ -36,12 +36,16 @@ class System:
     needs: parameter groups a defence stage must have trained (else it is not evaluated).
     randomized: draws randomness per item (its transform gets one PRNG key per image).
     description: one line for the report: what the backbone sees.
+    settings: ``config -> dict`` of the settings it runs with (recorded in results.json).
+    validate: ``config -> None``, raising ConfigError for a bad setting of its own.
   """
   label: str | None
   make: Callable[..., Transform]
   needs: tuple[str, ...] = ()
   randomized: bool = False
   description: str = ""
+  settings: Callable[..., dict] = lambda config: {}
+  validate: Callable[..., None] = lambda config: None
 
 
 def row_name(system: str, recommender_name: str) -> str:

@@ -53,13 +53,15 @@ def detection_scores(*, models, params, consts, images: np.ndarray, mesh, batch_
                      desc="detector scores")
 
 
-def systems_table(systems, recommender) -> dict:
-  """The ``systems`` section of results.json: {row name: {'system', 'label', 'description'}}."""
+def systems_table(systems, recommender, config) -> dict:
+  """The ``systems`` section of results.json: {row name: {'system', 'label', 'description',
+  'settings'}}."""
   out = {}
   for name in systems:
     s = SYSTEMS.get(name)
     out[row_name(name, recommender.name)] = {
-        "system": name, "label": s.label or recommender.label, "description": s.description}
+        "system": name, "label": s.label or recommender.label, "description": s.description,
+        "settings": s.settings(config)}
   return out
 
 
@@ -138,7 +140,7 @@ def evaluate_all(*, models, params, consts, data, mesh, config, holdout: np.ndar
   order = [row_key(s, c) for s in names for c, _ in conditions]
   ranking = {k: ranking[k] for k in order if k in ranking}
   return {"ranking": ranking, "detection": detection, "attack": attack,
-          "systems": systems_table(systems, rec), "timing": timing, "artifacts": artifacts}
+          "systems": systems_table(systems, rec, config), "timing": timing, "artifacts": artifacts}
 
 
 def report_samples(*, models, params, consts, conditions, holdout, images_per_condition=8,
