@@ -94,7 +94,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # ---- Defended systems evaluated (jaxvars/defenses/systems.py registry) -------
   c.systems = sy = ml_collections.ConfigDict()
   # Systems ranked under every condition; those whose parts no stage trained are skipped.
-  sy.evaluate = ("undefended", "defended", "defended_rand")
+  sy.evaluate = ("undefended", "defended", "defended_rand", "jpeg", "bit_depth")
+  sy.jpeg_quality = 75  # 'jpeg': JPEG quality (AIP sweeps 90..10; 75 = Guo et al. 2018).
+  sy.bit_depth = 5  # 'bit_depth': bits per colour channel (AIP sweeps 7..3; 5 = Xu et al. 2018).
 
   # ---- Denoiser D (paper 3.3) -------------------------------------------------
   c.denoiser = dn = ml_collections.ConfigDict()
@@ -248,6 +250,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if vbpr_only:
     c.presets += ",vbpr"
     a.eval_eps = ()
+    sy.evaluate = ("undefended",)
     for stage in st.values():
       stage.epochs = 0
   return c

@@ -49,7 +49,8 @@ def test_train_then_evaluate_reproduces_metrics_and_resumes(tfds_dir, tmp_path):
   workdir = str(tmp_path / "run")
   config = tiny_config(tfds_dir)
   trained = run.train_and_evaluate(config, workdir)
-  want = {"mostpop/clean"} | {f"{s}/{c}" for s in ("vbpr", "defended", "defended_rand")
+  want = {"mostpop/clean"} | {f"{s}/{c}" for s in ("vbpr", "defended", "defended_rand", "jpeg",
+                                                    "bit_depth")
                               for c in ("clean", "fgsm@8", "pgd@8")}
   assert set(trained["ranking"]) == want
   # The registries refactor changed no number: ranking and detection equal those main gave
@@ -57,7 +58,7 @@ def test_train_then_evaluate_reproduces_metrics_and_resumes(tfds_dir, tmp_path):
   with open(os.path.join(REPO, "tests", "golden", "tiny_before_refactor.json")) as f:
     golden = json.load(f)
   for section in ("ranking", "detection"):
-    assert set(trained[section]) == set(golden[section]), section
+    assert set(golden[section]) <= set(trained[section]), section  # Later systems add rows.
     for key, row in golden[section].items():
       assert trained[section][key] == pytest.approx(row, rel=1e-6, abs=1e-9), (section, key)
   assert set(trained["ranking"]["vbpr/clean"]) == {f"{m}@{k}" for m in ("HR", "NDCG")
