@@ -12,7 +12,8 @@ import time
 import ml_collections
 from absl import logging
 
-from jaxvars import atomic, configuration
+from jaxvars import atomic
+from jaxvars.overrides import apply_overrides
 from jaxvars.run import RESULTS_FILE, attack_cache, evaluate_run
 from jaxvars.training import defense
 
@@ -34,8 +35,7 @@ def run_ablations(exp, consts: dict, rec_params, workdir: str, *, train: bool) -
   out = {}
   for name, overrides in exp.config.ablation.variants.items():
     t = time.perf_counter()
-    cfg = configuration.apply_overrides(exp.config, overrides,
-                                        where=f"config.ablation.variants.{name}")
+    cfg = apply_overrides(exp.config, overrides, where=f"config.ablation.variants.{name}")
     cfg.ablation.variants = ml_collections.ConfigDict()
     sub = os.path.join(workdir, "ablations", name)
     os.makedirs(sub, exist_ok=True)

@@ -4,19 +4,19 @@
 override stops the run with one message naming the field instead of failing deep inside
 training. Allowed values come from the component that owns them: backbone, recommender,
 attack method, objective and system names from their registries, and the other choices
-from the module that implements them. Also: ``parse_override`` / ``apply_overrides`` for
-the ablations' ``'path=value'`` overrides.
+from the module that implements them. The ablations' ``'path=value'`` overrides are
+:mod:`jaxvars.overrides`.
 """
 
 from __future__ import annotations
 
-import ast
 import os
 from collections.abc import Iterable
 
 import ml_collections
 
 from jaxvars.errors import ConfigError
+from jaxvars.overrides import apply_overrides, parse_override, without_ablations
 
 # Fields an ablation variant may override: the defence's training, not the shared models.
 ABLATION_FIELDS = ("loss.", "stages.", "defense.", "detector.temperature", "detector.fpr",
@@ -259,7 +259,7 @@ def _ablation(config) -> None:
             f"config.ablation.variants.{name}: override {text!r} changes config.{path}, which "
             "the ablation shares with the main run (data, backbone, recommender, attacks, "
             f"model shapes); ablations may change only {', '.join(f + '*' for f in ABLATION_FIELDS)}")
-    validate(apply_overrides(_without_ablations(config), overrides,
+    validate(apply_overrides(without_ablations(config), overrides,
                              where=f"config.ablation.variants.{name}"))
 
 
@@ -275,61 +275,3 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """
   for check in VALIDATORS:
     check(config)
-
-
-# ---------------------------------------------------------------------------
-# 'path=value' overrides (ablations).
-# ---------------------------------------------------------------------------
-
-def parse_override(text: str) -> tuple[str, object]:
-  """``'loss.perceptual=0'`` -> ``('loss.perceptual', 0)``; the value is a Python literal
-  (``ast.literal_eval``) or, failing that, the string itself.
-
-  Raises:
-    ConfigError: text without ``=`` or with an empty path.
-  """
-  path, sep, raw = str(text).partition("=")
-  path = path.strip()
-  if not sep or not path:
-    raise ConfigError(f"override {text!r} is not of the form 'path.to.field=value'")
-  try:
-    value = ast.literal_eval(raw.strip())
-  except (ValueError, SyntaxError):
-    value = raw.strip()
-  return path, value
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides, *,
-                    where: str) -> ml_collections.ConfigDict:
-  """A copy of ``config`` with every ``'path=value'`` of ``overrides`` applied.
-
-  Raises:
-    ConfigError: an unknown field (named, with ``where`` saying which list it came from)
-      or a value of the wrong type.
-  """
-  new = ml_collections.ConfigDict(config.to_dict())
-  for text in overrides:
-    path, value = parse_override(text)
-    *parents, leaf = path.split(".")
-    node = new
-    for part in parents:
-      if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-        raise ConfigError(f"{where}: override {text!r} names no field config.{path}")
-      node = node[part]
-    if leaf not in node:
-      raise ConfigError(f"{where}: override {text!r} names no field config.{path}")
-    old = node[leaf]
-    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-      value = float(value)
-    try:
-      node[leaf] = value
-    except TypeError as e:
-      raise ConfigError(f"{where}: override {text!r}: config.{path} holds "
-                        f"{type(old).__name__}, got {value!r} ({e})") from None
-  return new
-
-
-def _without_ablations(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  new = ml_collections.ConfigDict(config.to_dict())
-  new.ablation.variants = ml_collections.ConfigDict()
-  return new

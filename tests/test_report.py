@@ -16,6 +16,7 @@ from PIL import Image
 from conftest import tiny_config
 from jaxvars import configuration, report, run
 from jaxvars.attacks.spec import attack_spec
+from jaxvars.overrides import apply_overrides
 from jaxvars.evaluation import detection
 from jaxvars.report import figures, paper, tables
 from jaxvars.errors import ConfigError, JaxvarsError
@@ -245,7 +246,7 @@ def test_pgd_step_size_scales_with_eps():
 
 def test_ablation_overrides_are_validated(tfds_dir):
   config = tiny_config(tfds_dir)
-  new = configuration.apply_overrides(config, ("loss.perceptual=0", "stages.joint.terms="
+  new = apply_overrides(config, ("loss.perceptual=0", "stages.joint.terms="
                                                "('content', 'bpr')"), where="test")
   assert new.loss.perceptual == 0.0 and isinstance(new.loss.perceptual, float)
   assert tuple(new.stages.joint.terms) == ("content", "bpr")
