@@ -73,6 +73,12 @@ def bpr_objective(params, batch, features, *, recommender):
   return loss, {"loss": loss, "bpr": bpr, "pairwise_accuracy": (x_ui > x_uj).mean()}
 
 
+def _update(state: TrainState, batch, features, recommender):
+  grads, metrics = jax.grad(bpr_objective, has_aux=True)(state.params, batch, features,
+                                                          recommender=recommender)
+  return state.apply_gradients(grads=grads), metrics
+
+
 def make_bpr_step(recommender, mesh):
   """Jits one BPR update sharded over ``mesh`` (batch on ``data``, the rest replicated).
 
@@ -80,14 +86,29 @@ def make_bpr_step(recommender, mesh):
     step(state: TrainState, batch: dict of int32 [B], features: float32 [I, F]) ->
     (new_state, metrics dict of float32 scalars). ``state`` is donated.
   """
-
-  def step(state: TrainState, batch, features):
-    grads, metrics = jax.grad(bpr_objective, has_aux=True)(state.params, batch, features,
-                                                            recommender=recommender)
-    return state.apply_gradients(grads=grads), metrics
-
+  step = lambda state, batch, features: _update(state, batch, features, recommender)
   repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   return jax.jit(step, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
+                 donate_argnums=(0,))
+
+
+def make_epoch_fn(recommender, mesh):
+  """Jits a whole epoch of BPR updates as one ``jax.lax.scan`` over its steps (no Python
+  loop, one dispatch per epoch), the batch axis sharded over the mesh's ``data`` axis.
+
+  Returns:
+    epoch(state, triplets: {'user', 'pos', 'neg'} int32 [steps, B], features [I, F]) ->
+    (new_state, metrics dict of float32 [steps]). ``state`` is donated.
+  """
+
+  def epoch(state: TrainState, triplets, features):
+    return jax.lax.scan(lambda st, batch: _update(st, batch, features, recommender), state,
+                        triplets)
+
+  repl = sharding.replicated(mesh)
+  steps_on_data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+      None, sharding.DATA_AXIS))
+  return jax.jit(epoch, in_shardings=(repl, steps_on_data, repl), out_shardings=(repl, repl),
                  donate_argnums=(0,))
 
 
@@ -142,25 +163,28 @@ def train_recommender(exp, consts: dict, workdir: str, *, on_epoch_end=None):
     _check_same_backbone(tree["backbone"], exp.backbone_vars, mgr.directory)
     logging.info("recommender: resuming from checkpoint %d (epoch %d of %d)", step,
                  start_epoch, rc.epochs)
-  bpr_step = make_bpr_step(exp.models.recommender, exp.mesh)
+  epoch_fn = make_epoch_fn(exp.models.recommender, exp.mesh)
   positive_keys = splits.pair_keys(exp.data.train_users, exp.data.train_items, exp.data.num_items)
+  steps_on_data = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec(
+      None, sharding.DATA_AXIS))
   history, n_steps = [], 0
   bar = progress(range(start_epoch, rc.epochs), desc=f"{exp.models.recommender.label} epochs",
                  total=rc.epochs, initial=start_epoch)
+  triplets = None
   for epoch in bar:
-    triplets = epoch_triplets(exp.data, positive_keys, seed=config.seed, epoch=epoch,
-                              batch_size=rc.batch_size)
-    metrics = []
-    for k in range(triplets["user"].shape[0]):
-      batch = sharding.shard_batch({name: a[k] for name, a in triplets.items()}, exp.mesh)
-      state, m = bpr_step(state, batch, consts["features"])
-      metrics.append(m)
-      n_steps += 1
+    if triplets is None:
+      triplets = epoch_triplets(exp.data, positive_keys, seed=config.seed, epoch=epoch,
+                                batch_size=rc.batch_size)
+    state, metrics = epoch_fn(state, jax.device_put(triplets, steps_on_data), consts["features"])
+    n_steps += triplets["user"].shape[0]
+    # The next epoch's triplets are drawn on the host while this epoch runs (async dispatch).
+    triplets = (epoch_triplets(exp.data, positive_keys, seed=config.seed, epoch=epoch + 1,
+                               batch_size=rc.batch_size) if epoch + 1 < rc.epochs else None)
     metrics = jax.device_get(metrics)
-    check_finite([m["loss"] for m in metrics], where=f"recommender (epoch {epoch + 1})",
+    check_finite(metrics["loss"], where=f"recommender (epoch {epoch + 1})",
                  advice=f"lower config.recommender.lr (now {rc.lr}) or "
                         "config.recommender.init_scale", latest_checkpoint=mgr.latest_step())
-    row = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+    row = {k: float(np.mean(v)) for k, v in metrics.items()}
     row["epoch"] = epoch + 1
     if on_epoch_end is not None:
       row.update(on_epoch_end(state.params, epoch + 1) or {})
