@@ -52,21 +52,27 @@ def batched_map(fn, inputs: dict, *, batch_size: int, mesh, desc: str):
 
   The leading dimension of every array in ``inputs`` is split into batches of
   ``batch_size`` (the last one padded by repeating its first row, so ``fn`` compiles
-  once), each sharded over the mesh's ``data`` axis.
+  once), each sharded over the mesh's ``data`` axis. The next batch is sliced and sent
+  while the device computes the current one (one batch in flight: async dispatch).
 
   Returns:
     numpy array [N, ...], the concatenated outputs without the padding.
   """
   sharding.check_divisible(batch_size, mesh, f"batch size of {desc!r}")
   n = len(next(iter(inputs.values())))
-  out = []
+  out, pending = [], None
   for start in progress(range(0, n, batch_size), desc=desc, total=-(-n // batch_size)):
     chunk = {k: v[start:start + batch_size] for k, v in inputs.items()}
     m = len(next(iter(chunk.values())))
     if m < batch_size:
       chunk = {k: np.concatenate([v, np.repeat(v[:1], batch_size - m, axis=0)])
                for k, v in chunk.items()}
-    out.append(np.asarray(fn(sharding.shard_batch(chunk, mesh)))[:m])
+    result = fn(sharding.shard_batch(chunk, mesh))
+    if pending is not None:
+      out.append(np.asarray(pending[0])[:pending[1]])
+    pending = (result, m)
+  if pending is not None:
+    out.append(np.asarray(pending[0])[:pending[1]])
   return np.concatenate(out, axis=0)
 
 
