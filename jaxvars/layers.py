@@ -83,11 +83,13 @@ def patches_conv(lhs, rhs, window_strides, padding, *, rhs_dilation=None,
 
 def use_patches(lhs_shape, rhs_shape, window_strides, padding, *, lhs_dilation=None,
                 rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
-                batch_group_count: int = 1, max_side: int = SMALL_MAP_MAX_SIDE) -> bool:
+                batch_group_count: int = 1, max_side: int | None = None) -> bool:
   """Whether :func:`conv_general_dilated` takes the patches form on CPU for these shapes:
   a 2-D NHWC convolution without input dilation or batch groups, dense or depthwise, whose
-  output map is at most ``max_side`` on each side, and whose kernel is larger than 1x1 (a
-  1x1 convolution is a matrix product already)."""
+  output map is at most ``max_side`` (default: the module's ``SMALL_MAP_MAX_SIDE``, read at
+  call time; 0 turns the patches form off) on each side, and whose kernel is larger than
+  1x1 (a 1x1 convolution is a matrix product already)."""
+  max_side = SMALL_MAP_MAX_SIDE if max_side is None else max_side
   if len(lhs_shape) != 4 or not _is_nhwc(dimension_numbers) or batch_group_count != 1:
     return False
   if lhs_dilation is not None and any(d != 1 for d in lhs_dilation):
