@@ -1,17 +1,24 @@
 """Building blocks shared by every model: a convolution that is fast on XLA's CPU backend.
 
-XLA's CPU convolution is pathologically slow on tiny feature maps: a 3x3 convolution on a
-2x2 map (ResNet stage 4 at 64 px), batch 32, 512 -> 512 channels, runs at about 2 GFLOP/s,
-100x slower than PyTorch, while the same convolution written as
-``lax.conv_general_dilated_patches`` + one matrix product is as fast as a GEMM. From
-about 4x4 up XLA's own convolution is the faster of the two. ``conv_general_dilated``
-below is a drop-in replacement for ``lax.conv_general_dilated`` that takes the
-patches + matmul form where the *output* map is small (``SMALL_MAP_MAX_SIDE``, chosen by
-``benchmarks/small_map_conv.py``) and the program runs on a CPU, and XLA's convolution
-everywhere else (GPU and TPU always use their own). The choice is static: it depends on
-shapes and on the platform the program is lowered for (``jax.lax.platform_dependent``),
-never on values, so it costs nothing at run time and both forms give the same outputs
-and gradients (to float32 rounding; ``tests/test_layers.py``).
+XLA's CPU convolution is pathologically slow in two cases:
+
+* dense convolutions on tiny feature maps: a 3x3 convolution on a 2x2 map (ResNet stage 4
+  at 64 px), batch 32, 512 -> 512 channels, runs at about 2 GFLOP/s, 100x slower than
+  PyTorch, while the same convolution written as ``lax.conv_general_dilated_patches`` +
+  one matrix product is as fast as a GEMM (from about 4x4 up XLA's own convolution is the
+  faster of the two);
+* depthwise convolutions (EfficientNet's), at every size: 4-28x slower than the sum over
+  the k x k taps of a shifted slice times the per-channel weights (``shift_add_depthwise``).
+
+``conv_general_dilated`` below is a drop-in replacement for ``lax.conv_general_dilated``
+that, when the program runs on a CPU, takes the shift-and-add form for depthwise
+convolutions and the patches + matmul form for dense ones whose *output* map is small
+(``SMALL_MAP_MAX_SIDE``, chosen by ``benchmarks/small_map_conv.py``), and XLA's
+convolution everywhere else (GPU and TPU always use their own). The choice is static: it
+depends on shapes and on the platform the program is lowered for
+(``jax.lax.platform_dependent``), never on values, so it costs nothing at run time and
+every form gives the same outputs and gradients (to float32 rounding;
+``tests/test_layers.py``).
 
 ``Conv`` is ``flax.linen.Conv`` with this function plugged in: same parameters
 (``kernel`` HWIO, ``bias``), same names, so checkpoints and weight imports are unchanged.
@@ -81,25 +88,68 @@ def patches_conv(lhs, rhs, window_strides, padding, *, rhs_dilation=None,
                             f"{c} input and {out} output channels")
 
 
+def shift_add_depthwise(lhs, rhs, window_strides, padding, *, rhs_dilation=None,
+                        precision=None):
+  """An NHWC depthwise convolution as a sum over its k x k taps of strided slices of the
+  padded input times the tap's per-channel weights.
+
+  Args:
+    lhs: float [B, H, W, C]. rhs: float [kh, kw, 1, C] (HWIO, ``feature_group_count=C``).
+    window_strides, padding, rhs_dilation: as ``lax.conv_general_dilated`` (2-D).
+
+  Returns:
+    [B, H', W', C], equal to ``lax.conv_general_dilated(..., feature_group_count=C)``.
+  """
+  del precision  # Elementwise products: no matmul precision to set.
+  kh, kw, _, c = rhs.shape
+  dil = tuple(rhs_dilation or (1, 1))
+  if isinstance(padding, str):
+    pads = lax.padtype_to_pads(lhs.shape[1:3], (dil[0] * (kh - 1) + 1, dil[1] * (kw - 1) + 1),
+                               window_strides, padding)
+  else:
+    pads = padding
+  x = jnp.pad(lhs, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+  ho = _out_side(lhs.shape[1], kh, window_strides[0], dil[0], pads[0])
+  wo = _out_side(lhs.shape[2], kw, window_strides[1], dil[1], pads[1])
+  sh, sw = window_strides
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      tap = lax.slice(x, (0, i * dil[0], j * dil[1], 0),
+                      (x.shape[0], i * dil[0] + (ho - 1) * sh + 1,
+                       j * dil[1] + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+      term = tap * rhs[i, j, 0]
+      out = term if out is None else out + term
+  return out
+
+
+def is_depthwise(lhs_shape, rhs_shape, *, dimension_numbers=None, feature_group_count: int = 1,
+                 lhs_dilation=None, batch_group_count: int = 1) -> bool:
+  """Whether a convolution is a 2-D NHWC depthwise one (one filter per input channel)."""
+  if len(lhs_shape) != 4 or not _is_nhwc(dimension_numbers) or batch_group_count != 1:
+    return False
+  if lhs_dilation is not None and any(d != 1 for d in lhs_dilation):
+    return False
+  c = lhs_shape[-1]
+  return feature_group_count == c > 1 and rhs_shape[2] == 1 and rhs_shape[3] == c
+
+
 def use_patches(lhs_shape, rhs_shape, window_strides, padding, *, lhs_dilation=None,
                 rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
                 batch_group_count: int = 1, max_side: int | None = None) -> bool:
   """Whether :func:`conv_general_dilated` takes the patches form on CPU for these shapes:
-  a 2-D NHWC convolution without input dilation or batch groups, dense or depthwise, whose
-  output map is at most ``max_side`` (default: the module's ``SMALL_MAP_MAX_SIDE``, read at
-  call time; 0 turns the patches form off) on each side, and whose kernel is larger than
-  1x1 (a 1x1 convolution is a matrix product already)."""
+  a dense (``feature_group_count == 1``) 2-D NHWC convolution without input dilation or
+  batch groups whose output map is at most ``max_side`` (default: the module's
+  ``SMALL_MAP_MAX_SIDE``, read at call time; 0 turns the patches form off) on each side,
+  and whose kernel is larger than 1x1 (a 1x1 convolution is a matrix product already).
+  Depthwise convolutions take :func:`shift_add_depthwise` instead."""
   max_side = SMALL_MAP_MAX_SIDE if max_side is None else max_side
   if len(lhs_shape) != 4 or not _is_nhwc(dimension_numbers) or batch_group_count != 1:
     return False
   if lhs_dilation is not None and any(d != 1 for d in lhs_dilation):
     return False
-  kh, kw, cin_per_group, out = rhs_shape
-  c = lhs_shape[-1]
-  if kh * kw == 1:
-    return False
-  if feature_group_count != 1 and not (feature_group_count == c and cin_per_group == 1
-                                       and out == c):
+  kh, kw, _, _ = rhs_shape
+  if kh * kw == 1 or feature_group_count != 1:
     return False
   dil = tuple(rhs_dilation or (1, 1))
   if isinstance(padding, str):
@@ -123,17 +173,23 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
       dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
       batch_group_count=batch_group_count, precision=precision,
       preferred_element_type=preferred_element_type)
-  if preferred_element_type is not None or not use_patches(
-      lhs.shape, rhs.shape, window_strides, padding, lhs_dilation=lhs_dilation,
-      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-      feature_group_count=feature_group_count, batch_group_count=batch_group_count):
+  if preferred_element_type is not None:
     return xla(lhs, rhs)
-  small = functools.partial(patches_conv, window_strides=window_strides, padding=padding,
-                            rhs_dilation=rhs_dilation, feature_group_count=feature_group_count,
-                            precision=precision)
-  return lax.platform_dependent(lhs, rhs, cpu=small, default=xla)
+  if is_depthwise(lhs.shape, rhs.shape, dimension_numbers=dimension_numbers,
+                  feature_group_count=feature_group_count, lhs_dilation=lhs_dilation,
+                  batch_group_count=batch_group_count):
+    fast = functools.partial(shift_add_depthwise, window_strides=window_strides,
+                             padding=padding, rhs_dilation=rhs_dilation, precision=precision)
+  elif use_patches(lhs.shape, rhs.shape, window_strides, padding, lhs_dilation=lhs_dilation,
+                   rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                   feature_group_count=feature_group_count, batch_group_count=batch_group_count):
+    fast = functools.partial(patches_conv, window_strides=window_strides, padding=padding,
+                             rhs_dilation=rhs_dilation, precision=precision)
+  else:
+    return xla(lhs, rhs)
+  return lax.platform_dependent(lhs, rhs, cpu=fast, default=xla)
 
 
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
-Conv.__doc__ = ("``flax.linen.Conv`` whose small-map convolutions take the fast CPU form "
-                "(:func:`conv_general_dilated`); same parameters and names.")
+Conv.__doc__ = ("``flax.linen.Conv`` whose depthwise and small-map convolutions take the fast "
+                "CPU forms (:func:`conv_general_dilated`); same parameters and names.")

@@ -1,4 +1,4 @@
-"""The small-map convolution: both forms give XLA's outputs and gradients, and the form is
+"""The fast CPU convolutions: every form gives XLA's outputs and gradients, and the form is
 chosen by static shape."""
 
 import flax.linen as nn
@@ -19,6 +19,7 @@ DN = ("NHWC", "HWIO", "NHWC")
     (4, 8, 8, 3, 2, ((1, 1), (1, 1)), 1),    # A strided conv down to 2x2.
     (3, 12, 12, 5, 1, "SAME", 12),           # Depthwise 5x5 (EfficientNet).
     (6, 12, 12, 3, 2, "SAME", 12),           # Depthwise, strided, asymmetric SAME padding.
+    (16, 8, 8, 5, 2, ((2, 2), (1, 2)), 8),   # Depthwise on a larger map, explicit padding.
     (8, 4, 4, 3, 1, "SAME", 1),              # A large map: XLA's own convolution.
 ])
 def test_outputs_and_gradients_equal_xla(side, cin, cout, k, stride, padding, groups):
@@ -30,7 +31,10 @@ def test_outputs_and_gradients_equal_xla(side, cin, cout, k, stride, padding, gr
       x, w, (stride, stride), padding, dimension_numbers=DN, feature_group_count=groups)
   patches = lambda x, w: layers.patches_conv(x, w, (stride, stride), padding,
                                              feature_group_count=groups)
-  for new in (chosen, patches):
+  forms = [chosen, patches]
+  if groups > 1:
+    forms.append(lambda x, w: layers.shift_add_depthwise(x, w, (stride, stride), padding))
+  for new in forms:
     np.testing.assert_allclose(jax.jit(new)(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
     loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
     for a, b in zip(jax.jit(jax.grad(loss(new), argnums=(0, 1)))(x, w),
@@ -46,7 +50,10 @@ def test_the_form_is_chosen_by_output_size():
   assert not choose(layers.SMALL_MAP_MAX_SIDE + 1) and not choose(16)
   assert choose(8, stride=4)  # Output 2x2 from an 8x8 input.
   assert not choose(2, k=1)  # A 1x1 conv is a matrix product already.
-  assert choose(2, groups=8) and not choose(2, groups=2)  # Depthwise yes, other groups no.
+  assert not choose(2, groups=8) and not choose(2, groups=2)  # Dense convolutions only.
+  depthwise = lambda groups, c=8: layers.is_depthwise(
+      (2, 16, 16, c), (3, 3, c // groups, c), dimension_numbers=DN, feature_group_count=groups)
+  assert depthwise(8) and not depthwise(1) and not depthwise(2)
   assert not layers.use_patches((2, 2, 2, 8), (3, 3, 8, 8), (1, 1), "SAME",
                                 dimension_numbers=("NCHW", "OIHW", "NCHW"))
 
