@@ -76,16 +76,17 @@ def _tiny_recommender():
   others = jax.random.normal(jax.random.key(3), (10, feature_dim))
   stats = {"mean": jnp.zeros(feature_dim), "std": jnp.ones(feature_dim)}
 
-  def loss(x):
+  def losses(x):  # One loss per image [3].
     f = normalize_features(backbone.apply(bvars, x)["pooled"], stats, "standardize")
     return item_bpr_loss(f, items=jnp.asarray(items), triplets=triplets,
                          score_fn=lambda u, i, feat: vbpr.apply({"params": vparams}, u, i, feat),
                          other_features=others)
-  return loss, images
+  return losses, images
 
 
 def test_attack_gradient_matches_finite_differences():
-  loss, x = _tiny_recommender()
+  losses, x = _tiny_recommender()
+  loss = lambda z: jnp.sum(losses(z))
   g = np.asarray(jax.grad(loss)(x))
   flat = np.argsort(-np.abs(g).ravel())[:5]  # The most influential pixels.
   h = 1e-2
@@ -101,13 +102,29 @@ def test_attack_gradient_matches_finite_differences():
   assert float(loss(adv)) > float(loss(x))  # The attack raises the BPR loss.
 
 
-def test_pgd_with_more_steps_never_lowers_the_loss():
-  loss, x = _tiny_recommender()
+def test_pgd_with_more_steps_never_lowers_any_images_loss():
+  losses, x = _tiny_recommender()
   key = jax.random.key(5)
-  values = [float(loss(pgd(loss, x, eps=8, alpha=2, steps=k, key=key, quantize=False)))
-            for k in range(1, 7)]
-  assert all(b >= a - 1e-6 for a, b in zip(values, values[1:])), values
-  assert values[-1] > float(loss(x))
+  values = np.array([losses(pgd(losses, x, eps=8, alpha=2, steps=k, key=key, quantize=False))
+                     for k in range(1, 7)])  # [steps, images]: per-image best iterates.
+  assert np.all(values[1:] >= values[:-1] - 1e-5), values
+  assert np.all(values[-1] > np.asarray(losses(x)))
+
+
+def test_pgd_keeps_each_images_best_iterate():
+  """One step up helps image 1 a little and hurts image 0 more: a best iterate kept for the
+  whole batch would keep neither step; kept per image, image 1 keeps its step."""
+  x = jnp.full((2, 1, 1, 1), 0.5)
+
+  def losses(z):
+    p = z[:, 0, 0, 0]
+    return jnp.stack([-100.0 * (p[0] - 0.5) ** 2 + 1e-3 * p[0], p[1]])
+
+  adv = pgd(losses, x, eps=8, alpha=4, steps=1, random_start=False, quantize=False)
+  np.testing.assert_allclose(adv[:, 0, 0, 0], [0.5, 0.5 + 4 / 255], atol=1e-6)
+  batch = pgd(lambda z: jnp.sum(losses(z)), x, eps=8, alpha=4, steps=1, random_start=False,
+              quantize=False)
+  np.testing.assert_allclose(batch[:, 0, 0, 0], [0.5, 0.5], atol=1e-6)
 
 
 def test_pgd_needs_a_key_for_its_random_start():

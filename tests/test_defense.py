@@ -216,3 +216,14 @@ def test_joint_step_eps_choices():
   by_eps = {e: np.mean([float(m["content"]) for m in many if float(m["input_eps"]) == e])
             for e in (2.0, 64.0)}
   assert by_eps[64.0] > 10 * by_eps[2.0]
+
+
+def test_denoiser_passes_input_gradients_at_saturated_pixels():
+  """The skip path's clip is straight-through: white backgrounds keep their gradient."""
+  d = Denoiser(channels=4, num_blocks=1, patch=8, attn_dim=8, heads=2)
+  x = jnp.ones((1, 8, 8, 3)).at[:, :4].set(0.0)  # Pure white and pure black pixels.
+  variables = d.init(jax.random.key(0), x)
+  g = jax.grad(lambda z: jnp.sum(d.apply(variables, z)))(x)
+  assert float(jnp.min(jnp.abs(g))) > 1e-4  # Every pixel, white or black, moves the output.
+  y = d.apply(variables, x)
+  assert float(jnp.max(jnp.abs(y - x))) < 2.0 / 512  # The forward value is unchanged.

@@ -2,8 +2,10 @@
 
 Units: images are float32 in [0, 1], NHWC. ``eps`` and ``alpha`` are in 1/255 units
 (``eps=8`` allows a change of 8/255 per pixel and channel). Attacks *maximise*
-``loss_fn``; pass a loss whose increase is the attacker's goal. The models inside
-``loss_fn`` must run in eval mode (no BatchNorm statistics updates, no dropout).
+``loss_fn``; pass a loss whose increase is the attacker's goal: a scalar, or one loss per
+image [B] (the attacks then ascend their mean, and PGD keeps each image's best iterate).
+The models inside ``loss_fn`` must run in eval mode (no BatchNorm statistics updates, no
+dropout), so that the images of a batch do not interact.
 
 Every output satisfies ``|x' - x| <= eps/255`` and ``0 <= x' <= 1``; with
 ``quantize=True`` (default) it is also rounded to the 8-bit grid, as an uploaded
@@ -44,7 +46,7 @@ def fgsm(loss_fn: Callable[[jax.Array], jax.Array], images: jax.Array, *, eps: f
   at the clean image, such as a distance to the clean features).
 
   Args:
-    loss_fn: images [B, H, W, 3] float32 -> scalar to maximise.
+    loss_fn: images [B, H, W, 3] float32 -> scalar or [B] to maximise.
     images: float32 [B, H, W, 3] in [0, 1].
     eps: L-inf radius in 1/255 units.
     quantize: round the result to 8 bits (then re-project).
@@ -53,13 +55,13 @@ def fgsm(loss_fn: Callable[[jax.Array], jax.Array], images: jax.Array, *, eps: f
   Returns:
     float32 [B, H, W, 3], inside the eps-ball of ``images`` and [0, 1].
   """
+  grad = jax.grad(lambda x: jnp.mean(loss_fn(x)))
   if key is None:
-    g = jax.grad(loss_fn)(images)
+    g = grad(images)
     return _finish(images + (eps / 255.0) * jnp.sign(g), images, eps, quantize)
   half = 0.5 * eps / 255.0
   x0 = project_linf(images + half * jnp.sign(jax.random.normal(key, images.shape)), images, eps)
-  g = jax.grad(loss_fn)(x0)
-  return _finish(x0 + half * jnp.sign(g), images, eps, quantize)
+  return _finish(x0 + half * jnp.sign(grad(x0)), images, eps, quantize)
 
 
 def pgd(loss_fn: Callable[[jax.Array], jax.Array], images: jax.Array, *, eps: float,
@@ -71,7 +73,7 @@ def pgd(loss_fn: Callable[[jax.Array], jax.Array], images: jax.Array, *, eps: fl
   ``x_{t+1} = Proj(x_t + alpha * sign(grad loss(x_t)))`` with ``jax.lax.fori_loop``.
 
   Args:
-    loss_fn: images -> scalar to maximise.
+    loss_fn: images -> scalar, or [B] per-image losses, to maximise.
     images: float32 [B, H, W, 3] in [0, 1].
     eps: L-inf radius, 1/255 units.
     alpha: step size, 1/255 units.
@@ -79,8 +81,9 @@ def pgd(loss_fn: Callable[[jax.Array], jax.Array], images: jax.Array, *, eps: fl
     key: PRNG key of the random start (required when ``random_start``).
     random_start: start from a uniform point of the eps-ball.
     quantize: round the result to 8 bits (then re-project).
-    keep_best: return the iterate with the highest loss seen (over the whole batch)
-      instead of the last one; the attacked loss then never decreases with more steps.
+    keep_best: return the iterate with the highest loss seen instead of the last one (per
+      image when ``loss_fn`` gives per-image losses, else for the whole batch); the
+      attacked loss then never decreases with more steps.
 
   Returns:
     float32 [B, H, W, 3], inside the eps-ball of ``images`` and [0, 1].
@@ -96,20 +99,26 @@ def pgd(loss_fn: Callable[[jax.Array], jax.Array], images: jax.Array, *, eps: fl
                       images, eps)
   else:
     x0 = images
-  value_and_grad = jax.value_and_grad(loss_fn)
+  def mean_and_losses(x):
+    losses = loss_fn(x)
+    return jnp.mean(losses), losses
+
+  value_and_grad = jax.value_and_grad(mean_and_losses, has_aux=True)
+  shape = jax.eval_shape(loss_fn, x0).shape  # () or (B,).
+  expand = lambda v: v.reshape(v.shape + (1,) * (images.ndim - v.ndim))
 
   def body(_, carry):
     x, best_x, best_loss = carry
-    loss, g = value_and_grad(x)
+    (_, loss), g = value_and_grad(x)
     better = loss > best_loss
-    best_x = jnp.where(better, x, best_x)
+    best_x = jnp.where(expand(better), x, best_x)
     best_loss = jnp.where(better, loss, best_loss)
     x = project_linf(x + (alpha / 255.0) * jnp.sign(g), images, eps)
     return x, best_x, best_loss
 
-  init = (x0, x0, jnp.array(-jnp.inf, jnp.float32))
+  init = (x0, x0, jnp.full(shape, -jnp.inf, jnp.float32))
   x, best_x, best_loss = jax.lax.fori_loop(0, steps, body, init)
   if keep_best:
     last_loss = loss_fn(x)
-    x = jnp.where(last_loss >= best_loss, x, best_x)
+    x = jnp.where(expand(last_loss >= best_loss), x, best_x)
   return _finish(x, images, eps, quantize)

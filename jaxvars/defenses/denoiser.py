@@ -14,9 +14,11 @@ residually, so fine detail flows through the skip path. At 224x224 with
 ``patch=8`` that is 784 tokens (a 2.4 MB score matrix per head). The image side
 must be divisible by ``patch``.
 
-**Output.** ``D(x) = sigmoid(logit(x) + r(x))`` with the last conv initialised
-to zero, so an untrained D is (to within 1/512) the identity, and no pixel is
-ever clipped (no dead gradients at pure white or black).
+**Output.** ``D(x) = sigmoid(logit(clip(x)) + r(x))`` with the last conv initialised
+to zero, so an untrained D is (to within 1/512) the identity. The clip to
+[1/512, 1 - 1/512] keeps the logit finite; it is straight-through (its gradient is 1
+everywhere), so pure white or black pixels (product-photo backgrounds) still pass input
+gradients, and attacks through D see no masked gradient there.
 """
 
 from __future__ import annotations
@@ -103,5 +105,5 @@ class Denoiser(nn.Module):
       h = ResidualBlock(self.channels, name=f"block{k}")(h)
     h = GlobalAttentionBlock(self.patch, self.attn_dim, self.heads, name="attention")(h)
     r = layers.Conv(3, (9, 9), padding=4, kernel_init=nn.initializers.zeros, name="conv_out")(h)
-    xc = jnp.clip(x, _EDGE, 1.0 - _EDGE)
+    xc = x + jax.lax.stop_gradient(jnp.clip(x, _EDGE, 1.0 - _EDGE) - x)  # Straight-through.
     return jax.nn.sigmoid(jnp.log(xc) - jnp.log1p(-xc) + r)

@@ -90,10 +90,10 @@ def defense_objective(params, consts, batch, x_adv, is_adv, *, models, weights: 
     metrics["score_clean"] = jnp.mean(detection_score(z[:b], z[b:2 * b]))
     metrics["score_adv"] = jnp.mean(detection_score(z[2 * b:3 * b], z[3 * b:]))
   if "bpr" in weights:
-    metrics["bpr"] = item_bpr_loss(models.normalize(consts, pooled[3 * b:]), items=batch["items"],
-                                   triplets=batch["triplets"],
-                                   score_fn=models.score_fn(params["recommender"]),
-                                   other_features=consts["features"])
+    metrics["bpr"] = jnp.mean(item_bpr_loss(
+        models.normalize(consts, pooled[3 * b:]), items=batch["items"],
+        triplets=batch["triplets"], score_fn=models.score_fn(params["recommender"]),
+        other_features=consts["features"]))
   for term, w in weights.items():
     loss = loss + w * metrics[term]
   metrics["loss"] = loss

@@ -1,6 +1,6 @@
 """Attack objectives (things an attacker *maximises*), chosen by ``config.attack.objective``.
 
-An objective is ``loss(ctx, images) -> float32 scalar`` over a batch of item photos, where
+An objective is ``loss(ctx, images) -> float32 [B]`` (one loss per item photo), where
 ``ctx`` is an :class:`AttackContext`: how the attacked pipeline turns photos into item
 features, the recommender's scores, and the batch's items (and BPR triplets when the
 objective needs them). One file per objective, each registering an :class:`Objective` in
@@ -47,7 +47,8 @@ class Objective:
   """A registered objective.
 
   Attributes:
-    loss: ``(ctx, images) -> scalar`` to maximise.
+    loss: ``(ctx, images) -> float32 [B]``, one loss per photo, to maximise (the photos of
+      a batch do not interact: PGD keeps each one's best iterate).
     needs_triplets: BPR triplets are sampled per attacked item (``ctx.triplets``).
     random_first_step: the gradient vanishes at the clean image (a distance to it), so
       FGSM takes a random step first (R+FGSM).

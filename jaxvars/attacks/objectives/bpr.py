@@ -20,19 +20,20 @@ from jaxvars.attacks.objectives import OBJECTIVES, AttackContext, Objective
 
 def item_bpr_loss(item_features: jax.Array, *, items: jax.Array, triplets: dict,
                   score_fn: Callable, other_features: jax.Array) -> jax.Array:
-  """Summed BPR loss of the triplets in which a batch of items takes part.
+  """BPR loss of the triplets in which each item of a batch takes part, per item.
 
   Args:
     item_features: float32 [B, F], features of the (attacked or denoised) images of ``items``.
     items: int32 [B].
     triplets: from ``item_triplets``: 'pos_users', 'pos_negs', 'pos_mask', 'neg_users',
       'neg_pos', each [B, T].
-    score_fn: (users [...], items [...], features [..., F]) -> scores [...] (VBPR, params bound).
+    score_fn: (users [...], items [...], features [..., F]) -> scores [...] (the recommender,
+      parameters bound).
     other_features: float32 [I, F], clean features of the other item of each triplet.
 
   Returns:
-    float32 scalar: sum over items and triplets of ``-log sigmoid(x_ui - x_uj)``, divided
-    by the number of items B (so the per-image gradient does not depend on B).
+    float32 [B]: for each item, the sum over its triplets of ``-log sigmoid(x_ui - x_uj)``
+    (the item as positive i of its buyers' triplets, and as negative j of non-buyers').
   """
   f = item_features[:, None, :]
   k = items[:, None]
@@ -40,12 +41,12 @@ def item_bpr_loss(item_features: jax.Array, *, items: jax.Array, triplets: dict,
   x_uk = score_fn(t["pos_users"], jnp.broadcast_to(k, t["pos_users"].shape),
                   jnp.broadcast_to(f, (*t["pos_users"].shape, f.shape[-1])))
   x_uj = score_fn(t["pos_users"], t["pos_negs"], other_features[t["pos_negs"]])
-  as_positive = jnp.sum(t["pos_mask"] * jax.nn.softplus(x_uj - x_uk))
+  as_positive = jnp.sum(t["pos_mask"] * jax.nn.softplus(x_uj - x_uk), axis=1)
   x_ui = score_fn(t["neg_users"], t["neg_pos"], other_features[t["neg_pos"]])
   x_uk2 = score_fn(t["neg_users"], jnp.broadcast_to(k, t["neg_users"].shape),
                    jnp.broadcast_to(f, (*t["neg_users"].shape, f.shape[-1])))
-  as_negative = jnp.sum(jax.nn.softplus(x_uk2 - x_ui))
-  return (as_positive + as_negative) / items.shape[0]
+  as_negative = jnp.sum(jax.nn.softplus(x_uk2 - x_ui), axis=1)
+  return as_positive + as_negative
 
 
 def _loss(ctx: AttackContext, images: jax.Array) -> jax.Array:

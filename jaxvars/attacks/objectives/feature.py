@@ -1,7 +1,7 @@
 """``feature``: the embedding-disruption objective, which needs no triplets.
 
 Maximise ``||E f(x') - E f(x)||_2`` in the recommender's visual space (VBPR: the
-projection E of the item feature), averaged over the batch: the attacked photo's item
+projection E of the item feature), per photo: the attacked photo's item
 embedding moves as far as the budget allows from the clean one, whoever buys the item.
 This is the common untargeted feature-space attack on visually-aware recommenders (cf.
 TAaMR / Anelli et al.'s feature loss); where the recommender has no visual embedding the
@@ -17,20 +17,20 @@ from jaxvars.attacks.objectives import OBJECTIVES, AttackContext, Objective
 
 
 def feature_distance(adv_features: jax.Array, clean_features: jax.Array, visual_fn=None):
-  """Mean over the batch of ``||E f' - E f||_2``.
+  """``||E f' - E f||_2`` per item.
 
   Args:
     adv_features, clean_features: float32 [B, F] normalised item features.
     visual_fn: features [..., F] -> visual embedding [..., K]; None = identity.
 
   Returns:
-    float32 scalar. The gradient at ``adv == clean`` is taken through a distance floored
-    at 1e-12 so the first step is finite.
+    float32 [B]. The distance is floored at 1e-6 (its square at 1e-12) so the gradient is
+    finite at ``adv == clean``.
   """
   if visual_fn is not None:
     adv_features, clean_features = visual_fn(adv_features), visual_fn(clean_features)
   sq = jnp.sum(jnp.square(adv_features - clean_features), axis=-1)
-  return jnp.mean(jnp.sqrt(jnp.maximum(sq, 1e-12)))
+  return jnp.sqrt(jnp.maximum(sq, 1e-12))
 
 
 def _loss(ctx: AttackContext, images: jax.Array) -> jax.Array:
