@@ -38,6 +38,9 @@ from jax import lax
 # outputs the patches form is 3-60x faster than XLA's convolution, forward and backward;
 # at 4x4 the two are within 10% of each other, and XLA's convolution wins from 6x6 up.
 SMALL_MAP_MAX_SIDE = 3
+# Depthwise convolutions take the shift-and-add form on CPU (False: XLA's convolution; read
+# at trace time, for benchmarks that measure what the fast forms buy).
+DEPTHWISE_SHIFT_ADD = True
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -175,9 +178,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
       preferred_element_type=preferred_element_type)
   if preferred_element_type is not None:
     return xla(lhs, rhs)
-  if is_depthwise(lhs.shape, rhs.shape, dimension_numbers=dimension_numbers,
-                  feature_group_count=feature_group_count, lhs_dilation=lhs_dilation,
-                  batch_group_count=batch_group_count):
+  if DEPTHWISE_SHIFT_ADD and is_depthwise(
+      lhs.shape, rhs.shape, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count, lhs_dilation=lhs_dilation,
+      batch_group_count=batch_group_count):
     fast = functools.partial(shift_add_depthwise, window_strides=window_strides,
                              padding=padding, rhs_dilation=rhs_dilation, precision=precision)
   elif use_patches(lhs.shape, rhs.shape, window_strides, padding, lhs_dilation=lhs_dilation,

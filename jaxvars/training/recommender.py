@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
@@ -113,9 +114,10 @@ def make_epoch_fn(recommender, mesh):
 
 
 def initial_state(exp) -> TrainState:
-  """The recommender's fresh train state (replicated on the mesh)."""
+  """The recommender's fresh train state (replicated on the mesh; a copy of the initial
+  parameters, since training donates its state)."""
   return jax.device_put(
-      TrainState.create(apply_fn=None, params=exp.params["recommender"],
+      TrainState.create(apply_fn=None, params=jax.tree.map(jnp.copy, exp.params["recommender"]),
                         tx=make_optimizer(exp.config.recommender, exp.rec_steps_per_epoch)),
       sharding.replicated(exp.mesh))
 
