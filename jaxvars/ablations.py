@@ -10,12 +10,32 @@ import os
 import time
 
 import ml_collections
+import numpy as np
 from absl import logging
 
 from jaxvars import atomic
+from jaxvars.evaluation import summary
+from jaxvars.experiment import with_detector_encoder
 from jaxvars.overrides import apply_overrides
-from jaxvars.run import RESULTS_FILE, attack_cache, evaluate_run
+from jaxvars.run import ARTIFACTS_FILE, RESULTS_FILE, attack_cache, evaluate_run
 from jaxvars.training import defense
+
+
+def _ranks(workdir: str) -> dict:
+  path = os.path.join(workdir, ARTIFACTS_FILE)
+  if not os.path.exists(path):
+    return {}
+  with np.load(path) as art:
+    return {k.removeprefix("ranks/"): art[k] for k in art.files if k.startswith("ranks/")}
+
+
+def compare_to_main(config, main: dict, variant: dict) -> dict:
+  """{row: {metric: paired difference}}: each of the variant's rows against the main run's
+  same row, on the same users (95% bootstrap intervals)."""
+  e = config.eval
+  return {row: summary.comparison(r, main[row], tuple(e.ks), resamples=int(e.bootstrap_resamples),
+                                  seed=int(e.bootstrap_seed))
+          for row, r in variant.items() if row in main}
 
 
 def run_ablations(exp, consts: dict, rec_params, workdir: str, *, train: bool) -> dict:
@@ -25,8 +45,9 @@ def run_ablations(exp, consts: dict, rec_params, workdir: str, *, train: bool) -
   contrastive term.
 
   Returns:
-    {name: {'overrides', 'ranking', 'detection', 'stages' (train only), 'timing'}};
-    each is also written to ``<workdir>/ablations/<name>/results.json``.
+    {name: {'overrides', 'ranking', 'ranking_unseen', 'detection', 'comparisons' (each row
+    against the main run's, paired over users), 'stages' (train only), 'timing'}}; each is
+    also written to ``<workdir>/ablations/<name>/results.json``.
 
   Raises:
     ConfigError: an override naming no field or changing the shared models (see
@@ -40,8 +61,10 @@ def run_ablations(exp, consts: dict, rec_params, workdir: str, *, train: bool) -
     sub = os.path.join(workdir, "ablations", name)
     os.makedirs(sub, exist_ok=True)
     logging.info("ablation %s: %s", name, ", ".join(overrides))
-    ab = dataclasses.replace(exp, config=cfg, workdir=sub, timing={})
-    params = dict(exp.params, recommender=rec_params)
+    ab = dataclasses.replace(exp, config=cfg, workdir=sub, timing={}, models=dataclasses.replace(
+        exp.models, detector_encoder=bool(cfg.detector.train_encoder)))
+    params = with_detector_encoder(dict(exp.params, recommender=rec_params),
+                                   consts["backbone"], cfg)
     history = None
     if train:
       params, history, seconds = defense.train_defense(ab, consts, params, sub)
@@ -53,7 +76,9 @@ def run_ablations(exp, consts: dict, rec_params, workdir: str, *, train: bool) -
                        cache_dir=attack_cache(exp.config, workdir))
     res["timing"]["total_s"] = time.perf_counter() - t
     row = {"overrides": list(overrides), "ranking": res["ranking"],
-           "detection": res["detection"], "timing": res["timing"]}
+           "ranking_unseen": res["ranking_unseen"], "detection": res["detection"],
+           "comparisons": compare_to_main(cfg, _ranks(workdir), _ranks(sub)),
+           "timing": res["timing"]}
     if history is not None:
       row["stages"] = history
     atomic.write_json(os.path.join(sub, RESULTS_FILE), dict(row, config=cfg.to_dict()))

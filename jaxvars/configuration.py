@@ -20,7 +20,7 @@ from jaxvars.overrides import apply_overrides, parse_override, without_ablations
 
 # Fields an ablation variant may override: the defence's training, not the shared models.
 ABLATION_FIELDS = ("loss.", "stages.", "defense.", "detector.temperature", "detector.fpr",
-                   "denoiser.rand_")
+                   "detector.train_encoder", "denoiser.rand_")
 
 
 def _get(config, path: str):
@@ -151,9 +151,10 @@ def _systems(config) -> None:
 
 
 def _denoiser(config) -> None:
-  from jaxvars.defenses.transforms import RAND_PADS
+  from jaxvars.defenses.transforms import RAND_ORDERS, RAND_PADS
   dn = config.denoiser
   one_of(config, "denoiser.rand_pad", RAND_PADS)
+  one_of(config, "denoiser.rand_order", RAND_ORDERS)
   if not 0.0 < dn.rand_min_scale <= 1.0:
     raise ConfigError(f"config.denoiser.rand_min_scale={dn.rand_min_scale} must be in (0, 1]")
   for path in ("denoiser.channels", "denoiser.attn_dim", "denoiser.heads", "denoiser.patch"):
@@ -174,6 +175,10 @@ def _detector(config) -> None:
   positive(config, "detector.temperature")
   if not 0.0 < config.detector.fpr < 1.0:
     raise ConfigError(f"config.detector.fpr={config.detector.fpr!r} must be in (0, 1)")
+  _budgets(config, "detector.noise_sigmas")
+  if not isinstance(config.detector.train_encoder, bool):
+    raise ConfigError(f"config.detector.train_encoder={config.detector.train_encoder!r} must be "
+                      "True or False")
 
 
 def _loss(config) -> None:
@@ -189,6 +194,9 @@ def _defense(config) -> None:
   if not 0 < config.defense.train_eps <= 255:
     raise ConfigError(f"config.defense.train_eps={config.defense.train_eps!r} must be in (0, 255]")
   positive(config, "defense.items_per_epoch", allow_zero=True, integer=True)
+  frac = config.defense.eval_fraction
+  if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac <= 0.9:
+    raise ConfigError(f"config.defense.eval_fraction={frac!r} must be in [0, 0.9]")
 
 
 def _stages(config) -> None:
@@ -213,6 +221,9 @@ def _stages(config) -> None:
 
 def _eval(config) -> None:
   positive(config, "eval.batch_users", integer=True)
+  positive(config, "eval.rand_draws", integer=True)
+  positive(config, "eval.bootstrap_resamples", integer=True)
+  positive(config, "eval.bootstrap_seed", allow_zero=True, integer=True)
   positive(config, "eval.every_epochs", allow_zero=True, integer=True)
   ks = tuple(config.eval.ks)
   if not ks or any((not isinstance(k, int)) or isinstance(k, bool) or k <= 0 for k in ks):

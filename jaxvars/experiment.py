@@ -35,7 +35,10 @@ class Experiment:
     params: {'recommender', 'denoiser', 'detector': {'head'}} initial parameters (replicated).
     backbone_vars: the frozen backbone's {'params', 'batch_stats'} (replicated).
     rec_steps_per_epoch: BPR steps per recommender epoch.
-    holdout: item indices never used to train the defence (detection is evaluated on them).
+    eval_items: items the defence never trains on (``config.defense.eval_fraction`` of the
+      catalogue, at least the detection holdout): users whose held-out item is one of
+      them are the out-of-sample ('unseen') group of every defended number.
+    holdout: the detection items, a seeded subset of ``eval_items``.
     pool: the other items (defence training). calibration: clean items of the pool that
       set the detection threshold.
     timing: seconds of each phase so far.
@@ -47,6 +50,7 @@ class Experiment:
   backbone_vars: dict
   params: dict
   rec_steps_per_epoch: int
+  eval_items: np.ndarray
   holdout: np.ndarray
   pool: np.ndarray
   calibration: np.ndarray
@@ -84,20 +88,47 @@ def build(config: ml_collections.ConfigDict, workdir: str | None) -> Experiment:
   params = {"recommender": recommender.init(k_rec, backbone.feature_dim),
             "denoiser": jax.jit(denoiser.init)(k_denoiser, image)["params"],
             "detector": {"head": head.init(k_head, jnp.zeros((1, backbone.feature_dim)))["params"]}}
+  params = with_detector_encoder(params, backbone_vars, config)
   models = Models(backbone=backbone, recommender=recommender, denoiser=denoiser, head=head,
                   feature_norm=config.backbone.feature_norm, rand_min_scale=dn.rand_min_scale,
-                  rand_pad=dn.rand_pad)
-  rng = np.random.default_rng([config.seed, 7])
-  order = rng.permutation(data.num_items)
-  n_hold = min(config.detector.holdout_items, data.num_items // 4)
-  holdout, pool = np.sort(order[:n_hold]), np.sort(order[n_hold:])
-  calibration = np.sort(rng.choice(pool, min(config.detector.calibration_items, len(pool)),
-                                   replace=False))
+                  rand_pad=dn.rand_pad, detector_encoder=bool(config.detector.train_encoder))
+  eval_items, holdout, pool, calibration = item_split(config, data.num_items)
   repl = sharding.replicated(mesh)
   return Experiment(config, data, mesh, models, jax.device_put(backbone_vars, repl),
                     jax.device_put(params, repl),
                     max(1, -(-len(data.train_users) // config.recommender.batch_size)),
-                    holdout, pool, calibration, timing, workdir)
+                    eval_items, holdout, pool, calibration, timing, workdir)
+
+
+def with_detector_encoder(params: dict, backbone_vars: dict, config) -> dict:
+  """``params`` with the detector's own trainable copy of the backbone's weights
+  (``config.detector.train_encoder``, initialised from the backbone), or without one."""
+  detector = {"head": params["detector"]["head"]}
+  if config.detector.train_encoder:
+    detector["encoder"] = jax.tree.map(jnp.copy, params["detector"].get(
+        "encoder", backbone_vars["params"]))
+  return dict(params, detector=detector)
+
+
+def item_split(config, num_items: int):
+  """The defence's item split, seeded by ``config.seed``.
+
+  Returns:
+    (eval_items, holdout, pool, calibration): sorted int arrays. ``eval_items`` (never
+    trained on by the defence): ``config.defense.eval_fraction`` of the items, and at least
+    the ``holdout`` (``config.detector.holdout_items``, at most a quarter of the catalogue),
+    which is drawn from them; ``pool`` = the rest (defence training); ``calibration``
+    (``config.detector.calibration_items``) is drawn from the pool.
+  """
+  rng = np.random.default_rng([config.seed, 7])
+  order = rng.permutation(num_items)
+  n_hold = min(config.detector.holdout_items, num_items // 4)
+  n_eval = min(max(int(round(config.defense.eval_fraction * num_items)), n_hold), num_items - 1)
+  eval_items, pool = np.sort(order[:n_eval]), np.sort(order[n_eval:])
+  holdout = np.sort(rng.choice(eval_items, n_hold, replace=False))
+  calibration = np.sort(rng.choice(pool, min(config.detector.calibration_items, len(pool)),
+                                   replace=False))
+  return eval_items, holdout, pool, calibration
 
 
 def make_consts(exp: Experiment, backbone_vars=None) -> dict:

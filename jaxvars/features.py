@@ -48,7 +48,8 @@ def feature_stats(features: np.ndarray) -> dict:
 
 
 def batched_map(fn, inputs: dict, *, batch_size: int, mesh, desc: str):
-  """Applies a jitted ``fn(batch: dict) -> array [b, ...]`` over host arrays in batches.
+  """Applies a jitted ``fn(batch: dict) -> array [b, ...]`` (or a pytree of such arrays)
+  over host arrays in batches.
 
   The leading dimension of every array in ``inputs`` is split into batches of
   ``batch_size`` (the last one padded by repeating its first row, so ``fn`` compiles
@@ -56,7 +57,8 @@ def batched_map(fn, inputs: dict, *, batch_size: int, mesh, desc: str):
   while the device computes the current one (one batch in flight: async dispatch).
 
   Returns:
-    numpy array [N, ...], the concatenated outputs without the padding.
+    numpy array [N, ...] (or the pytree of them), the concatenated outputs without the
+    padding.
   """
   sharding.check_divisible(batch_size, mesh, f"batch size of {desc!r}")
   n = len(next(iter(inputs.values())))
@@ -69,11 +71,11 @@ def batched_map(fn, inputs: dict, *, batch_size: int, mesh, desc: str):
                for k, v in chunk.items()}
     result = fn(sharding.shard_batch(chunk, mesh))
     if pending is not None:
-      out.append(np.asarray(pending[0])[:pending[1]])
+      out.append(jax.tree.map(lambda a, m=pending[1]: np.asarray(a)[:m], pending[0]))
     pending = (result, m)
   if pending is not None:
-    out.append(np.asarray(pending[0])[:pending[1]])
-  return np.concatenate(out, axis=0)
+    out.append(jax.tree.map(lambda a, m=pending[1]: np.asarray(a)[:m], pending[0]))
+  return jax.tree.map(lambda *parts: np.concatenate(parts, axis=0), *out)
 
 
 class FeatureExtractor:

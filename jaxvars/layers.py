@@ -5,7 +5,7 @@ XLA's CPU convolution is pathologically slow in two cases:
 * dense convolutions on tiny feature maps: a 3x3 convolution on a 2x2 map (ResNet stage 4
   at 64 px), batch 32, 512 -> 512 channels, runs at about 2 GFLOP/s, 100x slower than
   PyTorch, while the same convolution written as ``lax.conv_general_dilated_patches`` +
-  one matrix product is as fast as a GEMM (from about 4x4 up XLA's own convolution is the
+  one matrix product is as fast as a GEMM (from 3x3 up XLA's own convolution is the
   faster of the two);
 * depthwise convolutions (EfficientNet's), at every size: 4-28x slower than the sum over
   the k x k taps of a shifted slice times the per-channel weights (``shift_add_depthwise``).
@@ -34,10 +34,11 @@ import jax.numpy as jnp
 from jax import lax
 
 # Largest output side (max of height and width) that takes the patches + matmul form on
-# CPU. Measured with benchmarks/small_map_conv.py (2 CPU cores, jax 0.10.2): at 1x1 to 3x3
-# outputs the patches form is 3-60x faster than XLA's convolution, forward and backward;
-# at 4x4 the two are within 10% of each other, and XLA's convolution wins from 6x6 up.
-SMALL_MAP_MAX_SIDE = 3
+# CPU. Measured with benchmarks/small_map_conv.py (2 CPU cores, jax 0.10.2, batch 32, 3x3,
+# 256 and 512 channels): at 2x2 outputs the patches form is 6-44x faster than XLA's
+# convolution forward and backward, at 1x1 1.1-2x; from 3x3 up XLA's convolution is the
+# faster (patches: 0.4-0.7x forward, 0.1-0.2x backward).
+SMALL_MAP_MAX_SIDE = 2
 # Depthwise convolutions take the shift-and-add form on CPU (False: XLA's convolution; read
 # at trace time, for benchmarks that measure what the fast forms buy).
 DEPTHWISE_SHIFT_ADD = True

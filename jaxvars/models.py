@@ -5,8 +5,9 @@
 resize + pad), ``embed_pooled`` (detector embedding z), ``detection_scores`` and the
 recommender. Parameters are passed in explicitly:
 
-* ``params = {'recommender': ..., 'denoiser': ..., 'detector': {'head': ...}}`` (trainable,
-  by stage: :data:`PARAM_GROUPS`);
+* ``params = {'recommender': ..., 'denoiser': ..., 'detector': {'head': ...[, 'encoder':
+  ...]}}`` (trainable, by stage: :data:`PARAM_GROUPS`; the detector's own copy of the
+  backbone's weights when ``detector_encoder``);
 * ``consts = {'backbone': {'params', 'batch_stats'}, 'stats': {'mean', 'std'},
   'features': [I, F] clean normalised item features}`` (never trained).
 
@@ -41,6 +42,8 @@ class Models:
     feature_norm: see :func:`jaxvars.features.normalize_features`.
     rand_min_scale: smallest scale of the random resize ("rand" defence).
     rand_pad: padding of "rand": 'zero' (Xie et al.) or 'border' (the image's border colour).
+    detector_encoder: the detector embeds through its own trainable copy of the backbone
+      (``params['detector']['encoder']``, the paper's setting) instead of the frozen one.
   """
   backbone: nn.Module
   recommender: Recommender
@@ -49,6 +52,7 @@ class Models:
   feature_norm: str = "standardize"
   rand_min_scale: float = 0.875
   rand_pad: str = "zero"
+  detector_encoder: bool = False
 
   def backbone_out(self, consts, images: jax.Array) -> dict:
     """Backbone outputs (stage maps, 'pooled', ...) of float32 images [B, H, W, 3] in [0, 1]."""
@@ -62,19 +66,37 @@ class Models:
     """Normalised item features f [B, F] of float32 images [B, H, W, 3]."""
     return self.normalize(consts, self.backbone_out(consts, images)["pooled"])
 
-  def rand(self, images: jax.Array, key: jax.Array) -> jax.Array:
-    """The random resize + pad of float32 images [B, H, W, 3] (Xie et al. 2018)."""
-    return random_resize_pad(images, key, min_scale=self.rand_min_scale, pad=self.rand_pad)
+  def rand(self, images: jax.Array, keys: jax.Array, *, pad: str | None = None) -> jax.Array:
+    """The random resize + pad (Xie et al. 2018) of float32 images [B, H, W, 3], one draw
+    per image from its key (``keys`` [B]), so an item's transform does not depend on its
+    batch; ``pad`` defaults to ``rand_pad``."""
+    pad = pad or self.rand_pad
+    return jax.vmap(lambda img, k: random_resize_pad(img[None], k, min_scale=self.rand_min_scale,
+                                                     pad=pad)[0])(images, keys)
 
-  def denoise(self, params, images: jax.Array, *, rand_key: jax.Array | None = None):
-    """D(x), or D(rand(x)) when ``rand_key`` is given."""
-    if rand_key is not None:
-      images = self.rand(images, rand_key)
+  def denoise(self, params, images: jax.Array):
+    """D(x) of float32 images [B, H, W, 3] in [0, 1]."""
     return self.denoiser.apply({"params": params["denoiser"]}, images)
 
   def embed_pooled(self, params, pooled: jax.Array) -> jax.Array:
-    """Detector embeddings z [B, D] (unit norm) from pooled backbone features [B, F]."""
+    """Detector embeddings z [B, D] (unit norm) from the encoder's pooled features [B, F]."""
     return self.head.apply({"params": params["detector"]["head"]}, pooled)
+
+  def detector_pooled(self, params, consts, images: jax.Array, *, frozen_pooled=None):
+    """The detector encoder's pooled features [B, F] of images [B, H, W, 3]: the frozen
+    backbone's (``frozen_pooled`` when already computed) or, with ``detector_encoder``, its
+    own trainable copy's (BatchNorm statistics of the frozen backbone, eval mode)."""
+    if not self.detector_encoder:
+      if frozen_pooled is not None:
+        return frozen_pooled
+      return self.backbone_out(consts, images)["pooled"]
+    variables = {"params": params["detector"]["encoder"],
+                 "batch_stats": consts["backbone"]["batch_stats"]}
+    return self.backbone.apply(variables, images, train=False)["pooled"]
+
+  def embed(self, params, consts, images: jax.Array) -> jax.Array:
+    """Detector embeddings z [B, D] of float32 images [B, H, W, 3]."""
+    return self.embed_pooled(params, self.detector_pooled(params, consts, images))
 
   def score_fn(self, rec_params):
     """(users, items, features) -> recommender scores, with ``rec_params`` bound."""
@@ -82,8 +104,7 @@ class Models:
 
   def detection_scores(self, params, consts, images: jax.Array) -> jax.Array:
     """Detector score ||z(x) - z(D(x))||_2 [B] of float32 images [B, H, W, 3]."""
-    pooled = self.backbone_out(consts, jnp.concatenate([images, self.denoise(params, images)]))
-    z = self.embed_pooled(params, pooled["pooled"])
+    z = self.embed(params, consts, jnp.concatenate([images, self.denoise(params, images)]))
     b = images.shape[0]
     return detection_score(z[:b], z[b:])
 

@@ -77,11 +77,12 @@ def evaluate_run(exp: Experiment, params: dict, consts: dict, *, eval_eps=None, 
   """
   config = exp.config
   out = evaluate_all(models=exp.models, params=params, consts=consts, data=exp.data,
-                     mesh=exp.mesh, config=config, holdout=exp.holdout,
-                     calibration=exp.calibration,
+                     mesh=exp.mesh, config=config, eval_items=exp.eval_items,
+                     holdout=exp.holdout, calibration=exp.calibration,
                      systems=evaluated_systems(config, only_trained=only_trained),
                      specs=attack_specs(config, eval_eps=eval_eps, methods=methods),
-                     detect=detector_trained(config), mostpop=not only_trained,
+                     detect=detector_trained(config),
+                     fidelity="denoiser" in trained_groups(config), mostpop=not only_trained,
                      cache_dir=attack_cache(config, exp.workdir) if cache_dir == -1 else cache_dir)
   artifacts = out.pop("artifacts")
   if artifacts and exp.workdir:
@@ -89,7 +90,9 @@ def evaluate_run(exp: Experiment, params: dict, consts: dict, *, eval_eps=None, 
   timing = dict(exp.timing, **out.pop("timing"))
   timing.update({f"attack_{k}_s": v["time_s"] for k, v in out["attack"].items()
                  if not v.get("cached")})  # A cached catalogue cost nothing in this run.
-  return {"data": dict(exp.data.summary(), defense_holdout_items=int(len(exp.holdout))),
+  return {"data": dict(exp.data.summary(), defense_holdout_items=int(len(exp.holdout)),
+                       defense_eval_items=int(len(exp.eval_items)),
+                       defense_train_items=int(len(exp.pool))),
           **out, "timing": timing}
 
 

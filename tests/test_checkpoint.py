@@ -53,18 +53,21 @@ def test_train_then_evaluate_reproduces_metrics_and_resumes(tfds_dir, tmp_path):
                                                     "bit_depth")
                               for c in ("clean", "fgsm@8", "pgd@8")}
   assert set(trained["ranking"]) == want
-  # The registries refactor changed no number: ranking and detection equal those main gave
-  # before it (stored in tests/golden/; same preset, same seeds).
+  # The registries refactor changed no number: the rankings equal those main gave before it
+  # (stored in tests/golden/; same preset, same seeds). The rows the honest-evaluation
+  # changes moved on purpose (PGD's per-image best iterate and its own random stream, the
+  # defence trained out of sample, rand(D(x)) over 4 draws, detection on unseen items) are
+  # no longer comparable; the undefended recommender's clean and FGSM rows are.
   with open(os.path.join(REPO, "tests", "golden", "tiny_before_refactor.json")) as f:
     golden = json.load(f)
-  for section in ("ranking", "detection"):
-    assert set(golden[section]) <= set(trained[section]), section  # Later systems add rows.
-    for key, row in golden[section].items():
-      assert trained[section][key] == pytest.approx(row, rel=1e-6, abs=1e-9), (section, key)
+  for key in ("mostpop/clean", "vbpr/clean", "vbpr/fgsm@8"):
+    got = {m: trained["ranking"][key][m] for m in golden["ranking"][key]}
+    assert got == pytest.approx(golden["ranking"][key], rel=1e-6, abs=1e-9), key
   assert set(trained["ranking"]["vbpr/clean"]) == {f"{m}@{k}" for m in ("HR", "NDCG")
                                                    for k in (5, 10, 20)}
   assert set(trained["detection"]) == {"fgsm@8", "pgd@8"}
-  assert {"accuracy", "roc_auc", "tpr@fpr=0.05", "threshold"} <= set(trained["detection"]["fgsm@8"])
+  assert {"accuracy", "roc_auc", "oracle_tpr@fpr=0.05", "threshold", "ci95"} <= set(
+      trained["detection"]["fgsm@8"])
   for attack in trained["attack"].values():
     assert attack["linf_255"] <= 8.0 + 1e-4 and attack["l2"] > 0 and attack["time_s"] > 0
   assert set(trained["training"]["stages"]) == {"denoiser_fgsm", "denoiser_mix", "detector",

@@ -121,7 +121,7 @@ def test_roc_auc_matches_pairwise_count():
 def test_detection_metrics_on_separable_scores():
   m = det.detection_metrics(calibration_clean=np.linspace(0, 1, 101), clean=np.full(50, 0.5),
                            adversarial=np.full(50, 3.0), fpr=0.05)
-  assert m["accuracy"] == 1.0 and m["roc_auc"] == 1.0 and m["tpr@fpr=0.05"] == 1.0
+  assert m["accuracy"] == 1.0 and m["roc_auc"] == 1.0 and m["oracle_tpr@fpr=0.05"] == 1.0
   assert m["threshold"] == pytest.approx(0.95)
 
 

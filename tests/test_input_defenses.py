@@ -15,7 +15,7 @@ from jaxvars.defenses import SYSTEMS
 from jaxvars.defenses.bit_depth import reduce_bit_depth
 from jaxvars.defenses.jpeg import jpeg_compress
 from jaxvars.errors import ConfigError
-from jaxvars.evaluation.runner import system_features
+from jaxvars.evaluation.system_features import system_features
 
 
 def _photos(n=3, size=24, seed=0):

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from jaxvars import atomic
+from jaxvars import atomic, rng as rng_streams
 from jaxvars.attacks.spec import METHODS, AttackSpec
 from jaxvars.data import splits
 from jaxvars.features import batched_map
@@ -71,7 +71,7 @@ def attack_catalogue(spec: AttackSpec, *, models, rec_params, consts, data, mesh
                                     train_items=data.train_items, num_users=data.num_users,
                                     num_items=data.num_items, positive_keys=keys,
                                     per_role=spec.triplets_per_item, rng=rng)
-  base_key = jax.random.key(spec.seed)
+  base_key = rng_streams.stream(spec.seed, rng_streams.ATTACK_START)
 
   @jax.jit
   def craft(batch):

@@ -7,8 +7,13 @@ with ``System.label``. A new defence is one module of :mod:`jaxvars.defenses` th
 registers a :class:`System` here (and names it in ``config.systems.evaluate``).
 
 Registered here: ``undefended`` (the plain recommender; its rows are named after the
-recommender, e.g. ``vbpr/clean``), ``defended`` (OURS: D(x), paper 3.3) and
-``defended_rand`` (OURS-rand: D(rand(x)), with one random resize + pad per item).
+recommender, e.g. ``vbpr/clean``), ``defended`` (OURS: D(x), paper 3.3),
+``defended_rand`` (OURS-rand: rand(D(x)) as the paper, or D(rand(x)) with
+``config.denoiser.rand_order='before'``; padding ``config.denoiser.rand_pad``) and
+``defended_rand_border`` (the same with border-colour padding).
+
+A randomised system's transform takes keys [K, B] (K draws of each of B photos) and
+returns [K, B, H, W, 3]; the others take ``keys=None`` and return [B, H, W, 3].
 """
 
 from __future__ import annotations
@@ -61,8 +66,19 @@ def _defended(models, params, images, keys):
   return models.denoise(params, images)
 
 
-def _defended_rand(models, params, images, keys):
-  return jax.vmap(lambda img, k: models.denoise(params, img[None], rand_key=k)[0])(images, keys)
+def make_rand_system(config, *, pad: str | None = None) -> Transform:
+  """The transform of OURS-rand: rand(D(x)) or D(rand(x)) (``config.denoiser.rand_order``),
+  K draws per photo, padding ``pad`` (default ``config.denoiser.rand_pad``)."""
+  order = config.denoiser.get("rand_order", "after")
+  pad = pad or config.denoiser.rand_pad
+
+  def transform(models, params, images, keys):
+    if order == "after":  # D once, then K random resize + pads of its output.
+      denoised = models.denoise(params, images)
+      return jax.vmap(lambda ks: models.rand(denoised, ks, pad=pad))(keys)
+    return jax.vmap(lambda ks: models.denoise(params, models.rand(images, ks, pad=pad)))(keys)
+
+  return transform
 
 
 SYSTEMS.register(UNDEFENDED, System(label=None, make=lambda config: _undefended,
@@ -71,5 +87,15 @@ SYSTEMS.register("defended", System(label="OURS", make=lambda config: _defended,
                                     needs=("denoiser",),
                                     description="denoiser D in front of the frozen backbone"))
 SYSTEMS.register("defended_rand", System(
-    label="OURS-rand", make=lambda config: _defended_rand, needs=("denoiser",), randomized=True,
-    description="random resize + pad (one draw per item), then D"))
+    label="OURS-rand", make=make_rand_system, needs=("denoiser",), randomized=True,
+    description="D and a random resize + pad (Xie et al. 2018), in config.denoiser.rand_order",
+    settings=lambda config: {"rand_order": config.denoiser.get("rand_order", "after"),
+                             "rand_pad": config.denoiser.rand_pad,
+                             "rand_min_scale": config.denoiser.rand_min_scale}))
+SYSTEMS.register("defended_rand_border", System(
+    label="OURS-rand-border", make=lambda config: make_rand_system(config, pad="border"),
+    needs=("denoiser",), randomized=True,
+    description="OURS-rand padding with the photo's border colour instead of black",
+    settings=lambda config: {"rand_order": config.denoiser.get("rand_order", "after"),
+                             "rand_pad": "border",
+                             "rand_min_scale": config.denoiser.rand_min_scale}))

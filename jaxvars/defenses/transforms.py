@@ -11,6 +11,9 @@ import jax
 import jax.numpy as jnp
 
 RAND_PADS = ("zero", "border")  # config.denoiser.rand_pad
+# config.denoiser.rand_order: 'after' = rand(D(x)) (the paper: the random resize + pad is
+# imposed on the denoised image), 'before' = D(rand(x)).
+RAND_ORDERS = ("after", "before")
 
 
 def random_resize_pad(images: jax.Array, key: jax.Array, *, min_scale: float,

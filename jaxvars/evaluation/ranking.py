@@ -105,18 +105,24 @@ def candidate_scores(recommender, params, features, candidates: np.ndarray,
   return np.concatenate(out, axis=0)
 
 
-def format_ranking_table(ranking: dict[str, dict[str, float]]) -> str:
-  """A plain-text table: one row per key (``<system>/<condition>``), one column per metric."""
+def format_ranking_table(ranking: dict[str, dict]) -> str:
+  """A plain-text table: one row per key (``<system>/<condition>``), one column per metric
+  (the float fields of the rows), and the 95% interval of HR@10 where the rows have one."""
   if not ranking:
     return "(no results)"
-  metrics = list(next(iter(ranking.values())).keys())
+  first = next(iter(ranking.values()))
+  metrics = [m for m, v in first.items() if isinstance(v, float)]
+  with_ci = "HR@10" in first.get("ci95", {})
   width = max(len(k) for k in ranking) + 2
   cols = [max(9, len(m) + 2) for m in metrics]
-  lines = ["".ljust(width) + "".join(m.rjust(c) for m, c in zip(metrics, cols))]
+  head = "".ljust(width) + "".join(m.rjust(c) for m, c in zip(metrics, cols))
+  lines = [head + ("   HR@10 95% CI" if with_ci else "")]
   for key, row in ranking.items():
     cells = []
     for m, c in zip(metrics, cols):
       v = row.get(m)
       cells.append(f"{v:{c}.4f}" if isinstance(v, float) and not math.isnan(v) else "n/a".rjust(c))
-    lines.append(key.ljust(width) + "".join(cells))
+    ci = row.get("ci95", {}).get("HR@10")
+    lines.append(key.ljust(width) + "".join(cells)
+                 + (f"   [{ci[0]:.4f}, {ci[1]:.4f}]" if with_ci and ci else ""))
   return "\n".join(lines)

@@ -1,10 +1,12 @@
-"""Every system under every condition: the ``ranking``, ``detection`` and ``attack`` tables of
-results.json.
+"""Every system under every condition: the tables of results.json.
 
 Conditions are ``clean`` and one attacked catalogue per attack spec (crafted once against
 the undefended recommender, cached, and reused by every system: the paper's threat
 model). Systems are registered in :data:`jaxvars.defenses.SYSTEMS`; a system's rows are
-``<row name>/<condition>`` (``jaxvars.defenses.row_name``).
+``<row name>/<condition>`` (``jaxvars.defenses.row_name``). Every ranking number carries a
+95% bootstrap interval over users and is also given for the users whose held-out item the
+defence never trained on (``ranking_unseen``) and for the others (``ranking_seen``);
+detection is scored on items the defence never trained on, with intervals over items.
 """
 
 from __future__ import annotations
@@ -18,39 +20,10 @@ import numpy as np
 from jaxvars.attacks.catalogue import cached_attack_catalogue
 from jaxvars.conditions import CLEAN, row_key
 from jaxvars.defenses import SYSTEMS, UNDEFENDED, row_name
-from jaxvars.evaluation.detection import detection_metrics
-from jaxvars.evaluation.ranking import (candidate_matrix, candidate_scores, evaluate_scores,
-                                        mostpop_scores)
-from jaxvars.features import batched_map
-from jaxvars.pixels import to_float, to_uint8
-
-
-def system_features(system_name: str, *, models, params, consts, images: np.ndarray, mesh,
-                    batch_size: int, seed: int, config) -> np.ndarray:
-  """Normalised features [I, F] of a catalogue (uint8 [I, S, S, 3]) as one registered system
-  sees it; a randomised system draws per item from ``fold_in(key(seed), item)`` (the same
-  random transform for the same item)."""
-  system = SYSTEMS.get(system_name)
-  transform = system.make(config)
-  base_key = jax.random.key(seed)
-
-  @jax.jit
-  def fn(batch):
-    x = to_float(batch["images"])
-    keys = (jax.vmap(lambda i: jax.random.fold_in(base_key, i))(batch["items"])
-            if system.randomized else None)
-    return models.features(consts, transform(models, params, x, keys))
-
-  items = np.arange(len(images), dtype=np.int32)
-  return batched_map(fn, {"images": images, "items": items}, batch_size=batch_size, mesh=mesh,
-                     desc=f"{system_name} features")
-
-
-def detection_scores(*, models, params, consts, images: np.ndarray, mesh, batch_size: int):
-  """Detector scores ||z(x) - z(D(x))|| [N] of uint8 images [N, S, S, 3]."""
-  fn = jax.jit(lambda b: models.detection_scores(params, consts, to_float(b["images"])))
-  return batched_map(fn, {"images": images}, batch_size=batch_size, mesh=mesh,
-                     desc="detector scores")
+from jaxvars.evaluation import checks, summary
+from jaxvars.evaluation.ranking import (candidate_matrix, candidate_scores, mostpop_scores,
+                                        positive_ranks)
+from jaxvars.evaluation.system_features import systems_features
 
 
 def systems_table(systems, recommender, config) -> dict:
@@ -61,48 +34,84 @@ def systems_table(systems, recommender, config) -> dict:
     s = SYSTEMS.get(name)
     out[row_name(name, recommender.name)] = {
         "system": name, "label": s.label or recommender.label, "description": s.description,
-        "settings": s.settings(config)}
+        "settings": s.settings(config), "randomized": s.randomized}
   return out
 
 
-def evaluate_all(*, models, params, consts, data, mesh, config, holdout: np.ndarray,
-                 calibration: np.ndarray, systems, specs, detect: bool = True,
-                 cache_dir: str | None = None, mostpop: bool = True) -> dict:
-  """Every table of results.json: ``ranking``, ``detection``, ``attack``, ``systems``, and
-  their timing.
+def _ranks(recommender, rec_params, feats: np.ndarray, cands: np.ndarray,
+           batch_users: int) -> np.ndarray:
+  """Ranks [U] of features [I, F], or [K, U] of features [K, I, F]."""
+  if feats.ndim == 3:
+    return np.stack([_ranks(recommender, rec_params, f, cands, batch_users) for f in feats])
+  scores = candidate_scores(recommender, rec_params, jnp.asarray(feats), cands, batch_users)
+  return positive_ranks(scores[:, 0], scores[:, 1:])
+
+
+def _tables(ranks: dict, config, unseen: np.ndarray) -> dict:
+  ks, e = tuple(config.eval.ks), config.eval
+  kw = dict(resamples=int(e.bootstrap_resamples), seed=int(e.bootstrap_seed))
+  out = {"ranking": {}, "ranking_unseen": {}, "ranking_seen": {}}
+  for key, r in ranks.items():
+    out["ranking"][key] = summary.row_summary(r, ks, **kw)
+    out["ranking_unseen"][key] = summary.row_summary(r, ks, users=unseen, **kw)
+    out["ranking_seen"][key] = summary.row_summary(r, ks, users=~unseen, **kw)
+  return out
+
+
+def _comparisons(ranks: dict, systems: list[str], conditions: list[str], config,
+                 unseen: np.ndarray) -> dict:
+  """Paired differences, all users and unseen users: every system under every attack vs
+  itself on clean photos; every other system vs the undefended one under each condition."""
+  ks, e = tuple(config.eval.ks), config.eval
+  kw = dict(resamples=int(e.bootstrap_resamples), seed=int(e.bootstrap_seed))
+  pairs = []
+  for s in systems:
+    pairs += [(row_key(s, c), row_key(s, CLEAN)) for c in conditions if c != CLEAN]
+  for s in systems[1:]:
+    pairs += [(row_key(s, c), row_key(systems[0], c)) for c in conditions]
+  out = {}
+  for a, b in pairs:
+    if a in ranks and b in ranks:
+      out[f"{a} - {b}"] = {
+          "all": summary.comparison(ranks[a], ranks[b], ks, **kw),
+          "unseen": summary.comparison(ranks[a], ranks[b], ks, users=unseen, **kw)}
+  return out
+
+
+def evaluate_all(*, models, params, consts, data, mesh, config, eval_items: np.ndarray,
+                 holdout: np.ndarray, calibration: np.ndarray, systems, specs,
+                 detect: bool = True, fidelity: bool = True, cache_dir: str | None = None,
+                 mostpop: bool = True) -> dict:
+  """Every table of results.json.
 
   Args:
+    eval_items: items the defence never trained on (users whose held-out item is one of
+      them are the 'unseen' group). holdout: the detection items (a subset of them).
+    calibration: clean items of the defence's training pool that set the threshold.
     systems: names of registered systems to rank. specs: the attacks (one condition each).
-    detect: score detection on the ``holdout`` items (never used to train the defence),
-      each clean and attacked (a balanced set), with the threshold from the clean
-      ``calibration`` items.
+    detect: score detection (trained detector). fidelity: measure D's image fidelity.
     cache_dir: where attacked catalogues are kept (None: not kept).
     mostpop: add the most-popular baseline on clean data.
 
   Returns:
-    {'ranking', 'detection', 'attack', 'systems', 'timing', 'artifacts'}.
+    {'ranking', 'ranking_unseen', 'ranking_seen', 'comparisons', 'detection',
+    'detection_noise', 'fidelity', 'attack', 'systems', 'timing', 'artifacts'}.
   """
-  ks = tuple(config.eval.ks)
-  bs = config.attack.batch_size
+  bs, e = config.attack.batch_size, config.eval
   rec = models.recommender
   cands = candidate_matrix(data.test_items, data.eval_negatives)
+  unseen = np.isin(data.test_items, eval_items)
   timing = {"ranking_s": 0.0}
-  ranking = {}
+  ranks = {}
   if mostpop:
-    ranking[row_key("mostpop", CLEAN)] = evaluate_scores(
-        mostpop_scores(data.train_items, data.num_items)[cands], ks)
+    pop = mostpop_scores(data.train_items, data.num_items)[cands]
+    ranks[row_key("mostpop", CLEAN)] = positive_ranks(pop[:, 0], pop[:, 1:])
   conditions = [(CLEAN, None)] + [(spec.condition, spec) for spec in specs]
-  attack, detection, artifacts = {}, {}, {}
-  do_detect = detect and len(conditions) > 1
-  if do_detect:
-    t = time.perf_counter()
-    score = lambda imgs: detection_scores(models=models, params=params, consts=consts,
-                                          images=imgs, mesh=mesh, batch_size=bs)
-    cal = score(data.images[calibration])
-    clean_hold = score(data.images[holdout])
-    artifacts = {"detector/calibration_clean": cal, "detector/clean": clean_hold,
-                 "holdout_items": np.asarray(holdout, np.int32)}
-    timing["detection_s"] = time.perf_counter() - t
+  names = [row_name(s, rec.name) for s in systems]
+  attack, artifacts = {}, {}
+  det = checks.Detection(models, params, consts, data, mesh, config, holdout, calibration,
+                         timing, artifacts) if detect and len(conditions) > 1 else None
+  fid = checks.Fidelity(models, params, consts, data, holdout, config) if fidelity else None
   # One attacked catalogue in memory at a time (a cached one is memory-mapped).
   for cond, spec in conditions:
     if spec is None:
@@ -112,51 +121,33 @@ def evaluate_all(*, models, params, consts, data, mesh, config, holdout: np.ndar
           spec, cache_dir=cache_dir, models=models, rec_params=params["recommender"],
           consts=consts, data=data, mesh=mesh, batch_size=bs)
     t = time.perf_counter()
-    for sys_name in systems:
-      if sys_name == UNDEFENDED and spec is None:
-        feats = consts["features"]
-      else:
-        feats = system_features(sys_name, models=models, params=params, consts=consts,
-                                images=images, mesh=mesh, batch_size=bs,
-                                seed=config.attack.seed, config=config)
-      scores = candidate_scores(rec, params["recommender"], jnp.asarray(feats), cands,
-                                config.eval.batch_users)
-      ranking[row_key(row_name(sys_name, rec.name), cond)] = evaluate_scores(scores, ks)
+    computed = [s for s in systems if not (s == UNDEFENDED and spec is None)]
+    feats = systems_features(computed, models=models, params=params, consts=consts,
+                             images=images, mesh=mesh, batch_size=bs, config=config,
+                             seed=config.seed, draws=int(e.rand_draws)) if computed else {}
+    if UNDEFENDED in systems and spec is None:
+      feats[UNDEFENDED] = np.asarray(consts["features"])
+    for sys_name, name in zip(systems, names):
+      ranks[row_key(name, cond)] = _ranks(rec, params["recommender"], feats.pop(sys_name),
+                                          cands, e.batch_users)
     timing["ranking_s"] += time.perf_counter() - t
-    if do_detect:
-      t = time.perf_counter()
-      if spec is not None:
-        artifacts[f"detector/{cond}"] = score(images[holdout])
-        detection[cond] = detection_metrics(calibration_clean=cal, clean=clean_hold,
-                                            adversarial=artifacts[f"detector/{cond}"],
-                                            fpr=config.detector.fpr)
-        detection[cond]["items"] = int(len(holdout))
-      artifacts.update(report_samples(models=models, params=params, consts=consts,
-                                      conditions={cond: images}, holdout=holdout))
-      timing["detection_s"] += time.perf_counter() - t
+    if det is not None:
+      det.condition(cond, images, attacked=spec is not None, artifacts=artifacts)
+    if fid is not None:
+      fid.condition(cond, images)
     del images
   # Rows grouped by system, conditions in sweep order (the layout of the printed table).
-  names = ["mostpop"] + [row_name(s, rec.name) for s in systems]
-  order = [row_key(s, c) for s in names for c, _ in conditions]
-  ranking = {k: ranking[k] for k in order if k in ranking}
-  return {"ranking": ranking, "detection": detection, "attack": attack,
-          "systems": systems_table(systems, rec, config), "timing": timing, "artifacts": artifacts}
-
-
-def report_samples(*, models, params, consts, conditions, holdout, images_per_condition=8,
-                   embedded_items=200) -> dict[str, np.ndarray]:
-  """Pictures and embeddings for figures: for the first held-out items, each condition's
-  uint8 images and their denoised versions; detector embeddings of clean, denoised and
-  attacked images of up to ``embedded_items`` held-out items."""
-  out = {}
-  denoise = jax.jit(lambda x: to_uint8(models.denoise(params, to_float(x))))
-  embed = jax.jit(lambda x: models.embed_pooled(
-      params, models.backbone_out(consts, to_float(x))["pooled"]))
-  shown, embedded = holdout[:images_per_condition], holdout[:embedded_items]
-  for cond, images in conditions.items():
-    out[f"images/{cond}"] = images[shown]
-    out[f"images/{cond}/denoised"] = np.asarray(denoise(images[shown]))
-    out[f"embeddings/{cond}"] = np.asarray(embed(images[embedded]))
-    if cond == CLEAN:
-      out["embeddings/clean/denoised"] = np.asarray(embed(np.asarray(denoise(images[embedded]))))
+  order = [row_key(s, c) for s in ["mostpop"] + names for c, _ in conditions]
+  ranks = {k: ranks[k] for k in order if k in ranks}
+  out = _tables(ranks, config, unseen)
+  out["comparisons"] = _comparisons(ranks, names, [c for c, _ in conditions], config, unseen)
+  out["users"] = {"all": int(len(unseen)), "unseen": int(unseen.sum()),
+                  "seen": int((~unseen).sum())}
+  artifacts.update({f"ranks/{k}": np.asarray(v, np.int16) for k, v in ranks.items()})
+  artifacts["unseen_users"] = unseen
+  out.update({"detection": det.results if det else {},
+              "detection_noise": det.noise() if det else {},
+              "fidelity": fid.results if fid else {}, "attack": attack,
+              "systems": systems_table(systems, rec, config), "timing": timing,
+              "artifacts": artifacts})
   return out

@@ -10,7 +10,7 @@ import numpy as np
 from jaxvars import atomic
 from jaxvars.conditions import condition_key
 from jaxvars.errors import JaxvarsError
-from jaxvars.report import figures, tables
+from jaxvars.report import checks_tables, claims, figures, tables
 
 REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
@@ -81,11 +81,27 @@ def write_report(workdir: str) -> str:
     return eps is not None and any(f"{prefix}/{condition_key(a, eps)}" in art
                                    for a in tables.attacks(results))
 
-  lines += [f"## Ranking (Tables 2/3 layout{f', eps = {eps:g}' if eps is not None else ''})", ""]
-  lines += tables.main_table(results, eps) + [""]
-  checked = tables.claims(results, eps)
+  where = f", eps = {eps:g}" if eps is not None else ""
+  users = results.get("users", {})
+  lines += [f"## Ranking (Tables 2/3 layout{where})", "",
+            "Each number: the value and its 95% interval (bootstrap over users, "
+            f"{cfg.get('eval', {}).get('bootstrap_resamples', 1000)} resamples).", ""]
+  for section, what in tables.USER_GROUPS.items():
+    if results.get(section):
+      n = users.get({"ranking": "all"}.get(section, section.removeprefix("ranking_")))
+      lines += [f"### {what[0].upper() + what[1:]} ({n} users)", ""]
+      lines += tables.main_table(results, eps, section=section,
+                                 paper_columns=section == "ranking") + [""]
+  spread = tables.draws_table(results, eps)
+  if spread:
+    lines += ["Randomised systems: the table gives the mean over "
+              f"{cfg.get('eval', {}).get('rand_draws', 1)} random draws per item; the spread "
+              "of the draws:", ""] + spread + [""]
+  checked = claims.claims(results, eps)
   if checked:
-    lines += ["### The paper's claims on this run", ""] + checked + [""]
+    lines += ["### What this run shows (paired differences, 95% intervals)", "",
+              "A difference is called an effect only when its interval excludes 0.", ""]
+    lines += checked + [""]
   if tables.sweep_eps(results):
     lines += ["## The eps sweep (Figure 6)", "", "HR@10 by attack budget:", ""]
     lines += tables.sweep_table(results) + [""]
@@ -93,21 +109,34 @@ def write_report(workdir: str) -> str:
                caption="Figure 6: HR@10 against eps; dotted lines: the same system on clean images")
     lines += ["### Attack size", ""] + tables.attack_table(results) + [""]
   if results.get("detection"):
-    lines += ["## Detection (Table 4)", ""] + tables.detection_table(results) + [""]
+    lines += ["## Detection (Table 4)", "",
+              "On items the defence never trained on; the threshold is set on clean "
+              "calibration items of the training pool (the deployed threshold). The oracle "
+              "row takes its threshold from the held-out clean scores themselves, which a "
+              "deployment cannot do.", ""]
+    lines += checks_tables.detection_table(results) + [""]
     add_figure("table4_detection_vs_eps.png", figures.detection_vs_eps, results,
                caption="Table 4: detection accuracy against eps (threshold at "
                        f"{cfg.get('detector', {}).get('fpr', 0.05):g} FPR on clean items)")
     if eps is not None:
       lines += [f"Confusion matrix at the threshold, eps = {eps:g} (Figure 10; item counts):", ""]
-      lines += tables.confusion_table(results, eps) + [""]
+      lines += checks_tables.confusion_table(results, eps) + [""]
+    noise = checks_tables.noise_table(results)
+    if noise:
+      lines += ["Benign noise (the paper: not flagged):", ""] + noise + [""]
     if art and in_art("detector"):
       add_figure("fig8_detector_distances.png", figures.distances, results, art, eps,
                  caption=f"Figure 8: detector distances of held-out items, clean vs attacked "
                          f"(eps = {eps:g}), with the threshold")
       add_figure("fig9_roc.png", figures.roc, results, art, eps,
                  caption=f"Figure 9: ROC of the detector (eps = {eps:g}) with the operating point")
+  fidelity = checks_tables.fidelity_table(results)
+  if fidelity or (art and in_art("images")):
+    lines += ["## Images, fidelity and embeddings", ""]
+  if fidelity:
+    lines += ["Denoiser fidelity on the detection items (never trained on):", ""]
+    lines += fidelity + [""]
   if art and in_art("images"):
-    lines += ["## Images and embeddings", ""]
     add_figure("fig7_images.png", figures.images, results, art, eps,
                caption=f"Figure 7: clean, adversarial (eps = {eps:g}), perturbation and denoised "
                        "images")
@@ -119,7 +148,8 @@ def write_report(workdir: str) -> str:
     ab = cfg.get("ablation", {})
     lines += [f"## Ablations (Table 5: {', '.join(a.upper() for a in ab.get('attacks', []))} "
               f"at eps = {float(ab.get('eps', 8)):g})", ""]
-    lines += tables.ablation_table(results) + [""]
+    lines += claims.ablation_table(results) + [""]
+    lines += claims.ablation_claims(results) + [""]
     for name, res in results["ablations"].items():
       lines.append(f"* `{name}`: " + ", ".join(f"`{o}`" for o in res.get("overrides", [])))
     lines.append("")

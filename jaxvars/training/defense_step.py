@@ -82,7 +82,8 @@ def defense_objective(params, consts, batch, x_adv, is_adv, *, models, weights: 
         clean_maps={k: jax.lax.stop_gradient(v[:b]) for k, v in maps.items()},
         denoised_maps={k: v[3 * b:] for k, v in maps.items()})
   if "contrastive" in weights:
-    z = models.embed_pooled(params, pooled)
+    z = models.embed_pooled(params, models.detector_pooled(
+        params, consts, jnp.concatenate([x, d_clean, x_adv, d_adv]), frozen_pooled=pooled))
     pos, neg = losses.detector_pair_similarities(
         z_clean=z[:b], z_clean_denoised=z[b:2 * b], z_adv=z[2 * b:3 * b], z_adv_denoised=z[3 * b:])
     metrics["contrastive"] = is_adv * losses.info_nce(pos_sim=pos, neg_sim=neg,

@@ -1,0 +1,54 @@
+"""From per-user ranks to the reported numbers: metrics with 95% bootstrap intervals, by user
+group, and paired comparisons whose effect is read from their interval.
+
+Ranks are 0-based ranks of each user's held-out item among its candidates
+(:func:`jaxvars.evaluation.ranking.positive_ranks`), [U] for a deterministic system and
+[K, U] for a randomised one (K draws): its per-user hits are averaged over the draws, and
+the draws' spread is reported beside.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxvars.evaluation import bootstrap
+from jaxvars.evaluation.ranking import hits
+
+COMPARED = ("HR@10", "NDCG@10")  # Metrics of the paired comparisons.
+
+
+def user_hits(ranks: np.ndarray, ks) -> dict[str, np.ndarray]:
+  """Per-user metrics [U] of ranks [U] or [K, U] (averaged over the K draws)."""
+  ranks = np.asarray(ranks)
+  if ranks.ndim == 1:
+    return hits(ranks, ks)
+  per_draw = [hits(r, ks) for r in ranks]
+  return {m: np.mean([h[m] for h in per_draw], axis=0) for m in per_draw[0]}
+
+
+def row_summary(ranks: np.ndarray, ks, *, users: np.ndarray | None = None,
+                resamples: int, seed: int) -> dict:
+  """{metric: value, ..., 'ci95': {metric: [lo, hi]}, 'users': n} (+ 'draws': {metric:
+  [value of each draw]} for ranks [K, U]) over ``users`` (a boolean mask [U]; None = all)."""
+  ranks = np.asarray(ranks)
+  mask = np.ones(ranks.shape[-1], bool) if users is None else np.asarray(users, bool)
+  picked = ranks[..., mask]
+  per_user = user_hits(picked, ks)
+  out = {m: float(np.mean(v)) for m, v in per_user.items()}
+  out["ci95"] = {m: bootstrap.mean_ci(v, resamples=resamples, seed=seed)
+                 for m, v in per_user.items()}
+  out["users"] = int(mask.sum())
+  if picked.ndim == 2:
+    out["draws"] = {m: [float(np.mean(h[m])) for h in map(lambda r: hits(r, ks), picked)]
+                    for m in per_user}
+  return out
+
+
+def comparison(ranks_a: np.ndarray, ranks_b: np.ndarray, ks, *, users=None, resamples: int,
+               seed: int, metrics=COMPARED) -> dict:
+  """{metric: {'diff', 'ci95', 'effect'}}: metric(a) - metric(b) on the same users, paired."""
+  mask = None if users is None else np.asarray(users, bool)
+  a = user_hits(np.asarray(ranks_a)[..., mask] if mask is not None else ranks_a, ks)
+  b = user_hits(np.asarray(ranks_b)[..., mask] if mask is not None else ranks_b, ks)
+  return {m: bootstrap.paired_diff_ci(a[m], b[m], resamples=resamples, seed=seed)
+          for m in metrics}

@@ -1,0 +1,62 @@
+"""Item features of a catalogue as every registered defended system sees it, in one pass."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxvars import rng
+from jaxvars.defenses import SYSTEMS
+from jaxvars.features import batched_map
+from jaxvars.pixels import to_float
+
+
+def draw_keys(items: jax.Array, *, seed: int, draws: int) -> jax.Array:
+  """PRNG keys [draws, B] of a randomised system's transform of ``items`` [B]: draw d of item
+  i is ``fold_in(fold_in(stream(seed, 'defense/rand'), i), d)``, whatever the batch."""
+  base = rng.stream(seed, rng.RAND_TRANSFORM)
+  per_item = jax.vmap(lambda i: jax.random.fold_in(base, i))(items)
+  return jax.vmap(lambda d: jax.vmap(lambda k: jax.random.fold_in(k, d))(per_item))(
+      jnp.arange(draws))
+
+
+def systems_features(system_names, *, models, params, consts, images: np.ndarray, mesh,
+                     batch_size: int, config, seed: int, draws: int = 1) -> dict:
+  """Normalised features of a catalogue (uint8 [I, S, S, 3]) through registered systems.
+
+  All systems run in one jitted pass per batch, so what they share (the denoiser's output
+  D(x), for OURS and OURS-rand) is computed once (XLA merges the identical computations).
+
+  Returns:
+    {system: float32 [I, F]}; [draws, I, F] for a randomised system (draw d of every item
+    from :func:`draw_keys`).
+  """
+  systems = {name: SYSTEMS.get(name) for name in system_names}
+  transforms = {name: s.make(config) for name, s in systems.items()}
+
+  @jax.jit
+  def fn(batch):
+    x = to_float(batch["images"])
+    out = {}
+    for name, system in systems.items():
+      if not system.randomized:
+        out[name] = models.features(consts, transforms[name](models, params, x, None))
+        continue
+      seen = transforms[name](models, params, x,
+                              draw_keys(batch["items"], seed=seed, draws=draws))
+      k, b = seen.shape[:2]
+      feats = models.features(consts, seen.reshape((k * b,) + seen.shape[2:]))
+      out[name] = feats.reshape(k, b, -1).transpose(1, 0, 2)  # [B, K, F]: batch first.
+    return out
+
+  items = np.arange(len(images), dtype=np.int32)
+  out = batched_map(fn, {"images": images, "items": items}, batch_size=batch_size, mesh=mesh,
+                    desc=f"{'/'.join(system_names)} features")
+  return {name: np.transpose(f, (1, 0, 2)) if systems[name].randomized else f
+          for name, f in out.items()}
+
+
+def system_features(system_name: str, **kwargs) -> np.ndarray:
+  """The features of one system (see :func:`systems_features`)."""
+  return systems_features((system_name,), **kwargs)[system_name]
