@@ -63,8 +63,13 @@ def test_train_then_evaluate_reproduces_metrics_and_resumes(tfds_dir, tmp_path):
   for key in ("mostpop/clean", "vbpr/clean", "vbpr/fgsm@8"):
     got = {m: trained["ranking"][key][m] for m in golden["ranking"][key]}
     assert got == pytest.approx(golden["ranking"][key], rel=1e-6, abs=1e-9), key
-  assert set(trained["ranking"]["vbpr/clean"]) == {f"{m}@{k}" for m in ("HR", "NDCG")
-                                                   for k in (5, 10, 20)}
+  metrics = {f"{m}@{k}" for m in ("HR", "NDCG") for k in (5, 10, 20)}
+  row = trained["ranking"]["vbpr/clean"]
+  assert set(row) == metrics | {"ci95", "users"} and set(row["ci95"]) == metrics
+  assert all(lo <= row[m] <= hi for m, (lo, hi) in row["ci95"].items())
+  assert set(trained["ranking_unseen"]) == set(trained["ranking"]) == set(trained["ranking_seen"])
+  assert trained["users"]["unseen"] + trained["users"]["seen"] == trained["users"]["all"] == 60
+  assert len(trained["ranking"]["defended_rand/clean"]["draws"]["HR@10"]) == 4
   assert set(trained["detection"]) == {"fgsm@8", "pgd@8"}
   assert {"accuracy", "roc_auc", "oracle_tpr@fpr=0.05", "threshold", "ci95"} <= set(
       trained["detection"]["fgsm@8"])

@@ -9,10 +9,12 @@ image is 50,176 tokens (a 10 GB score matrix per head). We attend over *patch
 tokens* instead (ViT-style): the feature map is cut into non-overlapping
 ``patch x patch`` patches, each projected to an ``attn_dim`` token with a fixed
 2-D sine-cosine position code; every token attends to every other (global
-receptive field), and the result is projected back to pixels and added
-residually, so fine detail flows through the skip path. At 224x224 with
-``patch=8`` that is 784 tokens (a 2.4 MB score matrix per head). The image side
-must be divisible by ``patch``.
+receptive field). Each token's result is projected to the trunk's channels and
+bilinearly upsampled back to pixels (not unembedded patch by patch, which stamps
+a visible ``patch x patch`` grid on every image) and added residually, so fine
+detail flows through the skip path. At 224x224 with ``patch=8`` that is 784
+tokens (a 2.4 MB score matrix per head). The image side must be divisible by
+``patch``.
 
 **Output.** ``D(x) = sigmoid(logit(clip(x)) + r(x))`` with the last conv initialised
 to zero, so an untrained D is (to within 1/512) the identity. The clip to
@@ -77,9 +79,8 @@ class GlobalAttentionBlock(nn.Module):
     y = nn.LayerNorm(name="ln2")(z)
     y = nn.Dense(self.dim * self.mlp_ratio, name="mlp1")(y)
     z = z + nn.Dense(self.dim, name="mlp2")(nn.gelu(y))
-    out = nn.Dense(p * p * c, kernel_init=nn.initializers.zeros, name="unembed")(z)
-    out = out.reshape(b, gh, gw, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
-    return x + out
+    out = nn.Dense(c, kernel_init=nn.initializers.zeros, name="unembed")(z).reshape(b, gh, gw, c)
+    return x + jax.image.resize(out, (b, h, w, c), method="bilinear")
 
 
 class Denoiser(nn.Module):
