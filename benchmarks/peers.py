@@ -438,7 +438,7 @@ def part_b(repeats: int, quick: bool, hm_dir: str, tfds_dir: str) -> dict:
           jnp.copy, exp.params["recommender"])})
       try:
         t = time.perf_counter()
-        state, _, _ = train_recommender(
+        state, _, _, _ = train_recommender(
             exp_r, consts, workdir, on_epoch_end=lambda params, epoch: ends.append(
                 time.perf_counter()) and None)
         jax_total.append(time.perf_counter() - t)

@@ -1,4 +1,5 @@
-"""The ablation study (paper Table 5): each ``config.ablation.variants`` entry is the main
+"""The ablation study (paper Table 5): each ``config.ablation.variants`` entry (and each of
+``config.ablation.extra``) is the main
 config with its overrides applied; it shares the recommender, the backbone and the
 attacked catalogues with the main run and retrains (or restores) only the defence stages,
 under ``<workdir>/ablations/<name>/``."""
@@ -9,14 +10,13 @@ import dataclasses
 import os
 import time
 
-import ml_collections
 import numpy as np
 from absl import logging
 
 from jaxvars import atomic
 from jaxvars.evaluation import summary
 from jaxvars.experiment import with_detector_encoder
-from jaxvars.overrides import apply_overrides
+from jaxvars.overrides import ablation_variants, apply_overrides, without_ablations
 from jaxvars.run import ARTIFACTS_FILE, RESULTS_FILE, attack_cache, evaluate_run
 from jaxvars.training import defense
 
@@ -54,10 +54,10 @@ def run_ablations(exp, consts: dict, rec_params, workdir: str, *, train: bool) -
       ``configuration.validate``). CheckpointError (``train=False``): a missing stage.
   """
   out = {}
-  for name, overrides in exp.config.ablation.variants.items():
+  for name, overrides in ablation_variants(exp.config).items():
     t = time.perf_counter()
     cfg = apply_overrides(exp.config, overrides, where=f"config.ablation.variants.{name}")
-    cfg.ablation.variants = ml_collections.ConfigDict()
+    cfg = without_ablations(cfg)
     sub = os.path.join(workdir, "ablations", name)
     os.makedirs(sub, exist_ok=True)
     logging.info("ablation %s: %s", name, ", ".join(overrides))

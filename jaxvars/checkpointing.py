@@ -13,6 +13,7 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from jaxvars.errors import CheckpointError
 
@@ -32,7 +33,13 @@ def save(mgr: ocp.CheckpointManager, step: int, tree) -> None:
 
 
 def restore_latest(mgr: ocp.CheckpointManager, like):
-  """Restores the latest checkpoint into the structure, shapes and shardings of ``like``.
+  """Restores the newest intact checkpoint into the structure, shapes and shardings of
+  ``like``.
+
+  A step that cannot be read (a truncated or corrupted data file, broken metadata) while an
+  older one can is moved aside to ``<step>.corrupt`` with a warning naming it, so a damaged
+  disk costs only the lost steps. Nothing is moved when no step restores (e.g. a model of
+  another shape).
 
   Args:
     like: a pytree of arrays (or ShapeDtypeStructs) with the saved structure.
@@ -41,18 +48,33 @@ def restore_latest(mgr: ocp.CheckpointManager, like):
     (step, tree).
 
   Raises:
-    CheckpointError: if the directory holds no checkpoint, or one of another structure.
+    CheckpointError: the directory holds no checkpoint, or none that can be read.
   """
-  step = mgr.latest_step()
-  if step is None:
+  steps = sorted(mgr.all_steps(), reverse=True)
+  if not steps:
     raise CheckpointError(f"no checkpoint in {mgr.directory}; run with --mode=train first")
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-  try:
-    tree = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
-  except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f"checkpoint {step} in {mgr.directory} does not match this config's "
-                          f"model ({type(e).__name__}: {str(e)[:500]})") from None
-  return step, tree
+  errors = []
+  for step in steps:
+    try:
+      tree = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # Orbax and TensorStore raise many kinds for a damaged step.
+      first = str(e).splitlines()[0][:300] if str(e) else ""
+      errors.append((step, f"{type(e).__name__}: {first}"))
+      continue
+    for bad, reason in errors:  # Newer steps failed while this one restores: damaged.
+      path = os.path.join(os.fspath(mgr.directory), str(bad))
+      logging.warning("checkpoint step %d in %s cannot be restored (%s); using step %d and "
+                      "moving step %d to %s.corrupt", bad, mgr.directory, reason, step, bad, path)
+      if os.path.isdir(path):
+        os.replace(path, f"{path}.corrupt")
+    if errors:
+      mgr.reload()
+    return step, tree
+  raise CheckpointError(
+      f"no checkpoint in {mgr.directory} can be restored into this config's model: "
+      + "; ".join(f"step {s} ({r})" for s, r in errors) + "; delete the directory to retrain "
+      "that stage, or use a fresh --workdir")
 
 
 def save_tree(directory: str, tree) -> None:

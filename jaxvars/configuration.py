@@ -16,7 +16,8 @@ from collections.abc import Iterable
 import ml_collections
 
 from jaxvars.errors import ConfigError
-from jaxvars.overrides import apply_overrides, parse_override, without_ablations
+from jaxvars.overrides import (ablation_variants, apply_overrides, parse_override,
+                               without_ablations)
 
 # Fields an ablation variant may override: the defence's training, not the shared models.
 ABLATION_FIELDS = ("loss.", "stages.", "defense.", "detector.temperature", "detector.fpr",
@@ -64,7 +65,10 @@ def _budgets(config, path: str, *, allow_empty: bool = True) -> None:
 # ---------------------------------------------------------------------------
 
 def _top(config) -> None:
+  from jaxvars.training.records import RESUME_MODES
   positive(config, "num_devices", allow_zero=True, integer=True)
+  if "resume" in config:
+    one_of(config, "resume", RESUME_MODES)
 
 
 def _data(config) -> None:
@@ -250,7 +254,8 @@ def _pretrain(config) -> None:
 def _ablation(config) -> None:
   from jaxvars.attacks.spec import METHODS
   ablation = config.get("ablation")
-  if ablation is None or not len(ablation.get("variants", {})):
+  variants = ablation_variants(config)
+  if not variants:
     return
   if not 0 < ablation.eps <= 255:
     raise ConfigError(f"config.ablation.eps={ablation.eps!r} must be in (0, 255]")
@@ -259,7 +264,7 @@ def _ablation(config) -> None:
                       f"{METHODS.names()}")
   for m in ablation.attacks:
     METHODS.check(m, "config.ablation.attacks")
-  for name, overrides in ablation.variants.items():
+  for name, overrides in variants.items():
     if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
       raise ConfigError(f"config.ablation.variants.{name}={overrides!r} must be a tuple of "
                         "'path.to.field=value' strings")

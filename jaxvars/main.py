@@ -12,6 +12,7 @@ by writing the report too while ``config.eval.report`` is true. A config whose `
 runs self-supervised pretraining of the backbone instead.
 """
 
+import re
 import sys
 
 from absl import app, flags, logging
@@ -28,6 +29,39 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "report"],
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+_CONFIG_HINT = ("every field, its meaning and its allowed values are listed in configs/joint.py "
+                "(one line each); presets are described at its top")
+
+
+def _one_line(error: BaseException, argv) -> str:
+  """A flag or config error as one line naming the flag, field or preset."""
+  text = str(error).replace("\\n", " ").replace("\\'", "'").replace("\n", " ").strip()
+  guess = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
+  if guess or isinstance(error, (AttributeError, KeyError)):
+    quoted = re.findall(r"'(\w+)'", text)
+    key = guess.group(2) if guess else (quoted[0] if quoted else text)
+    flag = next((a.split("=")[0] for a in argv
+                 if key in a.split("=")[0].lstrip("-").split(".")), f"--config...{key}")
+    return (f"{flag}: the config has no field {key!r}"
+            + (f" (did you mean {guess.group(1)!r}?)" if guess else ""))
+  if "[Errno" in text:  # A config file that cannot be read.
+    return "--config: " + text[text.index("[Errno"):]
+  errors = re.findall(r"(?:^|\s)\w*Error: (.*?)(?=\s\w*Error: |$)", text)
+  return (errors[-1] if errors else text).strip()
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with config and preset errors as one line + a hint and exit code 2
+  (``--verbosity=1`` or higher shows the traceback instead)."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, ValueError, AttributeError, TypeError, KeyError, OSError) as e:
+    if any(re.match(r"--?(verbosity|v)=?[1-9]", a) for a in argv):
+      raise
+    print(f"jaxvars: error: {_one_line(e, argv)}\n  hint: {_CONFIG_HINT}", file=sys.stderr)
+    sys.exit(2)
+
+
 class _QuietLibraries:
   """Drops the INFO chatter of Orbax and tfds (warnings and errors still show)."""
 
@@ -39,11 +73,16 @@ class _QuietLibraries:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:  # A config file that failed to load raises on first use, not while parsing flags.
+    task = _CONFIG.value.get("task", "joint")
+  except OSError as e:
+    print(f"jaxvars: error: {_one_line(e, sys.argv)}\n  hint: {_CONFIG_HINT}", file=sys.stderr)
+    sys.exit(2)
   from jaxvars import report, run, run_pretrain  # Imported here so that --help is fast.
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
-    if _CONFIG.value.get("task", "joint") == "pretrain":
+    if task == "pretrain":
       if _MODE.value != "train":
         raise JaxvarsError("configs/pretrain.py runs with --mode=train only (it evaluates "
                            "the backbone it trains)")
@@ -62,4 +101,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -61,4 +61,31 @@ def without_ablations(config: ml_collections.ConfigDict) -> ml_collections.Confi
   """A copy of ``config`` with no ablation variants."""
   new = ml_collections.ConfigDict(config.to_dict())
   new.ablation.variants = ml_collections.ConfigDict()
+  if "extra" in new.ablation:
+    new.ablation.extra = ""
   return new
+
+
+def ablation_variants(config) -> dict[str, tuple[str, ...]]:
+  """{name: overrides} of ``config.ablation.variants`` and of ``config.ablation.extra``, the
+  command-line form ``'name:path=value;path=value|name2:...'`` (the config is locked, so
+  ``--config.ablation.variants.<new name>`` cannot add one).
+
+  Raises:
+    ConfigError: a malformed ``extra`` or a name given twice.
+  """
+  ablation = config.get("ablation")
+  if ablation is None:
+    return {}
+  out = {name: tuple(v) if not isinstance(v, str) else v
+         for name, v in ablation.get("variants", {}).items()}
+  extra = str(ablation.get("extra", "") or "").strip()
+  for part in (p.strip() for p in extra.split("|") if p.strip()):
+    name, sep, rest = part.partition(":")
+    name = name.strip()
+    if not sep or not name.isidentifier() or not rest.strip():
+      raise ConfigError(f"config.ablation.extra: {part!r} is not 'name:path=value[;path=value]'")
+    if name in out:
+      raise ConfigError(f"config.ablation.extra: variant {name!r} is defined twice")
+    out[name] = tuple(o.strip() for o in rest.split(";") if o.strip())
+  return out

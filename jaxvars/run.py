@@ -18,15 +18,17 @@ import jax
 import ml_collections
 from absl import logging
 
-from jaxvars import atomic
+from jaxvars import atomic, configuration
 from jaxvars.attacks.spec import attack_spec
 from jaxvars.defenses import SYSTEMS
-from jaxvars.errors import CheckpointError
+from jaxvars.errors import CheckpointError, ConfigError
 from jaxvars.evaluation.ranking import (candidate_matrix, candidate_scores, evaluate_scores,
                                         format_ranking_table)
 from jaxvars.evaluation.runner import evaluate_all
 from jaxvars.experiment import Experiment, build, make_consts
-from jaxvars.training import defense, recommender as rec_training
+from jaxvars.metrics import MetricWriter
+from jaxvars.overrides import ablation_variants
+from jaxvars.training import defense, records, recommender as rec_training
 
 RESULTS_FILE = "results.json"
 ARTIFACTS_FILE = "artifacts.npz"  # Detector scores, embeddings and sample images, for figures.
@@ -122,51 +124,107 @@ def _periodic_eval(exp: Experiment, consts: dict):
   return on_epoch_end
 
 
+def _writable(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with atomic.atomic_path(os.path.join(workdir, ".jaxvars_write_check")) as tmp, \
+        open(tmp, "w") as f:
+      f.write("ok")
+    os.remove(os.path.join(workdir, ".jaxvars_write_check"))
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir}: cannot write there ({e.strerror or e}); choose a "
+                      "directory you can write") from None
+
+
+def expected_stages(config) -> dict:
+  """{stage: the config fields that shape it} for the recommender and every defence stage
+  (:mod:`jaxvars.training.records`)."""
+  names = defense.stage_names(config)
+  out = {records.RECOMMENDER: records.stage_fields(config, records.RECOMMENDER)}
+  out.update({name: records.stage_fields(config, name, names[:k + 1])
+              for k, name in enumerate(names)})
+  return out
+
+
+def check_stages(config, workdir: str) -> None:
+  """Stops (or, with ``config.resume='retrain_changed'``, retrains) stages of ``workdir``
+  (and of its ablations) trained with other settings; see ``records.check_workdir``."""
+  from jaxvars.overrides import ablation_variants, apply_overrides
+  records.check_workdir(workdir, expected_stages(config), resume=config.resume)
+  for name, overrides in ablation_variants(config).items():
+    cfg = apply_overrides(config, overrides, where=f"config.ablation.variants.{name}")
+    records.check_workdir(os.path.join(workdir, "ablations", name),
+                          {k: v for k, v in expected_stages(cfg).items()
+                           if k != records.RECOMMENDER}, resume=config.resume)
+
+
+def training_section(config, rec_history, rec_steps, stage_history) -> dict:
+  """results.json's ``training``: every epoch of every stage, over every run."""
+  return {"recommender": {"name": config.recommender.name, "epochs": config.recommender.epochs,
+                          "steps": int(rec_steps), "history": rec_history},
+          "stages": stage_history}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs every stage and the evaluation, writes ``<workdir>/results.json``; returns it.
 
-  Each stage resumes from (or, finished, restores) its checkpoint in ``workdir``.
+  Each stage resumes from (or, finished, restores) its checkpoint in ``workdir``; a stage
+  trained there with other settings stops the run before any work (see
+  :func:`check_stages`). Scalars go to ``<workdir>/metrics`` as they are computed.
 
   Raises:
-    ConfigError, DataError: bad config value or data file (named in the message).
+    ConfigError, DataError: bad config value or data file (named in the message), or a
+      workdir that cannot be written.
     NonFiniteLossError: a NaN/inf loss; checkpoints already saved stay valid and no
       results file is written.
   """
   from jaxvars import ablations
   t_start = time.perf_counter()
-  os.makedirs(workdir, exist_ok=True)
+  _writable(workdir)
   _check_layout(workdir)
+  configuration.validate(config)
+  check_stages(config, workdir)
   exp = build(config, workdir)
   atomic.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   logging.info("data: %s", json.dumps(exp.data.summary()))
   logging.info("mesh: %d %s device(s)", exp.mesh.size, jax.devices()[0].platform)
-
-  t = time.perf_counter()
-  consts = make_consts(exp)
-  exp.timing["features_s"] = time.perf_counter() - t
-
-  t = time.perf_counter()
-  rec_state, rec_history, n_steps = rec_training.train_recommender(
-      exp, consts, workdir, on_epoch_end=_periodic_eval(exp, consts))
-  exp.timing["recommender_train_s"] = time.perf_counter() - t
-  exp.timing["recommender_train_steps"] = n_steps
-  params = dict(exp.params, recommender=rec_state.params)
-
-  params, stage_history, stage_seconds = defense.train_defense(exp, consts, params, workdir)
-  exp.timing.update({f"stage_{k}_s": v for k, v in stage_seconds.items()})
-
-  results = evaluate_run(exp, params, consts)
-  results["training"] = {"recommender": {"name": config.recommender.name,
-                                         "epochs": config.recommender.epochs,
-                                         "steps": int(rec_state.step), "history": rec_history},
-                         "stages": stage_history}
-  if len(config.ablation.variants):
-    results["ablations"] = ablations.run_ablations(exp, consts, rec_state.params, workdir,
-                                                   train=True)
-  results["timing"]["total_s"] = time.perf_counter() - t_start
-  results["config"] = config.to_dict()
+  writer = MetricWriter(workdir)
+  try:
+    t = time.perf_counter()
+    consts = make_consts(exp)
+    exp.timing["features_s"] = time.perf_counter() - t
+    rec_state, rec_history, n_steps, rec_seconds = rec_training.train_recommender(
+        exp, consts, workdir, on_epoch_end=_periodic_eval(exp, consts), writer=writer)
+    exp.timing["recommender_train_s"] = rec_seconds
+    exp.timing["recommender_train_steps"] = n_steps
+    params = dict(exp.params, recommender=rec_state.params)
+    params, stage_history, stage_seconds = defense.train_defense(exp, consts, params, workdir,
+                                                                 writer=writer)
+    exp.timing.update({f"stage_{k}_s": v for k, v in stage_seconds.items()})
+    results = evaluate_run(exp, params, consts)
+    results["training"] = training_section(config, rec_history, rec_state.step, stage_history)
+    if ablation_variants(config):
+      results["ablations"] = ablations.run_ablations(exp, consts, rec_state.params, workdir,
+                                                     train=True)
+    results["timing"]["total_s"] = time.perf_counter() - t_start
+    results["config"] = config.to_dict()
+    write_eval_scalars(writer, results)
+  finally:
+    writer.close()
   finish(results, workdir)
   return results
+
+
+def write_eval_scalars(writer, results: dict) -> None:
+  """Ranking and detection numbers of a finished evaluation, for TensorBoard (step 0)."""
+  for key, row in results.get("ranking", {}).items():
+    writer.scalars(f"eval/{key}", 0, row)
+  for cond, row in results.get("detection", {}).items():
+    writer.scalars(f"eval/detection/{cond}", 0, row)
+  for cond, row in results.get("attack", {}).items():
+    if row.get("time_s"):
+      writer.scalars(f"attack/{cond}", 0, {"images_per_s": results["data"]["items"] / row["time_s"],
+                                          "linf_255": row["linf_255"]})
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -174,16 +232,23 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   They equal those of the training run (same split from ``split.npz``, same
   parameters, same seeded attacks). ``results.json`` is rewritten with the
-  recomputed tables; its ``training`` and ``config`` sections are kept.
+  recomputed tables; its ``training`` and ``config`` sections are kept (or rebuilt from
+  the stages' records), its ``timing`` keeps the training run's keys and gains the
+  evaluation's as ``evaluate_*``.
 
   Raises:
     CheckpointError: no checkpoint in ``workdir``, or one of another model shape.
+    ConfigError: stages trained with other settings than ``config``'s, or a workdir that
+      cannot be written.
   """
   from jaxvars import ablations
   t_start = time.perf_counter()
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise CheckpointError(f"{workdir}/checkpoints does not exist; run with --mode=train first")
+  _writable(workdir)
   _check_layout(workdir)
+  configuration.validate(config)
+  records.check_workdir(workdir, expected_stages(config), resume="error")
   exp = build(config, workdir)
   rec_state, backbone_vars, step = rec_training.restore(exp, workdir)
   params = defense.restore_stages(exp, dict(exp.params, recommender=rec_state.params), workdir)
@@ -192,7 +257,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   consts = make_consts(exp)
   exp.timing["features_s"] = time.perf_counter() - t
   fresh = evaluate_run(exp, params, consts)
-  if len(config.ablation.variants):
+  if ablation_variants(config):
     fresh["ablations"] = ablations.run_ablations(exp, consts, params["recommender"], workdir,
                                                  train=False)
   fresh["timing"]["total_s"] = time.perf_counter() - t_start
@@ -207,11 +272,24 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logging.info("restored checkpoints reproduce the training run's metrics exactly")
     else:
       logging.warning("restored checkpoints give metrics that differ from %s", path)
+  timing = dict(results.get("timing", {}))
+  timing.update({f"evaluate_{k}": v for k, v in fresh.pop("timing").items()})
   results.update(fresh)
+  results["timing"] = timing
+  if "training" not in results:
+    results["training"] = training_section(config, *_recorded_history(exp, workdir))
   results["restored_recommender_step"] = int(step)
   results.setdefault("config", config.to_dict())
   finish(results, workdir)
   return results
+
+
+def _recorded_history(exp: Experiment, workdir: str):
+  rec = records.load(os.path.join(workdir, "checkpoints", records.RECOMMENDER)) or {}
+  stages = {name: (records.load(os.path.join(workdir, "checkpoints", name)) or {}).get(
+      "history", []) for name in defense.stage_names(exp.config)}
+  history = rec.get("history", [])
+  return history, exp.rec_steps_per_epoch * len(history), stages
 
 
 def without_timing(section):

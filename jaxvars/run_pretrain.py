@@ -36,7 +36,7 @@ def recommender_metrics(config, workdir: str) -> dict:
   returns its ranking metrics {'HR@N', 'NDCG@N'}."""
   exp = build(config, workdir)
   consts = make_consts(exp)
-  state, _, _ = train_recommender(exp, consts, workdir)
+  state, _, _, _ = train_recommender(exp, consts, workdir)
   scores = candidate_scores(exp.models.recommender, state.params, consts["features"],
                             candidate_matrix(exp.data.test_items, exp.data.eval_negatives),
                             config.eval.batch_users)

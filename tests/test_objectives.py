@@ -1,7 +1,6 @@
 """Attack objectives behind the registry: the feature-space (embedding-disruption)
 objective against numpy, and both objectives crafting catalogues inside their eps-balls."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -7,9 +7,8 @@ unmodified system on the same users.
 
 from __future__ import annotations
 
-import math
 
-from jaxvars.conditions import condition_key, parse_row_key
+from jaxvars.conditions import condition_key
 from jaxvars.report import paper
 from jaxvars.report.tables import attacks, cell, fmt, label, md_table, systems
 

@@ -4,6 +4,7 @@ mix and loss terms, and checkpointed under ``<workdir>/checkpoints/<stage>``."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -13,11 +14,12 @@ import numpy as np
 from absl import logging
 from flax.training import train_state
 
-from jaxvars import checkpointing, sharding
+from jaxvars import atomic, checkpointing, sharding
 from jaxvars.attacks.spec import attack_spec
 from jaxvars.data import splits
 from jaxvars.errors import CheckpointError
 from jaxvars.progress import progress
+from jaxvars.training import records
 from jaxvars.training.common import check_finite
 from jaxvars.training.defense_step import INPUT_KINDS, make_defense_step, stage_optimizer
 
@@ -53,24 +55,43 @@ def _epoch_row(got: list, train_eps_choices) -> dict:
   return row
 
 
-def train_defense(exp, consts: dict, params: dict, workdir: str):
+def _scalars(metrics: dict) -> dict:
+  return {k: float(v) for k, v in metrics.items() if k not in ("input_kind", "input_eps")}
+
+
+def train_defense(exp, consts: dict, params: dict, workdir: str, *, writer=None):
   """Runs every defence stage of ``config.stages`` with the joint step (resuming).
 
+  Each step's triplets come from a generator seeded by (seed, stage, epoch, step), so a
+  stage resumed from any checkpoint continues exactly as an uninterrupted run would.
+
+  Args:
+    writer: a :class:`jaxvars.metrics.MetricWriter` (every step's losses).
+
   Returns:
-    (params after the last stage, {stage: per-epoch history}, {stage: seconds}).
+    (params after the last stage, {stage: per-epoch history}, {stage: seconds}), histories
+    and seconds over every run that trained the stage.
   """
   config = exp.config
   positive_keys = splits.pair_keys(exp.data.train_users, exp.data.train_items, exp.data.num_items)
   histories, seconds = {}, {}
   choices = tuple(config.defense.get("train_eps_choices", ()) or ())
   attack = attack_spec(config.attack, "pgd", config.defense.train_eps, objective="bpr")
-  for s_index, name in enumerate(stage_names(config)):
+  names = stage_names(config)
+  for s_index, name in enumerate(names):
     stage = config.stages[name]
     steps_per_epoch, total = stage_plan(exp, stage)
-    mgr = checkpointing.manager(os.path.join(workdir, "checkpoints", name),
-                                max_to_keep=config.checkpoint.max_to_keep)
+    directory = os.path.join(workdir, "checkpoints", name)
+    fields = records.stage_fields(config, name, names[:s_index + 1])
+    mgr = checkpointing.manager(directory, max_to_keep=config.checkpoint.max_to_keep)
     start, tree = checkpointing.resume(mgr, {"state": _stage_state(exp, params, stage)})
     state = tree["state"]
+    record = records.load(directory) or {}
+    history = [r for r in record.get("history", []) if r["epoch"] * steps_per_epoch <= start]
+    partial = record.get("partial", {})
+    epoch_metrics = (partial.get("steps", []) if partial.get("step") == start
+                     and start % steps_per_epoch else [])
+    elapsed0, t = float(record.get("seconds", 0.0)) if start else 0.0, time.perf_counter()
     if start:
       logging.info("stage %s: resuming from checkpoint %d of %d steps", name, start, total)
     step_fn = make_defense_step(exp.models, exp.mesh,
@@ -78,22 +99,20 @@ def train_defense(exp, consts: dict, params: dict, workdir: str):
                                 mix=tuple(stage.mix), attack=attack, eps_choices=choices,
                                 temperature=config.detector.temperature)
     stage_key = jax.random.fold_in(jax.random.key(config.seed), 1000 + s_index)
-    history = []
-    t = time.perf_counter()
     bar = progress(range(start, total), desc=f"stage {name}", total=total, initial=start)
-    epoch_metrics, batches = [], None
+    order, written = None, len(epoch_metrics)
     for step in bar:
       epoch, k = divmod(step, steps_per_epoch)
-      if batches is None or k == 0 or batches[0] != epoch:
-        rng = np.random.default_rng([config.seed, 2000 + s_index, epoch])
-        order = rng.permutation(exp.pool)[:steps_per_epoch * config.defense.batch_size]
-        batches = (epoch, order.reshape(steps_per_epoch, -1), rng)
-      items = batches[1][k]
-      triplets = splits.item_triplets(items, train_users=exp.data.train_users,
-                                      train_items=exp.data.train_items,
-                                      num_users=exp.data.num_users, num_items=exp.data.num_items,
-                                      positive_keys=positive_keys,
-                                      per_role=config.defense.triplets_per_item, rng=batches[2])
+      if order is None or order[0] != epoch:
+        perm = np.random.default_rng([config.seed, 2000 + s_index, epoch]).permutation(exp.pool)
+        order = (epoch, perm[:steps_per_epoch * config.defense.batch_size].reshape(
+            steps_per_epoch, -1))
+      items = order[1][k]
+      triplets = splits.item_triplets(
+          items, train_users=exp.data.train_users, train_items=exp.data.train_items,
+          num_users=exp.data.num_users, num_items=exp.data.num_items,
+          positive_keys=positive_keys, per_role=config.defense.triplets_per_item,
+          rng=np.random.default_rng([config.seed, 2000 + s_index, epoch, k]))
       batch = sharding.shard_batch({"images": exp.data.images[items],
                                     "items": items.astype(np.int32), "triplets": triplets},
                                    exp.mesh)
@@ -101,11 +120,15 @@ def train_defense(exp, consts: dict, params: dict, workdir: str):
       epoch_metrics.append(m)
       last_of_epoch = k == steps_per_epoch - 1
       if last_of_epoch or (step + 1) % config.defense.checkpoint_every_steps == 0:
-        got = jax.device_get(epoch_metrics)
+        got = [jax.tree.map(float, g) for g in jax.device_get(epoch_metrics)]
+        epoch_metrics = got
         check_finite([g["loss"] for g in got], where=f"stage {name!r}",
                      advice=f"lower config.stages.{name}.lr (now {stage.lr})",
                      latest_checkpoint=mgr.latest_step())
-        checkpointing.save(mgr, step + 1, {"state": state})
+        if writer is not None:  # epoch_metrics holds this epoch's steps from its first one.
+          for j in range(written, len(got)):
+            writer.scalars(name, epoch * steps_per_epoch + j + 1, _scalars(got[j]))
+        written = len(got)
         if last_of_epoch:
           row = _epoch_row(got, choices)
           row["epoch"] = epoch + 1
@@ -114,11 +137,26 @@ def train_defense(exp, consts: dict, params: dict, workdir: str):
                        " ".join(f"{k_}={v:.4f}" for k_, v in row.items()
                                 if isinstance(v, float)))
           bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
-          epoch_metrics = []
+          epoch_metrics, written = [], 0
+        records.save(directory, fields=fields, history=history, done=step + 1 == total,
+                     seconds=elapsed0 + time.perf_counter() - t)
+        if epoch_metrics:  # Mid-epoch: keep this epoch's steps for a resumed run's row.
+          record_partial(directory, step + 1, epoch_metrics)
+        checkpointing.save(mgr, step + 1, {"state": state})
     mgr.close()
     params = state.params
-    histories[name], seconds[name] = history, time.perf_counter() - t
+    histories[name] = history
+    seconds[name] = elapsed0 + (time.perf_counter() - t if start < total else 0.0)
   return params, histories, seconds
+
+
+def record_partial(directory: str, step: int, steps: list) -> None:
+  """Adds the metrics of the current epoch's steps so far to the stage's record."""
+  path = os.path.join(directory, records.RECORD)
+  with open(path) as f:
+    record = json.load(f)
+  record["partial"] = {"step": step, "steps": steps}
+  atomic.write_json(path, record)
 
 
 def restore_stages(exp, params: dict, workdir: str) -> dict:

@@ -4,6 +4,7 @@ for the last 20), resumable from ``<workdir>/checkpoints/recommender``."""
 from __future__ import annotations
 
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ from jaxvars import checkpointing, losses, sharding
 from jaxvars.data import splits
 from jaxvars.errors import CheckpointError
 from jaxvars.progress import progress
+from jaxvars.training import records
 from jaxvars.training.common import check_finite
 
 TrainState = train_state.TrainState
@@ -144,23 +146,31 @@ def restore(exp, workdir: str):
   return tree["recommender"], tree["backbone"], step
 
 
-def train_recommender(exp, consts: dict, workdir: str, *, on_epoch_end=None):
+def train_recommender(exp, consts: dict, workdir: str, *, on_epoch_end=None, writer=None):
   """BPR training of the recommender (resumes from ``<workdir>/checkpoints/recommender``).
 
   Args:
     exp: the :class:`jaxvars.experiment.Experiment`. consts: {'features', ...}.
     on_epoch_end: optional ``(params, epoch) -> dict`` of extra metrics for the history
       (``config.eval.every_epochs``: the ranking metrics of the run so far).
+    writer: a :class:`jaxvars.metrics.MetricWriter` (per-step loss, per-epoch metrics).
 
   Returns:
-    (state, per-epoch history, number of steps run now).
+    (state, per-epoch history of every run that trained it, number of steps run now,
+    training seconds of every run).
   """
   config, rc = exp.config, exp.config.recommender
-  mgr = checkpointing.manager(os.path.join(workdir, "checkpoints", CHECKPOINT_DIR),
-                              max_to_keep=config.checkpoint.max_to_keep)
+  directory = os.path.join(workdir, "checkpoints", CHECKPOINT_DIR)
+  fields = records.stage_fields(config, records.RECOMMENDER)
+  mgr = checkpointing.manager(directory, max_to_keep=config.checkpoint.max_to_keep)
   step, tree = checkpointing.resume(mgr, {"recommender": initial_state(exp),
                                           "backbone": exp.backbone_vars})
   state, start_epoch = tree["recommender"], step // exp.rec_steps_per_epoch
+  record = records.load(directory) or {}
+  # Rows of epochs the restored checkpoint has (a record written just before a checkpoint
+  # that never completed may hold one more).
+  history = [r for r in record.get("history", []) if r["epoch"] <= start_epoch]
+  seconds, t0 = float(record.get("seconds", 0.0)) if step else 0.0, time.perf_counter()
   if step:
     _check_same_backbone(tree["backbone"], exp.backbone_vars, mgr.directory)
     logging.info("recommender: resuming from checkpoint %d (epoch %d of %d)", step,
@@ -169,7 +179,7 @@ def train_recommender(exp, consts: dict, workdir: str, *, on_epoch_end=None):
   positive_keys = splits.pair_keys(exp.data.train_users, exp.data.train_items, exp.data.num_items)
   steps_on_data = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec(
       None, sharding.DATA_AXIS))
-  history, n_steps = [], 0
+  n_steps = 0
   bar = progress(range(start_epoch, rc.epochs), desc=f"{exp.models.recommender.label} epochs",
                  total=rc.epochs, initial=start_epoch)
   triplets = None
@@ -191,12 +201,21 @@ def train_recommender(exp, consts: dict, workdir: str, *, on_epoch_end=None):
     if on_epoch_end is not None:
       row.update(on_epoch_end(state.params, epoch + 1) or {})
     history.append(row)
+    if writer is not None:
+      first = int(state.step) - len(metrics["loss"])
+      for k, loss in enumerate(metrics["loss"]):
+        writer.scalars("recommender_step", first + k + 1, {"loss": float(loss)})
+      writer.scalars("recommender", epoch + 1, {k: v for k, v in row.items() if k != "epoch"})
     bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['pairwise_accuracy']:.3f}",
                     refresh=False)
     logging.info("recommender epoch %d/%d %s", epoch + 1, rc.epochs,
                  " ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
     if (epoch + 1) % config.checkpoint.every_epochs == 0 or epoch + 1 == rc.epochs:
+      records.save(directory, fields=fields, history=history, done=epoch + 1 == rc.epochs,
+                   seconds=seconds + time.perf_counter() - t0)
       checkpointing.save(mgr, int(state.step), {"recommender": state,
                                                 "backbone": exp.backbone_vars})
   mgr.close()
-  return state, history, n_steps
+  if start_epoch < rc.epochs:
+    seconds += time.perf_counter() - t0
+  return state, history, n_steps, seconds

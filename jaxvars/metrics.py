@@ -1,0 +1,64 @@
+"""Scalars a person can watch while a run trains: TensorBoard event files under
+``<workdir>/metrics/`` (written with tensorboardX, no TensorFlow needed).
+
+  tensorboard --logdir=<workdir>/metrics
+
+Tags are ``<stage>/<metric>`` (``recommender/loss``, ``denoiser_fgsm/content``,
+``eval/vbpr/clean/HR@10``, ``attack/pgd@8/images_per_s`` ...); the step is the stage's own
+step (optimizer step, or epoch where only epochs exist). A writer is opened per run and
+closed at its end; every write is flushed, so a killed run keeps what it wrote.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+METRICS_DIR = "metrics"
+
+
+class MetricWriter:
+  """Writes scalars to ``<workdir>/metrics`` (or nowhere when ``workdir`` is None)."""
+
+  def __init__(self, workdir: str | None):
+    self._writer = None
+    if workdir:
+      from tensorboardX import SummaryWriter
+      self._writer = SummaryWriter(os.path.join(workdir, METRICS_DIR), flush_secs=10)
+
+  def scalars(self, prefix: str, step: int, values: dict) -> None:
+    """Writes every finite float of ``values`` as ``<prefix>/<key>`` at ``step``."""
+    if self._writer is None:
+      return
+    for key, value in values.items():
+      if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        self._writer.add_scalar(f"{prefix}/{key}", float(value), int(step))
+    self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+
+
+def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
+  """{tag: [(step, value), ...]} of the event files under ``<workdir>/metrics`` (for tests and
+  quick looks; TensorBoard reads the same files)."""
+  from tensorboardX.proto import event_pb2
+  import struct
+
+  out: dict[str, list] = {}
+  directory = os.path.join(workdir, METRICS_DIR)
+  for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+    with open(os.path.join(directory, name), "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos + 12 <= len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      body = data[pos + 12:pos + 12 + length]
+      pos += 12 + length + 4
+      event = event_pb2.Event()
+      event.ParseFromString(body)
+      for v in event.summary.value:
+        out.setdefault(v.tag, []).append((int(event.step), float(v.simple_value)))
+  return out
