@@ -26,7 +26,16 @@ Builders:
   optional ``items.csv`` (``item_id,category``; other columns ignored).
 
 The config name carries a fingerprint of the source (manual directory, image
-size, generator settings), so two different sources never share a cache entry.
+size, generator settings, and for ``hm`` / ``folder`` the sha256 of each CSV file,
+a stat fingerprint of ``images/`` and the preprocessing settings; see
+:func:`source_files`), so a changed file or setting never reuses a stale entry.
+
+CSV files are UTF-8 (a byte-order mark is allowed), comma-separated, with a
+header row and at least one data row; every row has the header's number of
+fields. Values are checked before any table is written (:meth:`check_sources`):
+``rating`` must be a finite number (an empty cell, 'nan' or 'inf' is an error
+naming the line), ``timestamp`` a number (seconds) or an ISO date/time, or
+empty (= unknown, stored as -1), ``t_dat`` a YYYY-MM-DD date, ids non-empty.
 """
 
 from __future__ import annotations
@@ -37,8 +46,9 @@ import csv
 import datetime
 import hashlib
 import json
+import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -48,6 +58,7 @@ from jaxvars.data.images import load_image
 from jaxvars.errors import DataError
 
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+_HASH_CHUNK = 1 << 20
 
 
 class VarsConfig(tfds.core.BuilderConfig):
@@ -57,7 +68,8 @@ class VarsConfig(tfds.core.BuilderConfig):
     table: 'interactions' or 'images'.
     image_size: S of the ``images`` table (ignored for ``interactions``).
     source: JSON-serialisable description of the source (manual dir, generator
-      settings, missing-image policy); hashed into the config name.
+      settings, source file fingerprints, missing-image policy, background); hashed
+      into the config name.
   """
 
   def __init__(self, *, table: str, image_size: int = 0, source: dict):
@@ -76,6 +88,8 @@ class _VarsBuilder(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
+  CSV_FILES: tuple[str, ...] = ()  # CSV files of the manual directory (fingerprinted).
+  INTERACTIONS_CSV: str | None = None  # The one of CSV_FILES the interactions table reads.
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
@@ -112,11 +126,13 @@ class _VarsBuilder(tfds.core.GeneratorBasedBuilder):
   def _image_examples(self, size: int):
     items = self.item_sources()
     drop = self.builder_config.source.get("missing_images") == "drop"
+    background = tuple(self.builder_config.source.get("background", (255, 255, 255)))
 
     def load(entry):
       item_id, category, source = entry
       try:
-        image = source(size) if callable(source) else load_image(source, size)
+        image = (source(size) if callable(source)
+                 else load_image(source, size, background=background))
       except DataError:
         if drop:
           return None
@@ -133,6 +149,13 @@ class _VarsBuilder(tfds.core.GeneratorBasedBuilder):
     return self.builder_config.source["manual_dir"]
 
   # Subclass API -------------------------------------------------------------
+  def check_sources(self) -> None:
+    """Reads and checks every source CSV file; writes nothing.
+
+    Raises:
+      DataError: naming the file (and line) of the first problem found.
+    """
+
   def read_interactions(self) -> Iterator[tuple[str, list, list, list]]:
     """Yields (user_id, item_ids, timestamps, ratings) per user."""
     raise NotImplementedError
@@ -153,65 +176,234 @@ def _group_by_user(rows) -> Iterator[tuple[str, list, list, list]]:
     yield (user, *grouped[user])
 
 
-def read_csv_columns(path: str, required: Sequence[str], optional: Sequence[str] = ()):
-  """Reads the named columns of a CSV file as lists of strings.
-
-  Returns:
-    dict column -> list[str] for every required column and each optional one present.
+def file_sha256(path: str) -> str | None:
+  """sha256 (hex) of a file's bytes; None if it does not exist.
 
   Raises:
-    DataError: naming ``path`` if it is missing, empty, or lacks a required column.
+    DataError: naming ``path`` if it exists but cannot be read.
   """
+  digest = hashlib.sha256()
   try:
-    f = open(path, newline="", encoding="utf-8")
+    with open(path, "rb") as f:
+      while chunk := f.read(_HASH_CHUNK):
+        digest.update(chunk)
+  except FileNotFoundError:
+    return None
+  except OSError as e:
+    raise DataError(f"{path}: cannot read the file ({e.strerror or e})") from None
+  return digest.hexdigest()
+
+
+def directory_fingerprint(path: str) -> str | None:
+  """A cheap fingerprint of a directory tree: sha256 of its sorted
+  (relative path, size in bytes, mtime in ns) for every file; stat only, no reads.
+
+  Linked directories are followed (each real directory once).
+
+  Returns:
+    hex digest, or None if ``path`` is not a directory.
+
+  Raises:
+    DataError: naming a directory that cannot be listed.
+  """
+  if not os.path.isdir(path):
+    return None
+  entries = []
+  stack = [""]
+  seen = set()
+  while stack:
+    rel = stack.pop()
+    here = os.path.join(path, rel)
+    try:
+      st = os.stat(here)
+      if (st.st_dev, st.st_ino) in seen:
+        continue
+      seen.add((st.st_dev, st.st_ino))
+      with os.scandir(here) as it:
+        for e in it:
+          name = os.path.join(rel, e.name) if rel else e.name
+          if e.is_dir():
+            stack.append(name)
+            continue
+          try:
+            info = e.stat()
+          except OSError:  # A dangling link: fingerprinted as such.
+            entries.append(f"{name}\t-\t-")
+            continue
+          entries.append(f"{name}\t{info.st_size}\t{info.st_mtime_ns}")
+    except OSError as err:
+      raise DataError(f"{here}: cannot list the directory ({err.strerror or err})") from None
+  entries.sort()
+  return hashlib.sha256("\n".join(entries).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _utf8_error(path: str) -> DataError:
+  """The DataError for the first line of ``path`` that is not valid UTF-8."""
+  with open(path, "rb") as f:
+    for lineno, line in enumerate(f, start=1):
+      if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
+        line = line[3:]
+      try:
+        line.decode("utf-8")
+      except UnicodeDecodeError as e:
+        bad = line[e.start:e.end]
+        return DataError(f"{path}: line {lineno} is not UTF-8 (byte(s) {bad.hex(' ')} at column "
+                         f"{e.start + 1}); save the file as UTF-8")
+  return DataError(f"{path}: is not UTF-8; save the file as UTF-8")
+
+
+def read_csv_columns(path: str, required: Sequence[str], optional: Sequence[str] = (), *,
+                     converters: Mapping[str, Callable[[str], object]] | None = None,
+                     nonempty: Sequence[str] = ()) -> dict[str, list]:
+  """Reads the named columns of a CSV file, checking every row.
+
+  The file must be UTF-8 (a leading byte-order mark is skipped), start with a
+  header and hold at least one row; every non-blank row must have the header's
+  number of fields. Values are stripped of surrounding spaces.
+
+  Args:
+    path: the CSV file.
+    required: columns that must be in the header.
+    optional: columns read when present.
+    converters: column -> function of the stripped string; it raises ValueError
+      whose message completes "<column> '<value>' ..." (e.g. "is not a number").
+    nonempty: columns whose value must not be empty.
+
+  Returns:
+    dict column -> list (str, or the converter's values) for every required
+    column and each optional one present, one entry per non-blank row.
+
+  Raises:
+    DataError: naming ``path`` (and line) if it is missing, not UTF-8, empty, has
+      no rows, lacks a required column, has a row with another number of fields
+      than the header, or a value that is empty or its converter rejects.
+  """
+  converters = converters or {}
+  try:
+    f = open(path, newline="", encoding="utf-8-sig")
   except FileNotFoundError:
     raise DataError(f"{path}: file is missing") from None
-  with f:
-    reader = csv.reader(f)
-    header = next(reader, None)
-    if header is None:
-      raise DataError(f"{path}: file is empty; expected a header with columns {list(required)}")
-    header = [h.strip() for h in header]
-    missing = [c for c in required if c not in header]
-    if missing:
-      raise DataError(f"{path}: missing column(s) {missing}; expected columns {list(required)}"
-                      f"{' and optionally ' + str(list(optional)) if optional else ''}, "
-                      f"found {header}")
-    wanted = [c for c in (*required, *optional) if c in header]
-    index = [header.index(c) for c in wanted]
-    columns = {c: [] for c in wanted}
-    for lineno, row in enumerate(reader, start=2):
-      if not row:
-        continue
-      if len(row) < len(header):
-        raise DataError(f"{path}:{lineno}: {len(row)} fields, expected {len(header)}")
-      for c, k in zip(wanted, index):
-        columns[c].append(row[k].strip())
+  except OSError as e:
+    raise DataError(f"{path}: cannot read the file ({e.strerror or e})") from None
+  expected = (f"{','.join(required)}" + "".join(f"[,{c}]" for c in optional))
+  try:
+    with f:
+      reader = csv.reader(f)
+      header = next(reader, None)
+      if header is None:
+        raise DataError(f"{path} has no rows (the file is empty); expected a header "
+                        f"{expected} and at least one row")
+      header = [h.strip() for h in header]
+      missing = [c for c in required if c not in header]
+      if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; expected columns {list(required)}"
+                        f"{' and optionally ' + str(list(optional)) if optional else ''}, "
+                        f"found {header}")
+      wanted = [c for c in (*required, *optional) if c in header]
+      index = [header.index(c) for c in wanted]
+      checks = [(c, k, converters.get(c), c in nonempty) for c, k in zip(wanted, index)]
+      columns = {c: [] for c in wanted}
+      appends = [columns[c].append for c in wanted]
+      width = len(header)
+      for row in reader:
+        if not row:
+          continue
+        if len(row) != width:
+          hint = "; quote fields that contain a comma" if len(row) > width else ""
+          raise DataError(f"{path}:{reader.line_num}: {len(row)} fields, expected {width} as in "
+                          f"the header{hint}")
+        for (c, k, convert, needed), append in zip(checks, appends):
+          value = row[k].strip()
+          if needed and not value:
+            raise DataError(f"{path}:{reader.line_num}: {c} is empty")
+          if convert is not None:
+            try:
+              value = convert(value)
+            except ValueError as e:
+              raise DataError(f"{path}:{reader.line_num}: {c} {value!r} {e}") from None
+          append(value)
+  except UnicodeDecodeError:
+    raise _utf8_error(path) from None
+  except csv.Error as e:
+    raise DataError(f"{path}:{reader.line_num}: cannot parse the CSV row ({e})") from None
+  if not columns[wanted[0]]:
+    raise DataError(f"{path} has no rows (only a header); expected at least one row of "
+                    f"{expected}")
   return columns
 
 
-def _parse_timestamp(value: str, path: str, lineno: int) -> int:
+def parse_timestamp(value: str) -> int:
+  """Seconds since 1970 of a number or an ISO date/time (UTC if no zone); '' -> -1.
+
+  Raises:
+    ValueError: "is neither a number nor an ISO date/time" (also for NaN, infinity).
+  """
   if value == "":
     return -1
   try:
-    return int(float(value))
+    number = float(value)
   except ValueError:
     pass
+  else:
+    if math.isfinite(number):
+      return int(number)
+    raise ValueError("is neither a number nor an ISO date/time")
   try:
     dt = datetime.datetime.fromisoformat(value)
   except ValueError:
-    raise DataError(f"{path}:{lineno}: timestamp {value!r} is neither a number nor an ISO "
-                    "date/time") from None
+    raise ValueError("is neither a number nor an ISO date/time") from None
   if dt.tzinfo is None:
     dt = dt.replace(tzinfo=datetime.timezone.utc)
   return int(dt.timestamp())
 
 
-def _parse_float(value: str, path: str, lineno: int, column: str) -> float:
+def parse_rating(value: str) -> float:
+  """A finite float.
+
+  Raises:
+    ValueError: for an empty cell, text, NaN or infinity (the message says which).
+  """
+  if value == "":
+    raise ValueError("is empty; expected a number (fill it in or drop the row)")
   try:
-    return float(value)
+    number = float(value)
   except ValueError:
-    raise DataError(f"{path}:{lineno}: {column} {value!r} is not a number") from None
+    raise ValueError("is not a number") from None
+  if not math.isfinite(number):
+    raise ValueError("is not a finite number; fill it in or drop the row")
+  return number
+
+
+def parse_day(value: str) -> int:
+  """Proleptic Gregorian ordinal (days) of a YYYY-MM-DD date.
+
+  Raises:
+    ValueError: "is not a YYYY-MM-DD date".
+  """
+  try:
+    return datetime.date.fromisoformat(value).toordinal()
+  except ValueError:
+    raise ValueError("is not a YYYY-MM-DD date") from None
+
+
+def source_files(name: str, manual_dir: str) -> dict[str, str | None]:
+  """Fingerprints of the files a manual-directory dataset is prepared from.
+
+  Args:
+    name: 'hm' or 'folder' (a key of :data:`BUILDERS` whose class has ``CSV_FILES``).
+    manual_dir: absolute path of its directory.
+
+  Returns:
+    {csv file name: sha256 of its bytes or None if absent, ..., 'images/': stat
+    fingerprint of the image tree (:func:`directory_fingerprint`) or None}.
+
+  Raises:
+    DataError: naming a file or directory that exists but cannot be read.
+  """
+  cls = BUILDERS[name]
+  out = {f: file_sha256(os.path.join(manual_dir, f)) for f in cls.CSV_FILES}
+  out["images/"] = directory_fingerprint(os.path.join(manual_dir, "images"))
+  return out
 
 
 class SyntheticFashion(_VarsBuilder):
@@ -244,31 +436,40 @@ class HMFashion(_VarsBuilder):
   """H&M Personalized Fashion Recommendations (Kaggle layout, manual directory)."""
 
   BUILDER_CONFIGS = []
+  CSV_FILES = ("transactions_train.csv", "articles.csv")
+  INTERACTIONS_CSV = "transactions_train.csv"
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Download the Kaggle competition 'h-and-m-personalized-fashion-recommendations' and pass "
       "its directory (transactions_train.csv, articles.csv, images/) as data.manual_dir.")
 
+  def _transactions(self, columns=("t_dat", "customer_id", "article_id")) -> dict[str, list]:
+    """Columns of transactions_train.csv; ``t_dat`` as day ordinals."""
+    return read_csv_columns(os.path.join(self._dir(), "transactions_train.csv"), columns,
+                            converters={"t_dat": parse_day},
+                            nonempty=("customer_id", "article_id"))
+
+  def _categories(self) -> dict[str, str]:
+    """article_id -> product_type_name of articles.csv ({} if it is absent)."""
+    path = os.path.join(self._dir(), "articles.csv")
+    if not os.path.exists(path):
+      return {}
+    cols = read_csv_columns(path, ("article_id", "product_type_name"), nonempty=("article_id",))
+    return dict(zip(cols["article_id"], cols["product_type_name"]))
+
+  def check_sources(self):
+    self._transactions()
+    self._categories()
+
   def read_interactions(self):
-    path = os.path.join(self._dir(), "transactions_train.csv")
-    cols = read_csv_columns(path, ("t_dat", "customer_id", "article_id"))
-    stamps = []
-    for lineno, day in enumerate(cols["t_dat"], start=2):
-      try:
-        stamps.append(datetime.date.fromisoformat(day).toordinal())
-      except ValueError:
-        raise DataError(f"{path}:{lineno}: t_dat {day!r} is not a YYYY-MM-DD date") from None
-    rows = zip(cols["customer_id"], cols["article_id"], stamps, [1.0] * len(stamps))
+    cols = self._transactions()
+    rows = zip(cols["customer_id"], cols["article_id"], cols["t_dat"],
+               [1.0] * len(cols["t_dat"]))
     yield from _group_by_user(rows)
 
   def item_sources(self):
     base = self._dir()
-    items = sorted(set(read_csv_columns(os.path.join(base, "transactions_train.csv"),
-                                        ("article_id",))["article_id"]))
-    categories = {}
-    articles = os.path.join(base, "articles.csv")
-    if os.path.exists(articles):
-      cols = read_csv_columns(articles, ("article_id", "product_type_name"))
-      categories = dict(zip(cols["article_id"], cols["product_type_name"]))
+    items = sorted(set(self._transactions(("article_id",))["article_id"]))
+    categories = self._categories()
     return [(a, categories.get(a, ""), os.path.join(base, "images", a[:3], a + ".jpg"))
             for a in items]
 
@@ -277,33 +478,43 @@ class FolderDataset(_VarsBuilder):
   """Generic folder: interactions.csv, images/<item_id>.<ext>, optional items.csv."""
 
   BUILDER_CONFIGS = []
+  CSV_FILES = ("interactions.csv", "items.csv")
+  INTERACTIONS_CSV = "interactions.csv"
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Pass a directory with interactions.csv (user_id,item_id[,timestamp][,rating]), "
       "images/<item_id>.jpg|jpeg|png and optionally items.csv (item_id,category) as "
       "data.manual_dir.")
 
+  def _interactions(self, columns=("user_id", "item_id"),
+                    optional=("timestamp", "rating")) -> dict[str, list]:
+    """Columns of interactions.csv; ``timestamp`` as seconds (-1: none), ``rating`` floats."""
+    return read_csv_columns(os.path.join(self._dir(), "interactions.csv"), columns, optional,
+                            converters={"timestamp": parse_timestamp, "rating": parse_rating},
+                            nonempty=("user_id", "item_id"))
+
+  def _categories(self) -> dict[str, str]:
+    """item_id -> category of items.csv ({} if it is absent)."""
+    path = os.path.join(self._dir(), "items.csv")
+    if not os.path.exists(path):
+      return {}
+    cols = read_csv_columns(path, ("item_id", "category"), nonempty=("item_id",))
+    return dict(zip(cols["item_id"], cols["category"]))
+
+  def check_sources(self):
+    self._interactions()
+    self._categories()
+
   def read_interactions(self):
-    path = os.path.join(self._dir(), "interactions.csv")
-    cols = read_csv_columns(path, ("user_id", "item_id"), ("timestamp", "rating"))
+    cols = self._interactions()
     n = len(cols["user_id"])
-    stamps = ([_parse_timestamp(v, path, k) for k, v in enumerate(cols["timestamp"], start=2)]
-              if "timestamp" in cols else [-1] * n)
-    ratings = ([_parse_float(v, path, k, "rating") for k, v in enumerate(cols["rating"], start=2)]
-               if "rating" in cols else [1.0] * n)
-    for lineno, (u, i) in enumerate(zip(cols["user_id"], cols["item_id"]), start=2):
-      if not u or not i:
-        raise DataError(f"{path}:{lineno}: empty user_id or item_id")
+    stamps = cols.get("timestamp", [-1] * n)
+    ratings = cols.get("rating", [1.0] * n)
     yield from _group_by_user(zip(cols["user_id"], cols["item_id"], stamps, ratings))
 
   def item_sources(self):
     base = self._dir()
-    items = sorted(set(read_csv_columns(os.path.join(base, "interactions.csv"),
-                                        ("item_id",))["item_id"]))
-    categories = {}
-    items_csv = os.path.join(base, "items.csv")
-    if os.path.exists(items_csv):
-      cols = read_csv_columns(items_csv, ("item_id", "category"))
-      categories = dict(zip(cols["item_id"], cols["category"]))
+    items = sorted(set(self._interactions(("item_id",), ())["item_id"]))
+    categories = self._categories()
     image_dir = os.path.join(base, "images")
     out = []
     for item in items:

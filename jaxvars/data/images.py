@@ -1,24 +1,46 @@
-"""Decoding product photos with PIL: pad to a square, resize, uint8 RGB."""
+"""Decoding product photos with PIL: orient, flatten to RGB, pad to a square, resize.
+
+Every photo becomes uint8 RGB the same way, whatever its file holds:
+
+* EXIF orientation (phone photos) is applied first (``ImageOps.exif_transpose``).
+* 16-bit grayscale ('I;16', 'I;16B', 'I;16L', 'I;16N', and 'I' holding 16-bit data)
+  is scaled to 8 bits by the bit depth: round(v / 257), so 65535 -> 255 and
+  30000 -> 117 (PIL's own ``convert`` clips such values to 255: pure white).
+* Transparency (alpha in 'RGBA', 'LA', 'PA', 'RGBa', 'La'; a transparent palette
+  index of 'P'; a transparent colour of 'L' / 'RGB' PNGs) is composited over a
+  background colour, white by default (``config.data.background``).
+* CMYK (JPEG, TIFF) goes through PIL's ``convert('RGB')``: PIL reads CMYK JPEGs with
+  Adobe's inverted polarity, as browsers do (with or without the Adobe marker);
+  embedded ICC profiles are not applied (no colour management).
+* Grayscale ('1', 'L') and other modes PIL converts ('YCbCr', ...) become RGB.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from jaxvars.errors import DataError
 
+WHITE = (255, 255, 255)
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
-def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
+
+def load_image(path: str | os.PathLike, size: int,
+               background: Sequence[int] = WHITE) -> np.ndarray:
   """Reads one photo, pads it to a square with its border colour, resizes it.
 
   Args:
-    path: a JPEG, PNG or any other format PIL decodes, of any size and aspect.
+    path: a JPEG, PNG or any other format PIL decodes, of any size, aspect, mode and
+      bit depth (see the module docstring for how each mode becomes RGB).
     size: output height and width in pixels.
+    background: RGB, 3 ints in 0..255, shown behind transparent pixels.
 
   Returns:
-    uint8 array [size, size, 3], RGB.
+    uint8 array [size, size, 3], RGB, in display orientation.
 
   Raises:
     DataError: naming ``path`` if it is missing or cannot be decoded.
@@ -26,11 +48,18 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
   try:
     with Image.open(path) as img:
       img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when much larger.
-      img = img.convert("RGB")
-      arr = np.asarray(img)
+      rawmode = _rawmode(img)
+      img.load()
+      try:
+        ImageOps.exif_transpose(img, in_place=True)
+      except Exception:  # pylint: disable=broad-except
+        pass  # A broken EXIF block: keep the stored orientation.
+      arr = _to_rgb(img, rawmode, background, path)
   except FileNotFoundError:
     raise DataError(f"{path}: image file is missing") from None
-  except (UnidentifiedImageError, OSError, ValueError) as e:
+  except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    if isinstance(e, DataError):
+      raise
     raise DataError(f"{path}: cannot decode image ({e})") from None
   h, w = arr.shape[:2]
   if h != w:
@@ -45,3 +74,53 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
   if arr.shape[0] != size:
     arr = np.asarray(Image.fromarray(arr).resize((size, size), Image.Resampling.LANCZOS))
   return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+def _rawmode(img: Image.Image) -> str:
+  """How the file stores its pixels ('I;16B', 'I;32S', ...), read before decoding."""
+  try:
+    args = img.tile[0].args if img.tile else None
+  except (AttributeError, IndexError):
+    return ""
+  if isinstance(args, tuple):
+    args = args[0] if args else None
+  return args if isinstance(args, str) else ""
+
+
+def _to_rgb(img: Image.Image, rawmode: str, background: Sequence[int], path) -> np.ndarray:
+  """uint8 [H, W, 3] RGB of a decoded image of any mode (see the module docstring)."""
+  mode = img.mode
+  if mode.startswith("I;16") or mode == "I":
+    grey = _sixteen_to_eight(np.asarray(img), mode, rawmode, path)
+    return np.repeat(grey[:, :, None], 3, axis=2)
+  if mode in _ALPHA_MODES or "transparency" in img.info:
+    rgba = np.asarray(img.convert("RGBA"))
+    return _composite(rgba, background)
+  return np.asarray(img.convert("RGB"))
+
+
+def _sixteen_to_eight(arr: np.ndarray, mode: str, rawmode: str, path) -> np.ndarray:
+  """uint8 [H, W] of 16-bit grayscale: round(v / 257).
+
+  'I' (32-bit signed) holds 16-bit data when the file says so (rawmode 'I;16*', e.g.
+  a 16-bit PNG read by an older PIL) or when every value lies in 0..65535 (16-bit
+  data in a 32-bit container); other 'I' data has no known white level.
+
+  Raises:
+    DataError: naming ``path`` for 'I' pixels outside 0..65535.
+  """
+  arr = arr.astype(np.int64)
+  if mode == "I" and not rawmode.startswith("I;16") and arr.size:
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi > 65535:
+      raise DataError(f"{path}: cannot decode image (32-bit integer pixels in {lo}..{hi} have "
+                      "no known white level; save the photo as 8- or 16-bit)")
+  return ((arr * 2 + 257) // 514).astype(np.uint8)  # round(v / 257), halves up.
+
+
+def _composite(rgba: np.ndarray, background: Sequence[int]) -> np.ndarray:
+  """uint8 [H, W, 3]: uint8 RGBA [H, W, 4] over an opaque RGB background colour."""
+  alpha = rgba[:, :, 3:].astype(np.uint32)
+  bg = np.asarray(background, np.uint32).reshape(1, 1, 3)
+  out = (rgba[:, :, :3].astype(np.uint32) * alpha + bg * (255 - alpha) + 127) // 255
+  return out.astype(np.uint8)

@@ -4,15 +4,27 @@
 held-out items, evaluation negatives) is saved to ``<workdir>/split.npz`` the
 first time and read back afterwards, so that evaluation ranks exactly the same
 candidates as training did.
+
+Nothing stale is reused silently. The prepared tfds tables are named after the
+content of their source files (sha256 of each CSV, a stat fingerprint of
+``images/``) and the settings that shape them, so a changed file prepares them
+again; ``<tfds_dir>/jaxvars_sources.json`` keeps the last fingerprint of each
+manual directory so that the log says once which files changed. ``split.npz``
+stores the sha256 of the CSV files it was made from and refuses other ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import glob
+import hashlib
 import json
+import numbers
 import os
 import shutil
+import tempfile
+import time
 
 import ml_collections
 import numpy as np
@@ -24,6 +36,8 @@ from jaxvars.errors import ConfigError, DataError
 from jaxvars.progress import progress
 
 SPLIT_FILE = "split.npz"
+SOURCES_INDEX = "jaxvars_sources.json"  # In the tfds directory: last fingerprint of each source.
+_WHITE = (255, 255, 255)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,48 +85,216 @@ class RecData:
                              / (self.num_users * self.num_items))}
 
 
-def _source(data_config) -> dict:
-  name = data_config.name
-  if name == "synthetic":
-    s = data_config.synthetic
-    return {"num_users": int(s.num_users), "num_items": int(s.num_items),
-            "mean_interactions": float(s.mean_interactions), "seed": int(s.seed)}
-  manual = os.path.abspath(os.path.expanduser(data_config.manual_dir))
-  if not os.path.isdir(manual):
-    raise DataError(f"data.manual_dir {data_config.manual_dir!r} ({manual}) is not a directory")
-  return {"manual_dir": manual, "missing_images": data_config.missing_images}
+def background(data_config) -> tuple[int, int, int]:
+  """``config.data.background``: the RGB colour behind transparent pixels.
 
+  Returns:
+    (r, g, b), ints in 0..255; white if the field is absent (an older config).
 
-def _prepare(data_config, table: str) -> tfds.core.DatasetBuilder:
-  """Prepares one table (once; later calls reuse it) and returns its builder.
-
-  On failure the partly written tfds directory is removed and the first
-  :class:`DataError` in the exception chain is raised.
+  Raises:
+    ConfigError: naming config.data.background unless it is 3 ints in 0..255.
   """
+  value = data_config.get("background", _WHITE)
+  if not (isinstance(value, (tuple, list)) and len(value) == 3
+          and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 <= v <= 255
+                  for v in value)):
+    raise ConfigError(f"config.data.background={value!r} must be 3 ints in 0..255 (RGB), "
+                      "e.g. (255, 255, 255)")
+  return tuple(int(v) for v in value)
+
+
+def _builder_class(data_config) -> type:
   if data_config.name not in builders.BUILDERS:
     raise ConfigError(f"config.data.name={data_config.name!r} is not one of "
                       f"{tuple(builders.BUILDERS)}")
-  cls = builders.BUILDERS[data_config.name]
+  return builders.BUILDERS[data_config.name]
+
+
+def _manual_dir(data_config) -> str:
+  manual = os.path.abspath(os.path.expanduser(data_config.manual_dir))
+  if not os.path.isdir(manual):
+    raise DataError(f"data.manual_dir {data_config.manual_dir!r} ({manual}) is not a directory")
+  return manual
+
+
+def _source_files(data_config) -> dict:
+  """Fingerprints of the source files ({} for synthetic): :func:`builders.source_files`."""
+  if not _builder_class(data_config).CSV_FILES:
+    return {}
+  manual = _manual_dir(data_config)
+  start = time.perf_counter()
+  files = builders.source_files(data_config.name, manual)
+  logging.debug("fingerprinted %s in %.2f s", manual, time.perf_counter() - start)
+  return files
+
+
+def _source(data_config, table: str, files: dict | None = None) -> dict:
+  """The source description of one table, hashed into its tfds config name.
+
+  ``interactions`` depends on the interactions CSV only; ``images`` on every CSV,
+  the image tree, ``missing_images`` and ``background``.
+
+  Args:
+    data_config: ``config.data``.
+    table: 'interactions' or 'images'.
+    files: :func:`_source_files` of ``data_config`` (computed if None).
+  """
+  cls = _builder_class(data_config)
+  if data_config.name == "synthetic":
+    s = data_config.synthetic
+    return {"num_users": int(s.num_users), "num_items": int(s.num_items),
+            "mean_interactions": float(s.mean_interactions), "seed": int(s.seed)}
+  manual = _manual_dir(data_config)
+  if files is None:
+    files = _source_files(data_config)
+  if table == "interactions":
+    return {"manual_dir": manual, "files": {cls.INTERACTIONS_CSV: files[cls.INTERACTIONS_CSV]}}
+  return {"manual_dir": manual, "missing_images": data_config.missing_images,
+          "background": list(background(data_config)), "files": dict(files)}
+
+
+def _builder(data_config, table: str, files: dict | None = None) -> tfds.core.DatasetBuilder:
+  cls = _builder_class(data_config)
   config = builders.VarsConfig(table=table, image_size=int(data_config.image_size),
-                               source=_source(data_config))
-  builder = cls(config=config, data_dir=data_config.tfds_dir or None, file_format="array_record")
+                               source=_source(data_config, table, files))
+  return cls(config=config, data_dir=data_config.tfds_dir or None, file_format="array_record")
+
+
+def _short(files: dict) -> str:
+  """One sha256 of all source file fingerprints, 12 hex digits, for log lines."""
+  return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _remove_incomplete(builder) -> None:
+  """Removes tfds's partly written directories of ``builder`` and empty parents."""
+  config_dir = builder.data_path.parent
+  for path in glob.glob(os.path.join(os.fspath(config_dir), "incomplete.*")):
+    shutil.rmtree(path, ignore_errors=True)
+  for d in (config_dir, config_dir.parent):
+    try:
+      os.rmdir(os.fspath(d))  # Only if empty.
+    except OSError:
+      break
+
+
+def _run_cleanly(builder, fn) -> None:
+  """Runs ``fn()``; on failure removes half-written output, raises the first DataError.
+
+  The first :class:`DataError` in the exception chain (tfds wraps errors raised
+  while generating examples) is raised in place of the wrapper.
+  """
   try:
-    builder.download_and_prepare()
+    fn()
   except BaseException as e:
-    for path in glob.glob(os.path.join(os.fspath(builder.data_path.parent), "incomplete.*")):
-      shutil.rmtree(path, ignore_errors=True)
+    _remove_incomplete(builder)
     cause = e
     while cause is not None and not isinstance(cause, DataError):
       cause = cause.__cause__ or cause.__context__
     if cause is not None and cause is not e:
       raise cause from None
     raise
-  return builder
 
 
-def _read_tables(data_config):
-  inter = _prepare(data_config, "interactions").as_data_source(split="train")
-  imgs = _prepare(data_config, "images").as_data_source(split="train")
+def _is_prepared(builder) -> bool:
+  """Whether tfds finished the table (``builder.is_prepared()`` without its warning
+  about a missing directory)."""
+  return os.path.exists(os.path.join(builder.data_dir, "dataset_info.json"))
+
+
+def _index_key(data_config) -> str:
+  return f"{data_config.name}:{_manual_dir(data_config)}"
+
+
+def _read_index(root: str) -> dict:
+  path = os.path.join(root, SOURCES_INDEX)
+  try:
+    with open(path, encoding="utf-8") as f:
+      index = json.load(f)
+    return index if isinstance(index, dict) else {}
+  except FileNotFoundError:
+    return {}
+  except (OSError, ValueError) as e:
+    logging.warning("%s is unreadable (%s); starting a new one", path, e)
+    return {}
+
+
+def _write_index(root: str, key: str, entry: dict) -> None:
+  """Sets ``key`` of ``<root>/jaxvars_sources.json`` (atomic replace; a concurrent
+  writer may lose its entry, which costs only a log line)."""
+  path = os.path.join(root, SOURCES_INDEX)
+  try:
+    os.makedirs(root, exist_ok=True)
+    index = _read_index(root)
+    index[key] = entry
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=SOURCES_INDEX + ".", suffix=".tmp")
+    try:
+      with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=1, sort_keys=True)
+      os.replace(tmp, path)
+    except BaseException:
+      os.unlink(tmp)
+      raise
+  except OSError as e:
+    logging.warning("cannot update %s (%s); source changes will not be reported", path, e)
+
+
+def _changed(old: dict, new: dict) -> list[str]:
+  """Names whose fingerprint differs between two :func:`_source_files` dicts."""
+  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def _prepare_tables(data_config, files: dict) -> dict:
+  """Prepares the interactions and images tables where needed.
+
+  Source CSV files are fingerprinted (every load) and fully checked before any
+  table is written (only when one must be prepared). A manual-directory source
+  whose files changed since it was last prepared into this tfds directory is
+  reported once in the log (``<tfds_dir>/jaxvars_sources.json`` keeps the last
+  fingerprint of each source).
+
+  Args:
+    data_config: ``config.data``.
+    files: :func:`_source_files` of ``data_config``.
+
+  Returns:
+    {table: prepared builder}.
+
+  Raises:
+    DataError: a missing or malformed source file (named, with its line).
+    ConfigError: an unknown data.name or a bad data.background.
+  """
+  built = {t: _builder(data_config, t, files) for t in ("interactions", "images")}
+  pending = [b for b in built.values() if not _is_prepared(b)]
+  if not pending:
+    return built
+  root = os.fspath(pending[0].data_dir_root)
+  if files:
+    key = _index_key(data_config)
+    last = _read_index(root).get(key)
+    if isinstance(last, dict) and isinstance(last.get("files"), dict):
+      changed = _changed(last["files"], files)
+      if changed:
+        logging.info("%s: source files changed since the last preparation (%s, %s): %s; "
+                     "preparing again", _manual_dir(data_config),
+                     ", ".join(sorted(last.get("configs", {}).values())),
+                     last.get("prepared", "?"), ", ".join(changed))
+  for b in pending:
+    logging.info("preparing %s/%s (source fingerprint %s)", b.name, b.builder_config.name,
+                 _short(files) if files else "generated")
+  _run_cleanly(pending[0], pending[0].check_sources)  # Every CSV checked before any writing.
+  for b in pending:
+    _run_cleanly(b, b.download_and_prepare)
+  if files:
+    _write_index(root, key, {
+        "files": files, "prepared": datetime.datetime.now().isoformat(timespec="seconds"),
+        "configs": {t: f"{b.name}/{b.builder_config.name}" for t, b in built.items()}})
+  return built
+
+
+def _read_tables(data_config, files: dict):
+  built = _prepare_tables(data_config, files)
+  inter = built["interactions"].as_data_source(split="train")
+  imgs = built["images"].as_data_source(split="train")
   users, items, stamps, ratings = [], [], [], []
   for k in progress(range(len(inter)), desc="read interactions", total=len(inter)):
     r = inter[k]
@@ -150,10 +332,17 @@ def load(data_config: ml_collections.ConfigDict, workdir: str | None = None) -> 
     workdir: where ``split.npz`` is stored and re-read; None = not stored.
 
   Raises:
-    DataError: a missing or malformed file (named), too few users or items.
-    ConfigError: ``workdir`` holds a split made with other data settings.
+    DataError: a missing or malformed file (named, with its line), too few users or
+      items, or ``workdir`` holds a split made from other source files.
+    ConfigError: ``workdir`` holds a split made with other data settings, or a
+      data field is invalid (name, background).
   """
-  users_s, items_s, stamps, ratings, imgs, image_index, categories = _read_tables(data_config)
+  background(data_config)
+  files = _source_files(data_config)
+  split_source = _split_source(files)
+  _check_stored_split(data_config, workdir, split_source)  # Before any preparing.
+  users_s, items_s, stamps, ratings, imgs, image_index, categories = _read_tables(data_config,
+                                                                                 files)
   has_image = np.array([i in image_index for i in items_s], bool)
   if not has_image.all():
     logging.warning("dropping %d interactions whose item has no readable image "
@@ -174,7 +363,8 @@ def load(data_config: ml_collections.ConfigDict, workdir: str | None = None) -> 
   user_ids, item_ids = user_names[kept_users], item_names[kept_items]
   has_timestamps = bool(len(t)) and bool((t >= 0).all())
 
-  split = _load_or_make_split(data_config, workdir, u, i, t, user_ids, item_ids, has_timestamps)
+  split = _load_or_make_split(data_config, workdir, u, i, t, user_ids, item_ids, has_timestamps,
+                              split_source)
   images = np.stack([imgs[image_index[item]]["image"]
                      for item in progress(item_ids, desc="load images", total=len(item_ids))])
   return RecData(name=data_config.name, user_ids=user_ids, item_ids=item_ids,
@@ -182,15 +372,62 @@ def load(data_config: ml_collections.ConfigDict, workdir: str | None = None) -> 
                  has_timestamps=has_timestamps, **split)
 
 
-def _load_or_make_split(data_config, workdir, u, i, t, user_ids, item_ids, has_timestamps):
+def _split_source(files: dict) -> dict:
+  """The source fingerprints a stored split must match: the CSV files' sha256.
+
+  The stat fingerprint of ``images/`` is left out: it changes when the directory
+  is merely copied, and photos do not shape the split (an item whose photo went
+  missing under missing_images='drop' changes the item ids, which are checked).
+  """
+  return {k: v for k, v in files.items() if k != "images/"}
+
+
+def _check_stored_split(data_config, workdir, split_source: dict) -> None:
+  """Checks a stored split against this run's data settings and source files.
+
+  Raises:
+    ConfigError: naming split.npz if it was made with other data settings.
+    DataError: naming split.npz and the source files changed since it was made.
+  """
+  path = os.path.join(workdir, SPLIT_FILE) if workdir else None
+  if not (path and os.path.exists(path)):
+    return
+  fingerprint = _fingerprint(data_config)
+  with np.load(path, allow_pickle=False) as z:
+    stored = str(z["fingerprint"])
+    if stored != fingerprint:
+      raise ConfigError(f"{path} was made with other data settings ({stored}) than this run's "
+                        f"({fingerprint}); use a fresh --workdir")
+    if "source" not in z.files:
+      if split_source:
+        logging.warning("%s was made before source fingerprints were stored; cannot check that "
+                        "%s are unchanged since", path, ", ".join(sorted(split_source)))
+      return
+    old = json.loads(str(z["source"]))
+  changed = _changed(old, split_source)
+  if changed:
+    what = "; ".join(_describe_change(k, old.get(k), split_source.get(k)) for k in changed)
+    raise DataError(f"{path}: source files changed since this split was made: {what}; "
+                    "use a fresh --workdir")
+
+
+def _describe_change(name: str, old: str | None, new: str | None) -> str:
+  """'interactions.csv changed (sha256 0a1b2c3d4e5f -> ...)', 'items.csv appeared', ..."""
+  if old is None:
+    return f"{name} appeared"
+  if new is None:
+    return f"{name} is gone"
+  return f"{name} changed (sha256 {old[:12]} -> {new[:12]})"
+
+
+def _load_or_make_split(data_config, workdir, u, i, t, user_ids, item_ids, has_timestamps,
+                        split_source: dict):
+  """The stored split of ``workdir`` (checked by :func:`_check_stored_split` first)
+  or a new one, stored there with the data settings, ids and source fingerprints."""
   path = os.path.join(workdir, SPLIT_FILE) if workdir else None
   fingerprint = _fingerprint(data_config)
   if path and os.path.exists(path):
     with np.load(path, allow_pickle=False) as z:
-      stored = str(z["fingerprint"])
-      if stored != fingerprint:
-        raise ConfigError(f"{path} was made with other data settings ({stored}) than this run's "
-                          f"({fingerprint}); use a fresh --workdir")
       if not (np.array_equal(z["user_ids"], user_ids) and np.array_equal(z["item_ids"], item_ids)):
         raise DataError(f"{path}: the dataset's users or items changed since this split was made; "
                         "use a fresh --workdir")
@@ -211,6 +448,7 @@ def _load_or_make_split(data_config, workdir, u, i, t, user_ids, item_ids, has_t
   if path:
     os.makedirs(workdir, exist_ok=True)
     tmp = path + ".tmp.npz"
-    np.savez(tmp, fingerprint=np.array(fingerprint), user_ids=user_ids, item_ids=item_ids, **split)
+    np.savez(tmp, fingerprint=np.array(fingerprint), user_ids=user_ids, item_ids=item_ids,
+             source=np.array(json.dumps(split_source, sort_keys=True)), **split)
     os.replace(tmp, path)
   return split
