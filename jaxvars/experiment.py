@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from jaxvars import configuration, sharding
 from jaxvars.backbones import load_backbone
@@ -79,6 +80,11 @@ def build(config: ml_collections.ConfigDict, workdir: str | None) -> Experiment:
   s = config.data.image_size
   image = jnp.zeros((1, s, s, 3), jnp.float32)
   backbone, backbone_vars = load_backbone(config.backbone, image_size=s, key=k_backbone)
+  if config.backbone.init == "random":
+    logging.warning("the backbone %s runs on RANDOM weights (config.backbone.init='random'): "
+                    "item features, the perceptual loss and the detector come from an untrained "
+                    "network; pass --config.backbone.init=pretrained:<weights file> (README)",
+                    config.backbone.arch)
   recommender = build_recommender(config.recommender, num_users=data.num_users,
                                   num_items=data.num_items, feature_dim=backbone.feature_dim)
   dn = config.denoiser
@@ -142,3 +148,12 @@ def make_consts(exp: Experiment, backbone_vars=None) -> dict:
   normed = normalize_features(jnp.asarray(raw), stats, exp.config.backbone.feature_norm)
   return jax.device_put({"backbone": backbone_vars, "stats": stats, "features": normed},
                         sharding.replicated(exp.mesh))
+
+
+def backbone_summary(config) -> dict:
+  """results.json's ``backbone``: which network made the item features, from what weights,
+  at what image size."""
+  init = config.backbone.init
+  return {"arch": config.backbone.arch, "init": init,
+          "weights": "random" if init == "random" else init.partition(":")[0],
+          "image_size": int(config.data.image_size)}

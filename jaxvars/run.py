@@ -25,7 +25,7 @@ from jaxvars.errors import CheckpointError, ConfigError
 from jaxvars.evaluation.ranking import (candidate_matrix, candidate_scores, evaluate_scores,
                                         format_ranking_table)
 from jaxvars.evaluation.runner import evaluate_all
-from jaxvars.experiment import Experiment, build, make_consts
+from jaxvars.experiment import Experiment, backbone_summary, build, make_consts
 from jaxvars.metrics import MetricWriter
 from jaxvars.overrides import ablation_variants
 from jaxvars.training import defense, records, recommender as rec_training
@@ -92,7 +92,8 @@ def evaluate_run(exp: Experiment, params: dict, consts: dict, *, eval_eps=None, 
   timing = dict(exp.timing, **out.pop("timing"))
   timing.update({f"attack_{k}_s": v["time_s"] for k, v in out["attack"].items()
                  if not v.get("cached")})  # A cached catalogue cost nothing in this run.
-  return {"data": dict(exp.data.summary(), defense_holdout_items=int(len(exp.holdout)),
+  return {"backbone": backbone_summary(config),
+          "data": dict(exp.data.summary(), defense_holdout_items=int(len(exp.holdout)),
                        defense_eval_items=int(len(exp.eval_items)),
                        defense_train_items=int(len(exp.pool))),
           **out, "timing": timing}

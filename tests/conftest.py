@@ -43,6 +43,24 @@ def tiny_data(tfds_dir):
   return pipeline.load(tiny_config(tfds_dir).data, workdir=None)
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tfds_dir, tmp_path_factory):
+  """One training run of the tiny preset shared by the tests that read a finished run: eps 4
+  and 8 (a sweep) and two ablation variants.
+
+  Returns:
+    (config, workdir, results).
+  """
+  from jaxvars import run
+  workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
+  config = tiny_config(tfds_dir)
+  config.attack.eval_eps = (4, 8)
+  config.ablation.variants.no_detector = ("loss.contrastive=0", "stages.detector.epochs=0")
+  config.ablation.variants.no_perceptual = ("loss.perceptual=0",)
+  results = run.train_and_evaluate(config, workdir)
+  return config, workdir, results
+
+
 def requires_hm():
   return pytest.mark.skipif(not (SHARED_HM / "transactions_train.csv").exists(),
                             reason=f"real H&M sample not found at {SHARED_HM} (a user's clone "

@@ -202,15 +202,15 @@ def test_joint_step_eps_choices():
     return out
 
   base = AttackSpec(method="pgd", eps=8.0, steps=2, alpha_ratio=0.0, alpha=2.0)
-  fixed = run(base, range(3))
+  fixed = run(base, range(2))
   ratio = AttackSpec(method="pgd", eps=99.0, steps=2, alpha_ratio=0.25)
-  chosen = run(ratio, range(3), eps_choices=(8.0,))
+  chosen = run(ratio, range(2), eps_choices=(8.0,))
   for a, b in zip(fixed, chosen):
     assert int(a["input_kind"]) == int(b["input_kind"])
     assert float(b["input_eps"]) == 8.0
     for key in ("loss", "content", "perceptual", "bpr"):
       assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-6), key
-  many = run(ratio, range(12), eps_choices=(2.0, 64.0))
+  many = run(ratio, range(8), eps_choices=(2.0, 64.0))
   assert {float(m["input_eps"]) for m in many} == {2.0, 64.0}
   # Larger budgets move the inputs further: the content loss grows with the drawn eps.
   by_eps = {e: np.mean([float(m["content"]) for m in many if float(m["input_eps"]) == e])

@@ -18,7 +18,7 @@ from jaxvars import configuration, report, run
 from jaxvars.attacks.spec import attack_spec
 from jaxvars.overrides import apply_overrides
 from jaxvars.evaluation import detection
-from jaxvars.report import figures, paper, tables
+from jaxvars.report import checks_tables, figures, paper, tables
 from jaxvars.errors import ConfigError, JaxvarsError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -49,18 +49,24 @@ def _tables(markdown: str) -> dict[str, list[list[str]]]:
 
 
 def _num(cell: str) -> float:
+  """The value of a cell ('0.1667' or '0.1667 [0.0833, 0.2667]')."""
+  cell = cell.split(" [")[0]
   return math.nan if cell == "NaN" else float(cell)
 
 
+def _ci(cell: str) -> list[float]:
+  """The 95% interval of a cell '0.1667 [0.0833, 0.2667]'."""
+  inside = cell.split(" [", 1)[1].rstrip("]")
+  return [float(x) for x in inside.split(", ")]
+
+
+def _section_table(markdown: str, heading_start: str) -> list[list[str]]:
+  return next(t for h, t in _tables(markdown).items() if h.startswith(heading_start))
+
+
 @pytest.fixture(scope="module")
-def full_run(tfds_dir, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("full") / "run")
-  config = tiny_config(tfds_dir)
-  config.attack.eval_eps = (4, 8)
-  config.ablation.variants.no_detector = ("loss.contrastive=0", "stages.detector.epochs=0")
-  config.ablation.variants.no_perceptual = ("loss.perceptual=0",)
-  results = run.train_and_evaluate(config, workdir)
-  return config, workdir, results
+def full_run(tiny_run):
+  return tiny_run
 
 
 @pytest.mark.slow
@@ -117,16 +123,19 @@ def test_report_tables_equal_results_and_figures_are_pngs(full_run):
     text = f.read()
   tables = _tables(text)
 
-  main = tables["Ranking (Tables 2/3 layout, eps = 8)"]
+  main = _section_table(text, "All test users")
   header = main[0]
   assert header[:8] == ["attack", "system", *paper.METRICS]
+  assert header[8] == "paper HR@5 (eps not stated)"
   labels = {info["label"]: key for key, info in results["systems"].items()}
   labels["MostPop"] = "mostpop"
   seen = 0
   for row in main[1:]:
     cond, system = row[0], labels[row[1]]
+    ours = results["ranking"][f"{system}/{cond}"]
     for j, metric in enumerate(paper.METRICS):
-      assert _num(row[2 + j]) == round(results["ranking"][f"{system}/{cond}"][metric], 4)
+      assert _num(row[2 + j]) == round(ours[metric], 4)
+      assert _ci(row[2 + j]) == [round(x, 4) for x in ours["ci95"][metric]]
     attack = cond.split("@")[0]
     if system in paper.TABLE2[attack]:  # The paper's three systems have paper columns.
       ref = [_num(c) for c in row[8:14]]
@@ -135,6 +144,14 @@ def test_report_tables_equal_results_and_figures_are_pngs(full_run):
       assert row[8:14] == [""] * 6
     seen += 1
   assert seen == 16  # 3 conditions x 5 systems + MostPop.
+  unseen = _section_table(text, "Users whose held-out item the defence never trained on")
+  for row in unseen[1:]:
+    ours = results["ranking_unseen"][f"{labels[row[1]]}/{row[0]}"]
+    assert _num(row[3]) == round(ours["HR@10"], 4) and len(row) == 8  # No paper columns.
+  fidelity = _section_table(text, "Images, fidelity and embeddings")
+  assert [r[0] for r in fidelity[1:]] == list(results["fidelity"])
+  for row in fidelity[1:]:
+    assert _num(row[1]) == round(results["fidelity"][row[0]]["psnr"], 4)
 
   sweep = tables["The eps sweep (Figure 6)"]
   assert sweep[0] == ["system", "attack", "clean", "eps=4", "eps=8"]
@@ -146,12 +163,17 @@ def test_report_tables_equal_results_and_figures_are_pngs(full_run):
   assert len(sweep) == 1 + 10  # 5 systems x 2 attacks.
 
   det = tables["Detection (Table 4)"]
+  keys = {"accuracy (deployed threshold)": "accuracy", "ROC AUC": "roc_auc",
+          "TPR (deployed threshold)": "tpr_at_threshold",
+          "FPR (deployed threshold)": "fpr_at_threshold",
+          "TPR at FPR 0.05 (oracle threshold)": "oracle_tpr@fpr=0.05"}
+  assert {r[1] for r in det[1:-1]} == set(keys)
   for row in det[1:]:
     if row[0].startswith("paper"):
       assert row[2:] == ["", "0.8826"]
       continue
     for cell, eps in zip(row[2:], (4, 8)):
-      assert _num(cell) == round(results["detection"][f"{row[0].lower()}@{eps}"][row[1]], 4)
+      assert _num(cell) == round(results["detection"][f"{row[0].lower()}@{eps}"][keys[row[1]]], 4)
 
   confusion = tables["Detection (Table 4) #2"]
   for row in confusion[1:]:
@@ -176,7 +198,10 @@ def test_report_tables_equal_results_and_figures_are_pngs(full_run):
     assert _num(row[3]) == round(src["ranking"]["defended_rand/pgd@8"]["HR@10"], 4)
     assert _num(row[4]) == round(src["ranking"]["defended/pgd@8"]["NDCG@10"], 4)
     assert _num(row[5]) == round(src["ranking"]["defended/pgd@8"]["HR@10"], 4)
-  assert abl[2][6:] == ["NaN", "0.0768", "0.1661"]
+  assert abl[2][7:] == ["NaN", "0.0768", "0.1661"]
+  for row in abl[2:]:  # Each variant against the unmodified system, paired over users.
+    diff = results["ablations"][row[0]]["comparisons"]["defended_rand/pgd@8"]["HR@10"]
+    assert row[6].startswith(f"{diff['diff']:+.4f} [")
 
   figures = re.findall(r"\]\((figures/[^)]+\.png)\)", text)
   assert set(os.path.basename(f) for f in figures) == {
@@ -209,9 +234,9 @@ def test_report_of_a_clean_only_run(tmp_path):
              for s in ("mostpop", "vbpr")}
   (tmp_path / "results.json").write_text(json.dumps({"ranking": ranking, "detection": {}}))
   text = open(report.write_report(str(tmp_path))).read()
-  rows = _tables(text)["Ranking (Tables 2/3 layout)"]
-  assert [r[:2] for r in rows[1:]] == [["clean", "VBPR"], ["clean", "MostPop"]]
-  assert rows[1][2:8] == ["0.1000", "0.2000", "0.3000", "0.4000", "0.5000", "0.6000"]
+  rows = _section_table(text, "All test users")
+  assert [r[:2] for r in rows[1:]] == [["clean", "MostPop"], ["clean", "VBPR"]]
+  assert rows[2][2:8] == ["0.1000", "0.2000", "0.3000", "0.4000", "0.5000", "0.6000"]
   assert "artifacts.npz is missing" in text and "![" not in text
 
 
@@ -269,5 +294,5 @@ def test_ablation_overrides_are_validated(tfds_dir):
 def test_confusion_table_counts():
   results = {"detection": {"pgd@8": {"items": 200, "tpr_at_threshold": 0.9,
                                      "fpr_at_threshold": 0.05}}}
-  rows = tables.confusion_table(results, 8.0)
+  rows = checks_tables.confusion_table(results, 8.0)
   assert rows[2] == "| PGD@8 | 190 | 10 | 20 | 180 |"

@@ -41,9 +41,12 @@ def _header(workdir: str, results: dict) -> list[str]:
                f"{data.get('items', '?')} items, {data.get('image_size', '?')} px images, "
                f"{data.get('eval_negatives_per_user', '?')} sampled negatives per test user "
                "(leave-one-out).")
-  backbone = cfg.get("backbone", {})
+  backbone = results.get("backbone") or cfg.get("backbone", {})
   if backbone:
-    lines.append(f"Backbone `{backbone.get('arch', '?')}`, init `{backbone.get('init', '?')}`.")
+    random = backbone.get("init") == "random"
+    lines.append(f"Backbone `{backbone.get('arch', '?')}`, weights `{backbone.get('init', '?')}`"
+                 f"{' (**random: an untrained network**)' if random else ''}, "
+                 f"{data.get('image_size', '?')} px.")
   total = results.get("timing", {}).get("total_s")
   if total:
     lines.append(f"Wall time of the run: {total / 60:.1f} min.")

@@ -92,6 +92,7 @@ def train_defense(exp, consts: dict, params: dict, workdir: str, *, writer=None)
     epoch_metrics = (partial.get("steps", []) if partial.get("step") == start
                      and start % steps_per_epoch else [])
     elapsed0, t = float(record.get("seconds", 0.0)) if start else 0.0, time.perf_counter()
+    recorded = elapsed0  # Training seconds as the record holds them (what a rerun reports).
     if start:
       logging.info("stage %s: resuming from checkpoint %d of %d steps", name, start, total)
     step_fn = make_defense_step(exp.models, exp.mesh,
@@ -138,15 +139,16 @@ def train_defense(exp, consts: dict, params: dict, workdir: str, *, writer=None)
                                 if isinstance(v, float)))
           bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
           epoch_metrics, written = [], 0
+        recorded = elapsed0 + time.perf_counter() - t
         records.save(directory, fields=fields, history=history, done=step + 1 == total,
-                     seconds=elapsed0 + time.perf_counter() - t)
+                     seconds=recorded)
         if epoch_metrics:  # Mid-epoch: keep this epoch's steps for a resumed run's row.
           record_partial(directory, step + 1, epoch_metrics)
         checkpointing.save(mgr, step + 1, {"state": state})
     mgr.close()
     params = state.params
     histories[name] = history
-    seconds[name] = elapsed0 + (time.perf_counter() - t if start < total else 0.0)
+    seconds[name] = recorded
   return params, histories, seconds
 
 

@@ -171,6 +171,7 @@ def train_recommender(exp, consts: dict, workdir: str, *, on_epoch_end=None, wri
   # that never completed may hold one more).
   history = [r for r in record.get("history", []) if r["epoch"] <= start_epoch]
   seconds, t0 = float(record.get("seconds", 0.0)) if step else 0.0, time.perf_counter()
+  recorded = seconds  # Training seconds as the record holds them (what a rerun reports).
   if step:
     _check_same_backbone(tree["backbone"], exp.backbone_vars, mgr.directory)
     logging.info("recommender: resuming from checkpoint %d (epoch %d of %d)", step,
@@ -211,11 +212,10 @@ def train_recommender(exp, consts: dict, workdir: str, *, on_epoch_end=None, wri
     logging.info("recommender epoch %d/%d %s", epoch + 1, rc.epochs,
                  " ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
     if (epoch + 1) % config.checkpoint.every_epochs == 0 or epoch + 1 == rc.epochs:
+      recorded = seconds + time.perf_counter() - t0
       records.save(directory, fields=fields, history=history, done=epoch + 1 == rc.epochs,
-                   seconds=seconds + time.perf_counter() - t0)
+                   seconds=recorded)
       checkpointing.save(mgr, int(state.step), {"recommender": state,
                                                 "backbone": exp.backbone_vars})
   mgr.close()
-  if start_epoch < rc.epochs:
-    seconds += time.perf_counter() - t0
-  return state, history, n_steps, seconds
+  return state, history, n_steps, recorded
