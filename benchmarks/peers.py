@@ -493,7 +493,7 @@ def part_c(repeats: int, quick: bool) -> dict:
   from configs import joint
   from jaxvars import sharding
   from jaxvars.attacks.spec import attack_spec
-  from jaxvars.backbones.resnet import make_resnet
+  from jaxvars.backbones import build_backbone
   from jaxvars.data import splits
   from jaxvars.defenses.denoiser import Denoiser
   from jaxvars.defenses.detector import ProjectionHead
@@ -511,8 +511,7 @@ def part_c(repeats: int, quick: bool) -> dict:
   config = joint.get_config(preset)
   s, sy, dn = config.data.image_size, config.data.synthetic, config.denoiser
   num_users, num_items = sy.num_users, sy.num_items
-  backbone = make_resnet(config.backbone.arch, width=config.backbone.width,
-                         small_stem=config.backbone.small_stem)
+  backbone = build_backbone(config.backbone)  # The preset's architecture (random weights).
   image0 = jnp.zeros((1, s, s, 3), jnp.float32)
   bvars = jax.jit(backbone.init)(jax.random.key(0), image0)
   rec = build_recommender(config.recommender, num_users=num_users, num_items=num_items,

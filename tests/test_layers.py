@@ -66,3 +66,17 @@ def test_conv_module_has_flax_conv_parameters():
                                                                                   variables)
   np.testing.assert_allclose(ours.apply(variables, x), theirs.apply(variables, x), rtol=1e-5,
                              atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,window,strides,padding", [
+    ((2, 9, 9, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet's stem pool.
+    ((1, 8, 6, 2), (2, 2), (2, 2), "VALID"),
+    ((2, 7, 7, 4), (3, 3), (1, 1), "SAME")])
+def test_max_pool_equals_flax_with_ties(shape, window, strides, padding):
+  x = jnp.round(jax.random.normal(jax.random.key(0), shape) * 2) / 2  # Many ties.
+  ref = lambda x: nn.max_pool(x, window, strides, padding=padding)
+  ours = lambda x: layers.max_pool(x, window, strides, padding)
+  np.testing.assert_array_equal(jax.jit(ours)(x), ref(x))
+  w = jax.random.normal(jax.random.key(1), ref(x).shape)
+  np.testing.assert_allclose(jax.jit(jax.grad(lambda z: jnp.sum(ours(z) * w)))(x),
+                             jax.grad(lambda z: jnp.sum(ref(z) * w))(x), rtol=1e-5, atol=1e-6)

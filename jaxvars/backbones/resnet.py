@@ -135,7 +135,7 @@ class ResNet(nn.Module):
       x = layers.Conv(self.width, (7, 7), (2, 2), padding=3, use_bias=keras, name="conv1",
                       dtype=self.dtype)(x)
       x = nn.relu(norm(name="bn1")(x))
-      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+      x = layers.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     out = {}
     for s, n_blocks in enumerate(self.stage_sizes):
       for b in range(n_blocks):
