@@ -94,6 +94,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   a.batch_size = 64  # Item images attacked per jitted call.
   a.seed = 1  # Seed of the attack's triplets and random starts (fixed: every system sees the same attack).
   a.cache = True  # Keep each attacked catalogue in <workdir>/attacks/ (reused by ablations, --mode=evaluate).
+  # Beyond the paper's transfer attacks (README "Adaptive attacks"): on config.eval.max_items items.
+  a.adaptive = ad = ml_collections.ConfigDict()
+  ad.eps = (8.0,)  # Budgets (1/255) of the attacks below.
+  ad.methods = ("pgd",)  # Methods of the attacks below.
+  ad.objectives = ("bpr_all", "feature", "demote")  # Stronger untargeted objectives, transferred to every system.
+  ad.systems = ("defended", "defended_rand")  # Systems attacked white-box: through D (EOT over rand, BPDA).
+  ad.eot_samples = 4  # EOT: draws of a randomised system's transform averaged per step.
+  ad.restarts = 1  # PGD random restarts (each photo keeps its best).
+  ad.detector_lambdas = (1.0,)  # Detector-aware white-box variants: penalty weights (0 = none).
+  ad.sanity = True  # Carlini et al.'s checks: the first white-box attack with 2x steps, and at eps 64 ...
+  ad.sanity_objective = "demote"  # ... with this objective (the strongest untargeted one).
 
   # ---- Defended systems evaluated (jaxvars/defenses/systems.py registry) -------
   c.systems = sy = ml_collections.ConfigDict()
@@ -156,6 +167,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   e.batch_users = 256  # Users scored per batch during evaluation.
   e.every_epochs = 0  # Also evaluate VBPR every this many epochs during training (0 = only at the end).
   e.rand_draws = 4  # Random resize + pad draws per item of a randomised system (metrics averaged).
+  e.max_items = 1000  # Items the adaptive / extra attacks perturb (held-out items first; 0 = all).
   e.bootstrap_resamples = 1000  # Resamples of every 95% interval (users for ranking, items for detection).
   e.bootstrap_seed = 0  # Seed of the bootstrap resamples.
 
@@ -237,6 +249,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     e.rand_draws = 2
     e.bootstrap_resamples = 200
     dt.noise_sigmas = (4.0,)
+    e.max_items = 48
+    ad.objectives = ("bpr_all",)
+    ad.eot_samples = 2
 
   if dataset == "synthetic" and size == "cpu":
     v.epochs = 40
@@ -272,6 +287,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if vbpr_only:
     c.presets += ",vbpr"
     a.eval_eps = ()
+    ad.eps = ()
     sy.evaluate = ("undefended",)
     for stage in st.values():
       stage.epochs = 0

@@ -143,6 +143,22 @@ def _attack(config) -> None:
     positive(config, path, integer=True)
   positive(config, "attack.pgd_alpha")
   positive(config, "attack.pgd_alpha_ratio", allow_zero=True)
+  ad = a.get("adaptive")
+  if ad is not None:
+    from jaxvars.defenses import SYSTEMS
+    _budgets(config, "attack.adaptive.eps")
+    for m in ad.methods:
+      METHODS.check(m, "config.attack.adaptive.methods")
+    for o in ad.objectives:
+      OBJECTIVES.check(o, "config.attack.adaptive.objectives")
+    for s in ad.systems:
+      SYSTEMS.check(s, "config.attack.adaptive.systems")
+    positive(config, "attack.adaptive.eot_samples", integer=True)
+    positive(config, "attack.adaptive.restarts", integer=True)
+    for lam in ad.detector_lambdas:
+      if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0:
+        raise ConfigError(f"config.attack.adaptive.detector_lambdas={tuple(ad.detector_lambdas)!r} "
+                          "must hold numbers >= 0")
 
 
 def _systems(config) -> None:
@@ -226,6 +242,7 @@ def _stages(config) -> None:
 def _eval(config) -> None:
   positive(config, "eval.batch_users", integer=True)
   positive(config, "eval.rand_draws", integer=True)
+  positive(config, "eval.max_items", allow_zero=True, integer=True)
   positive(config, "eval.bootstrap_resamples", integer=True)
   positive(config, "eval.bootstrap_seed", allow_zero=True, integer=True)
   positive(config, "eval.every_epochs", allow_zero=True, integer=True)

@@ -1,10 +1,12 @@
-"""Attacking every photo of a catalogue (paper eq. 3 by default), cached on disk.
+"""Attacking the photos of a catalogue, cached on disk.
 
-:func:`attack_catalogue` crafts one attack on all item photos in jitted, sharded batches
-against the undefended recommender (the paper's threat model: the defence is not known
-to the attacker). :func:`cached_attack_catalogue` keeps the result in
-``<cache_dir>/<condition>.npy`` with a fingerprint of everything it depends on, so every
-system, the ablations and ``--mode=evaluate`` reuse it.
+:func:`attack_catalogue` crafts one attack on all item photos (or on a subset of items),
+in jitted, sharded batches: by default against the undefended recommender (the paper's
+threat model: the defence is not known to the attacker), or through a defended system
+(``spec.through``: white-box, :mod:`jaxvars.attacks.whitebox`).
+:func:`cached_attack_catalogue` keeps the result in ``<cache_dir>/<name>.npy`` with a
+fingerprint of everything it depends on, so every system, the ablations and
+``--mode=evaluate`` reuse it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import numpy as np
 from absl import logging
 
 from jaxvars import atomic, rng as rng_streams
+from jaxvars.attacks.objectives import OBJECTIVES
 from jaxvars.attacks.spec import METHODS, AttackSpec
+from jaxvars.attacks.whitebox import attack_loss
 from jaxvars.data import splits
 from jaxvars.features import batched_map
 from jaxvars.pixels import to_float, to_uint8
@@ -38,59 +42,105 @@ def perturbation_stats(clean_uint8: np.ndarray, adv_uint8: np.ndarray, chunk: in
   return {"linf": float(linf.mean()), "linf_255": float(linf.mean() * 255), "l2": float(l2.mean())}
 
 
-def fingerprint(spec: AttackSpec, *, rec_params, consts, image_shape) -> str:
-  """A hash of everything an attacked catalogue depends on: the recommender's parameters,
-  the item features (hence the backbone and the photos) and the attack spec."""
+def _attacked_params(spec: AttackSpec, params: dict) -> dict:
+  """The parameters an attack depends on: the recommender's, and the defence's when it is
+  crafted through a defended system."""
+  return params if spec.through is not None or spec.detector_lambda > 0 else {
+      "recommender": params["recommender"]}
+
+
+def fingerprint(spec: AttackSpec, *, params, consts, image_shape, items=None,
+                settings: dict | None = None) -> str:
+  """A hash of everything an attacked catalogue depends on: the parameters it was crafted
+  against, the item features (hence the backbone and the photos), the attack spec, the
+  attacked items and the defended system's settings."""
   h = hashlib.sha256()
-  for leaf in jax.tree.leaves(rec_params):
+  for leaf in jax.tree.leaves(_attacked_params(spec, params)):
     h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
   h.update(np.ascontiguousarray(np.asarray(consts["features"][:64])).tobytes())
+  if items is not None:
+    h.update(np.ascontiguousarray(np.asarray(items, np.int64)).tobytes())
   h.update(json.dumps([spec.method, spec.objective, spec.eps, list(image_shape), spec.seed,
-                       spec.steps, spec.step(), spec.random_start,
-                       spec.triplets_per_item]).encode())
+                       spec.steps, spec.step(), spec.random_start, spec.triplets_per_item,
+                       spec.through, spec.eot, spec.restarts, spec.detector_lambda,
+                       settings or {}], sort_keys=True, default=str).encode())
   return h.hexdigest()[:20]
 
 
-def attack_catalogue(spec: AttackSpec, *, models, rec_params, consts, data, mesh,
-                     batch_size: int):
-  """Attacks every item photo of the catalogue, in jitted sharded batches of ``batch_size``.
+def _objective_inputs(spec: AttackSpec, data, items: np.ndarray, rng) -> tuple[dict, dict]:
+  objective = OBJECTIVES.get(spec.objective)
+  constants = objective.constants(data, rng) if objective.constants else {}
+  if objective.batch_inputs is not None:
+    return objective.batch_inputs(items, data, rng, spec.triplets_per_item), constants
+  if not objective.needs_triplets:
+    return {}, constants
+  keys = splits.pair_keys(data.train_users, data.train_items, data.num_items)
+  return splits.item_triplets(items, train_users=data.train_users, train_items=data.train_items,
+                              num_users=data.num_users, num_items=data.num_items,
+                              positive_keys=keys, per_role=spec.triplets_per_item,
+                              rng=rng), constants
 
-  Triplets and random starts come from ``spec.seed`` (and method, eps), so the attacked
-  catalogue is the same for every system evaluated on it.
+
+def attack_catalogue(spec: AttackSpec, *, models, params, consts, data, mesh, batch_size: int,
+                     config=None, items: np.ndarray | None = None,
+                     threshold: float | None = None):
+  """Attacks the item photos of the catalogue, in jitted sharded batches of ``batch_size``.
+
+  Objective inputs (triplets) and random starts come from ``spec.seed`` (and method, eps),
+  so the attacked catalogue is the same for every system evaluated on it.
+
+  Args:
+    spec: the attack. models, params, consts: what it is crafted against.
+    config: the run's config (needed for white-box attacks: the system's settings).
+    items: attack only these items (the others keep their clean photo); None = all.
+    threshold: the deployed detector threshold (detector-aware attacks).
 
   Returns:
-    (uint8 [I, S, S, 3] attacked images, {'linf', 'linf_255', 'l2', 'time_s'}).
+    (uint8 [I, S, S, 3] catalogue with the attacked photos, stats: {'linf', 'linf_255',
+    'l2' (over the attacked photos), 'time_s', 'items_attacked', 'loss_curve' (mean loss
+    of the first batch at every iterate), 'threat_model'}).
   """
+  attacked = np.arange(data.num_items, dtype=np.int32) if items is None else np.sort(
+      np.asarray(items, np.int32))
   rng = np.random.default_rng([spec.seed, METHODS.names().index(spec.method),
                                int(round(spec.eps * 1000))])
-  items = np.arange(data.num_items, dtype=np.int32)
-  triplets = {}
-  if spec.needs_triplets:
-    keys = splits.pair_keys(data.train_users, data.train_items, data.num_items)
-    triplets = splits.item_triplets(items, train_users=data.train_users,
-                                    train_items=data.train_items, num_users=data.num_users,
-                                    num_items=data.num_items, positive_keys=keys,
-                                    per_role=spec.triplets_per_item, rng=rng)
+  inputs, constants = _objective_inputs(spec, data, attacked, rng)
   base_key = rng_streams.stream(spec.seed, rng_streams.ATTACK_START)
 
   @jax.jit
   def craft(batch):
-    ctx = models.attack_context(rec_params, consts, batch["items"],
-                                {k: batch[k] for k in triplets} or None)
-    adv = spec.run(ctx, to_float(batch["images"]), jax.random.fold_in(base_key, batch["items"][0]))
-    return to_uint8(adv)
+    loss_fn, stochastic = attack_loss(
+        spec, models=models, params=params, consts=consts, config=config,
+        items=batch["items"], inputs={k: batch[k] for k in inputs} or None,
+        constants=constants or None, num_users=data.num_users, threshold=threshold)
+    adv, curve = spec.run_loss(loss_fn, to_float(batch["images"]),
+                               jax.random.fold_in(base_key, batch["items"][0]),
+                               stochastic=stochastic, return_curve=True)
+    return {"adv": to_uint8(adv), "curve": jax.numpy.broadcast_to(curve, (adv.shape[0],) +
+                                                                   curve.shape)}
 
   t = time.perf_counter()
-  adv = batched_map(craft, {"images": data.images, "items": items, **triplets},
-                    batch_size=batch_size, mesh=mesh, desc=f"{spec.condition} attack")
+  out = batched_map(craft, {"images": data.images[attacked], "items": attacked, **inputs},
+                    batch_size=batch_size, mesh=mesh,
+                    desc=f"{spec.condition} attack" + (f" on {spec.through}" if spec.through
+                                                       else ""))
   elapsed = time.perf_counter() - t
-  return adv, {**perturbation_stats(data.images, adv), "time_s": elapsed}
+  catalogue = np.array(data.images) if items is not None else out["adv"]
+  if items is not None:
+    catalogue[attacked] = out["adv"]
+  stats = {**perturbation_stats(data.images[attacked], out["adv"]), "time_s": elapsed,
+           "items_attacked": int(len(attacked)),
+           "loss_curve": [float(v) for v in out["curve"][0]],
+           "threat_model": spec.threat_model, "threat": spec.threat_short,
+           "objective": spec.objective}
+  return catalogue, stats
 
 
 def cached_attack_catalogue(spec: AttackSpec, *, cache_dir: str | None, **kwargs):
-  """``attack_catalogue`` whose result is kept in ``cache_dir`` as ``<condition>.npy`` +
-  ``.json`` (stats and fingerprint) and loaded, not recomputed, while the fingerprint
-  matches (same recommender, backbone, photos and attack). Writes are atomic.
+  """``attack_catalogue`` whose result is kept in ``cache_dir`` as ``<key>.npy`` + ``.json``
+  (stats and fingerprint; key = the condition, plus the attacked system for a white-box
+  attack) and loaded, not recomputed, while the fingerprint matches (same parameters,
+  backbone, photos, attack and attacked items). Writes are atomic.
 
   Returns: as ``attack_catalogue``; the stats gain ``'cached': bool``.
   """
@@ -98,9 +148,13 @@ def cached_attack_catalogue(spec: AttackSpec, *, cache_dir: str | None, **kwargs
     adv, stats = attack_catalogue(spec, **kwargs)
     return adv, dict(stats, cached=False)
   images = kwargs["data"].images
-  key = fingerprint(spec, rec_params=kwargs["rec_params"], consts=kwargs["consts"],
-                    image_shape=images.shape)
-  stem = os.path.join(cache_dir, spec.condition)
+  settings = None
+  if spec.through is not None and kwargs.get("config") is not None:
+    from jaxvars.defenses.systems import SYSTEMS
+    settings = SYSTEMS.get(spec.through).settings(kwargs["config"])
+  key = fingerprint(spec, params=kwargs["params"], consts=kwargs["consts"],
+                    image_shape=images.shape, items=kwargs.get("items"), settings=settings)
+  stem = os.path.join(cache_dir, spec.condition + (f"@{spec.through}" if spec.through else ""))
   try:
     with open(stem + ".json") as f:
       meta = json.load(f)

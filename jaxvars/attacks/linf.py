@@ -64,16 +64,19 @@ def fgsm(loss_fn: Callable[[jax.Array], jax.Array], images: jax.Array, *, eps: f
   return _finish(x0 + half * jnp.sign(grad(x0)), images, eps, quantize)
 
 
-def pgd(loss_fn: Callable[[jax.Array], jax.Array], images: jax.Array, *, eps: float,
+def pgd(loss_fn: Callable[..., jax.Array], images: jax.Array, *, eps: float,
         alpha: float, steps: int, key: jax.Array | None = None, random_start: bool = True,
-        quantize: bool = True, keep_best: bool = True) -> jax.Array:
+        quantize: bool = True, keep_best: bool = True, loss_key: jax.Array | None = None,
+        return_curve: bool = False):
   """Projected Gradient Descent (ascent on ``loss_fn``), L-inf.
 
   ``x_0 = x + U(-eps, eps)`` (if ``random_start``), then ``steps`` times
   ``x_{t+1} = Proj(x_t + alpha * sign(grad loss(x_t)))`` with ``jax.lax.fori_loop``.
 
   Args:
-    loss_fn: images -> scalar, or [B] per-image losses, to maximise.
+    loss_fn: images -> scalar, or [B] per-image losses, to maximise; with ``loss_key``,
+      ``(images, key) -> ...`` (a stochastic loss, e.g. EOT over a random defence: step t
+      gets ``fold_in(loss_key, t)``, the final comparison ``fold_in(loss_key, steps)``).
     images: float32 [B, H, W, 3] in [0, 1].
     eps: L-inf radius, 1/255 units.
     alpha: step size, 1/255 units.
@@ -84,9 +87,11 @@ def pgd(loss_fn: Callable[[jax.Array], jax.Array], images: jax.Array, *, eps: fl
     keep_best: return the iterate with the highest loss seen instead of the last one (per
       image when ``loss_fn`` gives per-image losses, else for the whole batch); the
       attacked loss then never decreases with more steps.
+    loss_key: PRNG key of a stochastic ``loss_fn`` (see above).
+    return_curve: also return the mean loss at every iterate, float32 [steps + 1].
 
   Returns:
-    float32 [B, H, W, 3], inside the eps-ball of ``images`` and [0, 1].
+    float32 [B, H, W, 3], inside the eps-ball of ``images`` and [0, 1] (and the curve).
 
   Raises:
     ValueError: ``random_start`` without a ``key``.
@@ -99,26 +104,33 @@ def pgd(loss_fn: Callable[[jax.Array], jax.Array], images: jax.Array, *, eps: fl
                       images, eps)
   else:
     x0 = images
-  def mean_and_losses(x):
-    losses = loss_fn(x)
+  if loss_key is None:
+    losses_at = lambda x, t: loss_fn(x)
+  else:
+    losses_at = lambda x, t: loss_fn(x, jax.random.fold_in(loss_key, t))
+
+  def mean_and_losses(x, t):
+    losses = losses_at(x, t)
     return jnp.mean(losses), losses
 
   value_and_grad = jax.value_and_grad(mean_and_losses, has_aux=True)
-  shape = jax.eval_shape(loss_fn, x0).shape  # () or (B,).
+  shape = jax.eval_shape(lambda x: losses_at(x, 0), x0).shape  # () or (B,).
   expand = lambda v: v.reshape(v.shape + (1,) * (images.ndim - v.ndim))
 
-  def body(_, carry):
-    x, best_x, best_loss = carry
-    (_, loss), g = value_and_grad(x)
+  def body(t, carry):
+    x, best_x, best_loss, curve = carry
+    (mean, loss), g = value_and_grad(x, t)
     better = loss > best_loss
     best_x = jnp.where(expand(better), x, best_x)
     best_loss = jnp.where(better, loss, best_loss)
     x = project_linf(x + (alpha / 255.0) * jnp.sign(g), images, eps)
-    return x, best_x, best_loss
+    return x, best_x, best_loss, curve.at[t].set(mean)
 
-  init = (x0, x0, jnp.full(shape, -jnp.inf, jnp.float32))
-  x, best_x, best_loss = jax.lax.fori_loop(0, steps, body, init)
+  init = (x0, x0, jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(steps + 1, jnp.float32))
+  x, best_x, best_loss, curve = jax.lax.fori_loop(0, steps, body, init)
+  last_loss = losses_at(x, steps)
+  curve = curve.at[steps].set(jnp.mean(last_loss))
   if keep_best:
-    last_loss = loss_fn(x)
     x = jnp.where(expand(last_loss >= best_loss), x, best_x)
-  return _finish(x, images, eps, quantize)
+  out = _finish(x, images, eps, quantize)
+  return (out, curve) if return_curve else out

@@ -22,6 +22,7 @@ import dataclasses
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 from jaxvars.registry import Registry
 
@@ -51,6 +52,14 @@ class System:
   description: str = ""
   settings: Callable[..., dict] = lambda config: {}
   validate: Callable[..., None] = lambda config: None
+
+
+def draw_keys(items: jax.Array, base: jax.Array, *, draws: int) -> jax.Array:
+  """PRNG keys [draws, B] of a randomised system's transform of ``items`` [B]: draw d of
+  item i is ``fold_in(fold_in(base, i), d)``, whatever the batch it is in."""
+  per_item = jax.vmap(lambda i: jax.random.fold_in(base, i))(items)
+  return jax.vmap(lambda d: jax.vmap(lambda k: jax.random.fold_in(k, d))(per_item))(
+      jnp.arange(draws))
 
 
 def row_name(system: str, recommender_name: str) -> str:

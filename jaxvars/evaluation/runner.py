@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvars.attacks.catalogue import cached_attack_catalogue
-from jaxvars.conditions import CLEAN, row_key
+from jaxvars.conditions import CLEAN, parse_condition, parse_row_key, row_key
 from jaxvars.defenses import SYSTEMS, UNDEFENDED, row_name
-from jaxvars.evaluation import checks, summary
+from jaxvars.evaluation import adaptive, checks, summary
 from jaxvars.evaluation.ranking import (candidate_matrix, candidate_scores, mostpop_scores,
                                         positive_ranks)
 from jaxvars.evaluation.system_features import systems_features
@@ -65,7 +65,11 @@ def _comparisons(ranks: dict, systems: list[str], conditions: list[str], config,
   kw = dict(resamples=int(e.bootstrap_resamples), seed=int(e.bootstrap_seed))
   pairs = []
   for s in systems:
-    pairs += [(row_key(s, c), row_key(s, CLEAN)) for c in conditions if c != CLEAN]
+    pairs += [(row_key(s, c), row_key(s, CLEAN)) for c in conditions
+              if c not in (CLEAN, "no_visual")]
+    pairs += [(row_key(f"{s}+gate", c), row_key(s, c)) for c in conditions]
+    pairs += [(row_key(s, c), row_key(s, c.replace("-2xsteps", ""))) for c in conditions
+              if "-2xsteps" in c]
   for s in systems[1:]:
     pairs += [(row_key(s, c), row_key(systems[0], c)) for c in conditions]
   out = {}
@@ -107,7 +111,7 @@ def evaluate_all(*, models, params, consts, data, mesh, config, eval_items: np.n
     ranks[row_key("mostpop", CLEAN)] = positive_ranks(pop[:, 0], pop[:, 1:])
   conditions = [(CLEAN, None)] + [(spec.condition, spec) for spec in specs]
   names = [row_name(s, rec.name) for s in systems]
-  attack, artifacts = {}, {}
+  attack, artifacts, clean_feats = {}, {}, {}
   det = checks.Detection(models, params, consts, data, mesh, config, holdout, calibration,
                          timing, artifacts) if detect and len(conditions) > 1 else None
   fid = checks.Fidelity(models, params, consts, data, holdout, config) if fidelity else None
@@ -117,8 +121,8 @@ def evaluate_all(*, models, params, consts, data, mesh, config, eval_items: np.n
       images = data.images
     else:
       images, attack[cond] = cached_attack_catalogue(
-          spec, cache_dir=cache_dir, models=models, rec_params=params["recommender"],
-          consts=consts, data=data, mesh=mesh, batch_size=bs)
+          spec, cache_dir=cache_dir, models=models, params=params, consts=consts, data=data,
+          mesh=mesh, batch_size=bs, config=config)
     t = time.perf_counter()
     computed = [s for s in systems if not (s == UNDEFENDED and spec is None)]
     feats = systems_features(computed, models=models, params=params, consts=consts,
@@ -126,6 +130,8 @@ def evaluate_all(*, models, params, consts, data, mesh, config, eval_items: np.n
                              seed=config.seed, draws=int(e.rand_draws)) if computed else {}
     if UNDEFENDED in systems and spec is None:
       feats[UNDEFENDED] = np.asarray(consts["features"])
+    if spec is None:
+      clean_feats = dict(feats)  # The extra attacks splice their items into these.
     for sys_name, name in zip(systems, names):
       ranks[row_key(name, cond)] = _ranks(rec, params["recommender"], feats.pop(sys_name),
                                           cands, e.batch_users)
@@ -135,11 +141,27 @@ def evaluate_all(*, models, params, consts, data, mesh, config, eval_items: np.n
     if fid is not None:
       fid.condition(cond, images)
     del images
+  extras = adaptive.extra_attacks(config, systems, detector=det is not None)
+  if extras:
+    t = time.perf_counter()
+    _extra_conditions(extras, ranks, attack, clean_feats, models=models, params=params,
+                      consts=consts, data=data, mesh=mesh, config=config, det=det,
+                      cache_dir=cache_dir, cands=cands, names=dict(zip(systems, names)))
+    timing["adaptive_s"] = time.perf_counter() - t
+  if UNDEFENDED in systems:  # The no-visual level: every item's visual feature the mean.
+    zero = np.zeros_like(np.asarray(consts["features"]))
+    ranks[row_key(row_name(UNDEFENDED, rec.name), "no_visual")] = _ranks(
+        rec, params["recommender"], zero, cands, e.batch_users)
   # Rows grouped by system, conditions in sweep order (the layout of the printed table).
-  order = [row_key(s, c) for s in ["mostpop"] + names for c, _ in conditions]
+  conds = [c for c, _ in conditions] + list(dict.fromkeys(
+      parse_row_key(k)[1] for k in ranks if parse_row_key(k)[1] not in
+      [c for c, _ in conditions]))
+  order = [row_key(s, c) for s in ["mostpop"] + [
+      n for s_ in names for n in (s_, f"{s_}+gate")] for c in conds]
   ranks = {k: ranks[k] for k in order if k in ranks}
   out = _tables(ranks, config, unseen)
-  out["comparisons"] = _comparisons(ranks, names, [c for c, _ in conditions], config, unseen)
+  out["comparisons"] = _comparisons(ranks, names, conds, config, unseen)
+  out["robust"] = _robust(ranks, names, config, unseen)
   out["users"] = {"all": int(len(unseen)), "unseen": int(unseen.sum()),
                   "seen": int((~unseen).sum())}
   artifacts.update({f"ranks/{k}": np.asarray(v, np.int16) for k, v in ranks.items()})
@@ -149,4 +171,63 @@ def evaluate_all(*, models, params, consts, data, mesh, config, eval_items: np.n
               "fidelity": fid.results if fid else {}, "attack": attack,
               "systems": systems_table(systems, rec, config), "timing": timing,
               "artifacts": artifacts})
+  return out
+
+
+def _extra_conditions(extras, ranks: dict, attack: dict, clean_feats: dict, *, models, params,
+                      consts, data, mesh, config, det, cache_dir, cands, names: dict) -> None:
+  """Runs :mod:`jaxvars.evaluation.adaptive`'s attacks on the item subset and adds their rows
+  (and gated rows, pass rates) to ``ranks`` and ``attack``."""
+  e, bs = config.eval, config.attack.batch_size
+  rec = models.recommender
+  subset = adaptive.attack_items(data, int(e.max_items), int(config.attack.seed))
+  idx = np.arange(data.num_items, dtype=np.int32) if subset is None else subset
+  for extra in extras:
+    images, stats = adaptive.craft(
+        extra, items=subset, threshold=det.threshold if det is not None else None,
+        cache_dir=cache_dir, models=models, params=params, consts=consts, data=data, mesh=mesh,
+        batch_size=bs, config=config)
+    attacked = images[idx]
+    feats = systems_features(extra.systems, models=models, params=params, consts=consts,
+                             images=attacked, mesh=mesh, batch_size=bs, config=config,
+                             seed=config.seed, draws=int(e.rand_draws), items=idx)
+    cond = extra.spec.condition
+    for sys_name in extra.systems:
+      full = adaptive.splice(clean_feats[sys_name], subset, feats[sys_name])
+      ranks[row_key(names[sys_name], cond)] = _ranks(rec, params["recommender"], full, cands,
+                                                     e.batch_users)
+    if extra.gated and det is not None:
+      flagged = det.scores(attacked) > det.threshold
+      stats = dict(stats, pass_rate=float(np.mean(~flagged)))
+      for sys_name in extra.systems:  # Flagged uploads are rejected: the clean photo stays.
+        kept = adaptive.splice(clean_feats[sys_name], idx[~flagged],
+                               feats[sys_name][..., ~flagged, :])
+        ranks[row_key(names[sys_name] + "+gate", cond)] = _ranks(
+            rec, params["recommender"], kept, cands, e.batch_users)
+    attack[extra.key] = dict(stats, systems=list(extra.systems))
+    del images, attacked, feats
+
+
+def _robust(ranks: dict, names: list[str], config, unseen: np.ndarray) -> dict:
+  """The worst case per system (AutoAttack-style robust accuracy): a user counts as a hit
+  only if the held-out item stays in the top N under every attack at the report's eps
+  (``config.ablation.eps``; rejected uploads, the '+gate' rows, not counted as attacks of
+  the ungated system). {row name: {metrics, 'ci95', 'users', 'attacks', 'unseen': {...}}}."""
+  ks, e = tuple(config.eval.ks), config.eval
+  kw = dict(resamples=int(e.bootstrap_resamples), seed=int(e.bootstrap_seed))
+  eps = float(config.ablation.get("eps", 8.0))
+  out = {}
+  for name in names:
+    attacked = {k: r for k, r in ranks.items() if parse_row_key(k)[0] == name
+                and parse_condition(parse_row_key(k)[1])[1] == eps}
+    if not attacked:
+      continue
+    shapes = {np.shape(r) for r in attacked.values()}
+    if len(shapes) != 1:  # Deterministic and randomised rows cannot be paired draw by draw.
+      continue
+    worst = np.max(np.stack(list(attacked.values())), axis=0)
+    row = summary.row_summary(worst, ks, **kw)
+    row["attacks"] = [parse_row_key(k)[1] for k in attacked]
+    row["unseen"] = summary.row_summary(worst, ks, users=unseen, **kw)
+    out[name] = row
   return out

@@ -3,27 +3,28 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxvars import rng
 from jaxvars.defenses import SYSTEMS
+from jaxvars.defenses import systems as systems_lib
 from jaxvars.features import batched_map
 from jaxvars.pixels import to_float
 
 
 def draw_keys(items: jax.Array, *, seed: int, draws: int) -> jax.Array:
-  """PRNG keys [draws, B] of a randomised system's transform of ``items`` [B]: draw d of item
-  i is ``fold_in(fold_in(stream(seed, 'defense/rand'), i), d)``, whatever the batch."""
-  base = rng.stream(seed, rng.RAND_TRANSFORM)
-  per_item = jax.vmap(lambda i: jax.random.fold_in(base, i))(items)
-  return jax.vmap(lambda d: jax.vmap(lambda k: jax.random.fold_in(k, d))(per_item))(
-      jnp.arange(draws))
+  """PRNG keys [draws, B] of a randomised system's transform of ``items`` [B] in evaluation:
+  draw d of item i is ``fold_in(fold_in(stream(seed, 'defense/rand'), i), d)``."""
+  return systems_lib.draw_keys(items, rng.stream(seed, rng.RAND_TRANSFORM), draws=draws)
 
 
 def systems_features(system_names, *, models, params, consts, images: np.ndarray, mesh,
-                     batch_size: int, config, seed: int, draws: int = 1) -> dict:
+                     batch_size: int, config, seed: int, draws: int = 1,
+                     items: np.ndarray | None = None) -> dict:
   """Normalised features of a catalogue (uint8 [I, S, S, 3]) through registered systems.
+
+  ``items`` [I] are the photos' item indices (their random draws depend on them); default
+  0..I-1.
 
   All systems run in one jitted pass per batch, so what they share (the denoiser's output
   D(x), for OURS and OURS-rand) is computed once (XLA merges the identical computations).
@@ -50,7 +51,8 @@ def systems_features(system_names, *, models, params, consts, images: np.ndarray
       out[name] = feats.reshape(k, b, -1).transpose(1, 0, 2)  # [B, K, F]: batch first.
     return out
 
-  items = np.arange(len(images), dtype=np.int32)
+  items = np.arange(len(images), dtype=np.int32) if items is None else np.asarray(items,
+                                                                                 np.int32)
   out = batched_map(fn, {"images": images, "items": items}, batch_size=batch_size, mesh=mesh,
                     desc=f"{'/'.join(system_names)} features")
   return {name: np.transpose(f, (1, 0, 2)) if systems[name].randomized else f

@@ -168,3 +168,20 @@ def embeddings(results: dict, art, eps: float, path: str) -> None:
   ax.set_ylabel("principal component 2 (detector embedding, unitless)")
   ax.legend()
   _save(fig, plt, path)
+
+
+def loss_curves(results: dict, path: str) -> None:
+  """The attacks' objective over their iterations, on their first batch (Carlini et al.:
+  loss curves saved and plotted): mean per-photo loss at each PGD iterate."""
+  plt = _plt()
+  curves = {k: v["loss_curve"] for k, v in results.get("attack", {}).items()
+            if len(v.get("loss_curve", [])) > 2}
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for key, curve in curves.items():
+    ax.plot(range(len(curve)), curve, marker=".", label=key)
+  ax.set_xlabel("PGD iterate (0 = the random start)")
+  ax.set_ylabel("attack objective, mean over the first batch (objective's units)")
+  ax.set_yscale("symlog")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=6)
+  _save(fig, plt, path)

@@ -10,7 +10,7 @@ import numpy as np
 from jaxvars import atomic
 from jaxvars.conditions import condition_key
 from jaxvars.errors import JaxvarsError
-from jaxvars.report import checks_tables, claims, figures, tables
+from jaxvars.report import checks_tables, claims, figures, robustness, tables
 
 REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
@@ -111,6 +111,25 @@ def write_report(workdir: str) -> str:
     add_figure("fig6_hr10_vs_eps.png", figures.hr_vs_eps, results,
                caption="Figure 6: HR@10 against eps; dotted lines: the same system on clean images")
     lines += ["### Attack size", ""] + tables.attack_table(results) + [""]
+  if eps is not None and robustness.attack_rows(results, eps):
+    items = {v.get("items_attacked") for v in results.get("attack", {}).values()}
+    lines += [f"## Robustness: every attack at eps = {eps:g}, and the worst case", "",
+              "HR@10 (95% interval) of each system under each attack; the worst case counts a "
+              "user as a hit only if the held-out item stays in the top 10 under every attack "
+              "the system was evaluated on (AutoAttack-style). Attacks beyond the paper's "
+              "transfer FGSM/PGD perturb a subset of the items (held-out items first): "
+              f"{sorted(i for i in items if i)} items.", ""]
+    lines += robustness.worst_case_table(results, eps) + [""]
+    gated = robustness.gated_table(results)
+    if gated:
+      lines += ["Detector-aware attacks (the detector's deployed threshold is known to the "
+                "attacker):", ""] + gated + [""]
+    sanity = robustness.sanity_checks(results, eps)
+    if sanity:
+      lines += ["### Sanity checks (Carlini et al. 2019)", ""] + sanity + [""]
+    if any(len(v.get("loss_curve", [])) > 2 for v in results.get("attack", {}).values()):
+      add_figure("attack_loss_curves.png", figures.loss_curves, results,
+                 caption="The attacks' objective over PGD iterations (first batch)")
   if results.get("detection"):
     lines += ["## Detection (Table 4)", "",
               "On items the defence never trained on; the threshold is set on clean "

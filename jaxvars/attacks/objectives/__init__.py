@@ -32,7 +32,10 @@ class AttackContext:
       E f), or None for a recommender without one.
     items: int32 [B], the catalogue indices of the batch's photos.
     table: float32 [I, F], clean normalised features of every item.
-    triplets: ``jaxvars.data.splits.item_triplets`` of ``items`` ([B, T] arrays), or None.
+    triplets: the batch's inputs of the objective (``Objective.batch_inputs``; for 'bpr'
+      the ``item_triplets`` of ``items``, [B, T] arrays), or None.
+    constants: the objective's per-catalogue constants (``Objective.constants``), or None.
+    num_users: U (objectives over every user).
   """
   features: Callable[[jax.Array], jax.Array]
   score_fn: Callable
@@ -40,6 +43,8 @@ class AttackContext:
   items: jax.Array
   table: jax.Array
   triplets: dict | None = None
+  constants: dict | None = None
+  num_users: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,11 +58,17 @@ class Objective:
     random_first_step: the gradient vanishes at the clean image (a distance to it), so
       FGSM takes a random step first (R+FGSM).
     description: one line for the report.
+    batch_inputs: ``(items int [N], data, rng, per_role) -> {name: array [N, ...]}``, the
+      objective's inputs per attacked item (sharded with the photos), instead of BPR
+      triplets; None = triplets when ``needs_triplets``.
+    constants: ``(data, rng) -> {name: array}``, inputs shared by every batch.
   """
   loss: Callable[[AttackContext, jax.Array], jax.Array]
   needs_triplets: bool = False
   random_first_step: bool = False
   description: str = ""
+  batch_inputs: Callable | None = None
+  constants: Callable | None = None
 
 
 import_submodules(__name__, __path__)

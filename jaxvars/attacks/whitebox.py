@@ -1,0 +1,78 @@
+"""The loss of an attack that knows the defence (white-box, adaptive; Athalye et al. 2018,
+Tramer et al. 2020): the objective computed through the defended system's own pipeline.
+
+* The uploaded photo is 8-bit: the attacker's iterate is quantised before the defence
+  sees it, with an identity backward pass (BPDA). Non-differentiable steps of a defence
+  (JPEG, bit depth) already pass the identity backward.
+* A randomised system (random resize + pad) is attacked with EOT: the objective is
+  averaged over ``spec.eot`` draws of its transform, fresh draws at every step.
+* Detector-aware: ``objective - lambda * relu(score(x) - threshold)`` keeps the photo
+  below the deployed detector's threshold (the deployed threshold is public to a
+  white-box attacker).
+
+Without ``spec.through`` this is the transfer attack's loss (the undefended pipeline).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from jaxvars.attacks.linf import quantize_8bit
+from jaxvars.attacks.objectives import OBJECTIVES
+from jaxvars.defenses.systems import SYSTEMS, draw_keys
+
+
+def attack_loss(spec, *, models, params, consts, config, items, inputs=None, constants=None,
+                num_users: int = 0, threshold: float | None = None):
+  """The per-photo loss to maximise, and whether it is stochastic.
+
+  Args:
+    spec: the :class:`jaxvars.attacks.spec.AttackSpec`.
+    models, params, consts: the composed models, their parameters and constants.
+    config: the run's config (the defended system's settings).
+    items: int32 [B] the batch's items. inputs: the objective's batch inputs (triplets).
+    constants: the objective's per-catalogue constants. num_users: U.
+    threshold: the deployed detector threshold (detector-aware attacks).
+
+  Returns:
+    (loss_fn, stochastic): ``loss_fn(images[, key]) -> float32 [B]``.
+
+  Raises:
+    ValueError: a detector-aware spec without a threshold.
+  """
+  objective = OBJECTIVES.get(spec.objective)
+  ctx = models.attack_context(params["recommender"], consts, items, inputs)
+  ctx = dataclasses.replace(ctx, constants=constants, num_users=num_users)
+  if spec.through is None and spec.detector_lambda <= 0:
+    return (lambda x: objective.loss(ctx, x)), False
+  if spec.detector_lambda > 0 and threshold is None:
+    raise ValueError(f"{spec.name}: a detector-aware attack needs the deployed threshold")
+  system = SYSTEMS.get(spec.through) if spec.through else None
+  transform = system.make(config) if system else None
+  stochastic = bool(system and system.randomized)
+
+  def loss(x, key=None):
+    xq = x + jax.lax.stop_gradient(quantize_8bit(x) - x)  # BPDA for the 8-bit upload.
+    if system is None:
+      seen = xq[None]
+    elif system.randomized:
+      seen = transform(models, params, xq, draw_keys(items, key, draws=max(1, spec.eot)))
+    else:
+      seen = transform(models, params, xq, None)[None]
+    k, b = seen.shape[:2]
+    feats = models.features(consts, seen.reshape((k * b,) + seen.shape[2:])).reshape(k, b, -1)
+    total = 0.0
+    for d in range(k):
+      total = total + objective.loss(dataclasses.replace(ctx, features=lambda _, f=feats[d]: f),
+                                     xq)
+    value = total / k
+    if spec.detector_lambda > 0:
+      excess = models.detection_scores(params, consts, xq) - threshold
+      value = value - spec.detector_lambda * jax.nn.relu(excess)
+    return value
+
+  if not stochastic:
+    return (lambda x: loss(x)), False
+  return loss, True
