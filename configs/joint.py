@@ -113,6 +113,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   sy.jpeg_quality = 75  # 'jpeg': JPEG quality (AIP sweeps 90..10; 75 = Guo et al. 2018).
   sy.bit_depth = 5  # 'bit_depth': bits per colour channel (AIP sweeps 7..3; 5 = Xu et al. 2018).
 
+  # ---- Targeted item promotion (AIP, TAaMR; the paper's Table 6) ----------------
+  c.targeted = tg = ml_collections.ConfigDict()
+  tg.num_targets = 100  # Items promoted: of the least popular category, cold ones first (0 = off).
+  tg.objectives = ("insa", "expa", "taamr")  # Perturbation attacks (taamr needs a classifier head).
+  tg.methods = ("fgsm", "pgd")  # Methods of those attacks, at every eps of `eps`.
+  tg.eps = (8.0,)  # Budgets (1/255); the paper's Table 6 sweeps 4, 8, 16, 32 (AIP's default: 32).
+  tg.csema = True  # Also c-SEMA: the hook item's photo pasted into the target's (no budget).
+  tg.hook_items = 1  # EXPA's hook: the mean feature of this many most popular items (AIP: 1).
+  tg.whitebox_systems = ("defended",)  # Defence-aware versions of the attack below, through these.
+  tg.whitebox_objective = "insa"  # The strongest targeted attack (AIP: INSA).
+  tg.hr_n = (5, 10)  # Target HR@N over all users (AIP reports HR@5).
+  tg.chr_k = (10, 20)  # CHR@K: source-category items in users' top K (Anelli et al.: K = 20).
+
   # ---- Denoiser D (paper 3.3) -------------------------------------------------
   c.denoiser = dn = ml_collections.ConfigDict()
   dn.channels = 64  # Width of the convolutional trunk.
@@ -252,6 +265,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     e.max_items = 48
     ad.objectives = ("bpr_all",)
     ad.eot_samples = 2
+    tg.num_targets = 8
+    tg.methods = ("pgd",)
 
   if dataset == "synthetic" and size == "cpu":
     v.epochs = 40
@@ -288,6 +303,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.presets += ",vbpr"
     a.eval_eps = ()
     ad.eps = ()
+    tg.num_targets = 0
     sy.evaluate = ("undefended",)
     for stage in st.values():
       stage.epochs = 0

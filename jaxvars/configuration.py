@@ -161,6 +161,30 @@ def _attack(config) -> None:
                           "must hold numbers >= 0")
 
 
+def _targeted(config) -> None:
+  from jaxvars.attacks.objectives import OBJECTIVES
+  from jaxvars.attacks.spec import METHODS
+  from jaxvars.defenses import SYSTEMS
+  t = config.get("targeted")
+  if t is None:
+    return
+  positive(config, "targeted.num_targets", allow_zero=True, integer=True)
+  if not t.num_targets:
+    return
+  for o in tuple(t.objectives) + (t.whitebox_objective,):
+    OBJECTIVES.check(o, "config.targeted.objectives")
+  for m in t.methods:
+    METHODS.check(m, "config.targeted.methods")
+  for s in t.whitebox_systems:
+    SYSTEMS.check(s, "config.targeted.whitebox_systems")
+  _budgets(config, "targeted.eps", allow_empty=False)
+  positive(config, "targeted.hook_items", integer=True)
+  for field in ("targeted.hr_n", "targeted.chr_k"):
+    values = tuple(_get(config, field))
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
+      raise ConfigError(f"config.{field}={values!r} must be a non-empty tuple of positive integers")
+
+
 def _systems(config) -> None:
   from jaxvars.defenses import SYSTEMS
   names = tuple(config.systems.evaluate)
@@ -296,7 +320,7 @@ def _ablation(config) -> None:
                              where=f"config.ablation.variants.{name}"))
 
 
-VALIDATORS = (_top, _data, _backbone, _recommender, _attack, _systems, _denoiser, _detector,
+VALIDATORS = (_top, _data, _backbone, _recommender, _attack, _targeted, _systems, _denoiser, _detector,
               _loss, _defense, _stages, _eval, _checkpoint, _pretrain, _ablation)
 
 

@@ -119,10 +119,9 @@ class Models:
         differentiates through); None = the plain backbone.
     """
     rec_params = jax.lax.stop_gradient(rec_params)
-    if pipeline is None:
-      features = lambda x: self.features(consts, x)
-    else:
-      features = lambda x: self.features(consts, pipeline(x))
+    pipeline = pipeline or (lambda x: x)
+    features = lambda x: self.features(consts, pipeline(x))
+    logits = lambda x: self.backbone_out(consts, pipeline(x)).get("logits")
     return AttackContext(features=features, score_fn=self.score_fn(rec_params),
                          visual_fn=self.recommender.visual_fn(rec_params), items=items,
-                         table=consts["features"], triplets=triplets)
+                         table=consts["features"], triplets=triplets, logits=logits)

@@ -42,7 +42,7 @@ def test_feature_attack_moves_the_visual_embedding_more_than_noise(method):
   data = _data(images, users, items)
   mesh = sharding.make_mesh(1)
   spec = AttackSpec(method=method, objective="feature", eps=8.0, steps=3, alpha_ratio=0.5)
-  adv, stats = attack_catalogue(spec, models=models, rec_params=params["recommender"],
+  adv, stats = attack_catalogue(spec, models=models, params=params,
                                 consts=consts, data=data, mesh=mesh, batch_size=8)
   assert adv.dtype == np.uint8 and adv.shape == images.shape
   assert np.abs(adv.astype(int) - images).max() <= 8 and stats["linf_255"] <= 8.0 + 1e-4

@@ -67,9 +67,11 @@ def fingerprint(spec: AttackSpec, *, params, consts, image_shape, items=None,
   return h.hexdigest()[:20]
 
 
-def _objective_inputs(spec: AttackSpec, data, items: np.ndarray, rng) -> tuple[dict, dict]:
+def _objective_inputs(spec: AttackSpec, data, items: np.ndarray, rng,
+                      constants: dict | None = None) -> tuple[dict, dict]:
   objective = OBJECTIVES.get(spec.objective)
-  constants = objective.constants(data, rng) if objective.constants else {}
+  constants = dict(objective.constants(data, rng) if objective.constants else {},
+                   **(constants or {}))
   if objective.batch_inputs is not None:
     return objective.batch_inputs(items, data, rng, spec.triplets_per_item), constants
   if not objective.needs_triplets:
@@ -83,7 +85,7 @@ def _objective_inputs(spec: AttackSpec, data, items: np.ndarray, rng) -> tuple[d
 
 def attack_catalogue(spec: AttackSpec, *, models, params, consts, data, mesh, batch_size: int,
                      config=None, items: np.ndarray | None = None,
-                     threshold: float | None = None):
+                     threshold: float | None = None, constants: dict | None = None):
   """Attacks the item photos of the catalogue, in jitted sharded batches of ``batch_size``.
 
   Objective inputs (triplets) and random starts come from ``spec.seed`` (and method, eps),
@@ -94,6 +96,7 @@ def attack_catalogue(spec: AttackSpec, *, models, params, consts, data, mesh, ba
     config: the run's config (needed for white-box attacks: the system's settings).
     items: attack only these items (the others keep their clean photo); None = all.
     threshold: the deployed detector threshold (detector-aware attacks).
+    constants: the objective's constants, overriding its defaults (e.g. TAaMR's class).
 
   Returns:
     (uint8 [I, S, S, 3] catalogue with the attacked photos, stats: {'linf', 'linf_255',
@@ -104,7 +107,7 @@ def attack_catalogue(spec: AttackSpec, *, models, params, consts, data, mesh, ba
       np.asarray(items, np.int32))
   rng = np.random.default_rng([spec.seed, METHODS.names().index(spec.method),
                                int(round(spec.eps * 1000))])
-  inputs, constants = _objective_inputs(spec, data, attacked, rng)
+  inputs, constants = _objective_inputs(spec, data, attacked, rng, constants)
   base_key = rng_streams.stream(spec.seed, rng_streams.ATTACK_START)
 
   @jax.jit
@@ -152,6 +155,8 @@ def cached_attack_catalogue(spec: AttackSpec, *, cache_dir: str | None, **kwargs
   if spec.through is not None and kwargs.get("config") is not None:
     from jaxvars.defenses.systems import SYSTEMS
     settings = SYSTEMS.get(spec.through).settings(kwargs["config"])
+  settings = dict(settings or {}, constants={k: np.asarray(v).tolist() for k, v in
+                                             (kwargs.get("constants") or {}).items()})
   key = fingerprint(spec, params=kwargs["params"], consts=kwargs["consts"],
                     image_shape=images.shape, items=kwargs.get("items"), settings=settings)
   stem = os.path.join(cache_dir, spec.condition + (f"@{spec.through}" if spec.through else ""))

@@ -62,11 +62,15 @@ def attack_loss(spec, *, models, params, consts, config, items, inputs=None, con
     else:
       seen = transform(models, params, xq, None)[None]
     k, b = seen.shape[:2]
-    feats = models.features(consts, seen.reshape((k * b,) + seen.shape[2:])).reshape(k, b, -1)
+    out = models.backbone_out(consts, seen.reshape((k * b,) + seen.shape[2:]))
+    feats = models.normalize(consts, out["pooled"]).reshape(k, b, -1)
+    logits = out["logits"].reshape(k, b, -1) if "logits" in out else None
     total = 0.0
     for d in range(k):
-      total = total + objective.loss(dataclasses.replace(ctx, features=lambda _, f=feats[d]: f),
-                                     xq)
+      view = dataclasses.replace(
+          ctx, features=lambda _, f=feats[d]: f,
+          logits=(lambda _, z=logits[d]: z) if logits is not None else None)
+      total = total + objective.loss(view, xq)
     value = total / k
     if spec.detector_lambda > 0:
       excess = models.detection_scores(params, consts, xq) - threshold

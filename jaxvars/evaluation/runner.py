@@ -23,6 +23,7 @@ from jaxvars.evaluation import adaptive, checks, summary
 from jaxvars.evaluation.ranking import (candidate_matrix, candidate_scores, mostpop_scores,
                                         positive_ranks)
 from jaxvars.evaluation.system_features import systems_features
+from jaxvars.evaluation.targeted import evaluate_targeted
 
 
 def systems_table(systems, recommender, config) -> dict:
@@ -148,6 +149,14 @@ def evaluate_all(*, models, params, consts, data, mesh, config, eval_items: np.n
                       consts=consts, data=data, mesh=mesh, config=config, det=det,
                       cache_dir=cache_dir, cands=cands, names=dict(zip(systems, names)))
     timing["adaptive_s"] = time.perf_counter() - t
+  targeted = {}
+  if config.get("targeted") and config.targeted.num_targets and UNDEFENDED in systems:
+    t = time.perf_counter()
+    targeted, art = evaluate_targeted(models=models, params=params, consts=consts, data=data,
+                                      mesh=mesh, config=config, systems=systems,
+                                      clean_feats=clean_feats, detector=det)
+    artifacts.update(art)
+    timing["targeted_s"] = time.perf_counter() - t
   if UNDEFENDED in systems:  # The no-visual level: every item's visual feature the mean.
     zero = np.zeros_like(np.asarray(consts["features"]))
     ranks[row_key(row_name(UNDEFENDED, rec.name), "no_visual")] = _ranks(
@@ -168,7 +177,7 @@ def evaluate_all(*, models, params, consts, data, mesh, config, eval_items: np.n
   artifacts["unseen_users"] = unseen
   out.update({"detection": det.results if det else {},
               "detection_noise": det.noise() if det else {},
-              "fidelity": fid.results if fid else {}, "attack": attack,
+              "fidelity": fid.results if fid else {}, "attack": attack, "targeted": targeted,
               "systems": systems_table(systems, rec, config), "timing": timing,
               "artifacts": artifacts})
   return out

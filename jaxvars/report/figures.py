@@ -185,3 +185,22 @@ def loss_curves(results: dict, path: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=6)
   _save(fig, plt, path)
+
+
+def targeted_images(art, path: str, *, items: int = 4) -> None:
+  """The targeted attacks' photos: the clean targets, then each attack's version."""
+  plt = _plt()
+  keys = [k for k in art if k.startswith("targeted/") and k not in ("targeted/items",)]
+  cols = [("clean", art["targeted/clean"][:items])] + [
+      (k.removeprefix("targeted/"), art[k][:items]) for k in keys if k != "targeted/clean"]
+  n = len(cols[0][1])
+  fig, axes = plt.subplots(n, len(cols), figsize=(1.6 * len(cols), 1.7 * n + 0.4), squeeze=False)
+  for j, (title, imgs) in enumerate(cols):
+    for i in range(n):
+      axes[i, j].imshow(imgs[i], interpolation="nearest")
+      axes[i, j].set_xticks([])
+      axes[i, j].set_yticks([])
+      if i == 0:
+        axes[i, j].set_title(title, fontsize=7)
+  fig.suptitle("promoted items: clean photo and each targeted attack's (pixels 0-255)", fontsize=8)
+  _save(fig, plt, path)

@@ -31,3 +31,19 @@ ABLATION_NAMES = {"no_detector": "remove detection & contrastive loss",
 # Labels of result rows when results.json has no 'systems' section (older runs).
 DEFAULT_LABELS = {"vbpr": "VBPR", "defended": "OURS", "defended_rand": "OURS-rand",
                   "mostpop": "MostPop"}
+
+# Table 6 (Amazon Men, VBPR): mean average prediction shift by eps (4, 8, 16, 32), without and
+# with the defence. Keys: (attack, defended).
+TABLE6_EPS = (4, 8, 16, 32)
+TABLE6 = {("AIP-INSA", False): (1.2434, 2.8743, 4.2543, 7.1267),
+          ("AIP-INSA", True): (0.0231, 0.0832, 0.1217, 0.3221),
+          ("AIP-EXPA", False): (1.1864, 2.8322, 5.2955, 8.0270),
+          ("AIP-EXPA", True): (0.0220, 0.0712, 0.1204, 0.3045),
+          ("TAaMR-FGSM", False): (2.5693, 3.9821, 6.3798, 10.5739),
+          ("TAaMR-FGSM", True): (0.1203, 0.2237, 0.3276, 0.5378),
+          ("TAaMR-PGD", False): (3.1293, 4.2398, 7.3749, 11.672),
+          ("TAaMR-PGD", True): (0.2652, 0.4319, 0.9833, 1.5822)}
+# Our attack names behind the paper's rows (AIP's INSA and EXPA optimise with Adam; ours with
+# PGD in the same L-inf ball).
+TABLE6_ATTACKS = {"AIP-INSA": "pgd-insa", "AIP-EXPA": "pgd-expa", "TAaMR-FGSM": "fgsm-taamr",
+                  "TAaMR-PGD": "pgd-taamr"}

@@ -10,7 +10,8 @@ import numpy as np
 from jaxvars import atomic
 from jaxvars.conditions import condition_key
 from jaxvars.errors import JaxvarsError
-from jaxvars.report import checks_tables, claims, figures, robustness, tables
+from jaxvars.report import (checks_tables, claims, figures, robustness, tables,
+                            targeted_tables)
 
 REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
@@ -130,6 +131,33 @@ def write_report(workdir: str) -> str:
     if any(len(v.get("loss_curve", [])) > 2 for v in results.get("attack", {}).values()):
       add_figure("attack_loss_curves.png", figures.loss_curves, results,
                  caption="The attacks' objective over PGD iterations (first batch)")
+  t = results.get("targeted") or {}
+  if t.get("attacks"):
+    lines += ["## Targeted item promotion (Table 6; AIP, TAaMR)", "",
+              f"{t['targets']} promoted items of the least popular category "
+              f"(`{t.get('source_category') or 'all items'}`), cold ones first; "
+              f"{t.get('protocol', '')}. Hook (EXPA, c-SEMA): the most popular item"
+              + (f"; TAaMR's target class: ImageNet {t['target_class']} (the majority class of "
+                 f"the most popular category, `{t.get('popular_category')}`)"
+                 if t.get("target_class") is not None else "; no TAaMR (the backbone has no "
+                 "classifier head)") + ". Intervals: 95% bootstrap over targets (HR@N, shift) or "
+              "users (CHR@K).", ""]
+    six = targeted_tables.table6(results)
+    if six:
+      lines += ["Prediction shift (the paper's Table 6 layout; our AIP rows use PGD in the L-inf "
+                "ball, the paper's Adam):", ""] + six + [""]
+    for metric in [f"HR@{n}" for n in cfg.get("targeted", {}).get("hr_n", (5,))]:
+      lines += [f"Target {metric} (AIP): the share of users whose top {metric[3:]} the promoted "
+                "item enters; in brackets the change from its clean photo and its verdict:", ""]
+      lines += targeted_tables.hit_table(results, metric) + [""]
+    for metric in [f"CHR@{k}" for k in cfg.get("targeted", {}).get("chr_k", (20,))][-1:]:
+      lines += [f"{metric} (Anelli et al.): source-category items in a user's top "
+                f"{metric[4:]}:", ""] + targeted_tables.hit_table(results, metric) + [""]
+    lines += ["The attacked photos (LPIPS is not reported: its network weights cannot be "
+              "installed here):", ""] + targeted_tables.photo_table(results) + [""]
+    if art and "targeted/clean" in art:
+      add_figure("targeted_images.png", figures.targeted_images, art,
+                 caption="Targeted attacks: the promoted items' photos")
   if results.get("detection"):
     lines += ["## Detection (Table 4)", "",
               "On items the defence never trained on; the threshold is set on clean "

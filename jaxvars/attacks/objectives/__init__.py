@@ -36,6 +36,8 @@ class AttackContext:
       the ``item_triplets`` of ``items``, [B, T] arrays), or None.
     constants: the objective's per-catalogue constants (``Objective.constants``), or None.
     num_users: U (objectives over every user).
+    logits: images -> ImageNet logits [B, 1000] of the backbone's classifier head (through
+      the attacked pipeline), or None for a backbone without one.
   """
   features: Callable[[jax.Array], jax.Array]
   score_fn: Callable
@@ -45,6 +47,7 @@ class AttackContext:
   triplets: dict | None = None
   constants: dict | None = None
   num_users: int = 0
+  logits: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +65,7 @@ class Objective:
       objective's inputs per attacked item (sharded with the photos), instead of BPR
       triplets; None = triplets when ``needs_triplets``.
     constants: ``(data, rng) -> {name: array}``, inputs shared by every batch.
+    needs_logits: the objective reads the backbone's classifier head (``ctx.logits``).
   """
   loss: Callable[[AttackContext, jax.Array], jax.Array]
   needs_triplets: bool = False
@@ -69,6 +73,7 @@ class Objective:
   description: str = ""
   batch_inputs: Callable | None = None
   constants: Callable | None = None
+  needs_logits: bool = False
 
 
 import_submodules(__name__, __path__)

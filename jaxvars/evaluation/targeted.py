@@ -1,0 +1,279 @@
+"""Targeted item promotion (a seller promoting its own cold item): AIP's INSA, EXPA and
+c-SEMA (Liu & Larson 2021), TAaMR (Di Noia et al. 2020), measured as the paper's Table 6
+(prediction shift with and without the defence), AIP's target HR@N and Anelli et al.'s
+CHR@K, SR and FL.
+
+Protocol (:func:`choose_targets`): ``config.targeted.num_targets`` items of the least
+popular category (the "source" category, Anelli et al.; all items where the data has no
+categories), cold ones (no training interaction, AIP's cold-start protocol) first, drawn
+with a seeded generator; all targets attacked at once, every other photo clean. Each
+attack's targets are ranked among all items a user has not bought, for every user, under
+every evaluated system; the defended systems see the attacked photos through their defence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxvars.attacks.catalogue import attack_catalogue, perturbation_stats
+from jaxvars.attacks.semantic import composite_inset
+from jaxvars.attacks.spec import attack_spec
+from jaxvars.defenses import SYSTEMS, UNDEFENDED, row_name
+from jaxvars.evaluation import bootstrap
+from jaxvars.evaluation.fidelity import psnr, ssim
+from jaxvars.evaluation.system_features import systems_features
+from jaxvars.pixels import to_float
+
+
+def category_popularity(data) -> dict[str, float]:
+  """{category: training interactions per item} of the categories in ``data``."""
+  counts = np.bincount(data.train_items, minlength=data.num_items)
+  cats = np.asarray(data.categories)
+  return {c: float(counts[cats == c].mean()) for c in np.unique(cats) if c}
+
+
+def choose_targets(data, n: int, seed: int) -> tuple[np.ndarray, str]:
+  """(int32 [n] target items, their source category): the least popular category with at
+  least ``n`` items (all items when none qualifies), cold items first (seeded order), then
+  the least interacted."""
+  counts = np.bincount(data.train_items, minlength=data.num_items)
+  cats = np.asarray(data.categories)
+  popularity = {c: p for c, p in category_popularity(data).items() if np.sum(cats == c) >= n}
+  source = min(popularity, key=lambda c: (popularity[c], c)) if popularity else ""
+  pool = np.flatnonzero(cats == source) if source else np.arange(data.num_items)
+  rng = np.random.default_rng([seed, 14])
+  pool = pool[rng.permutation(len(pool))]
+  pool = pool[np.argsort(counts[pool], kind="stable")]  # Cold first, seeded among equals.
+  return np.sort(pool[:n]).astype(np.int32), source
+
+
+def popular_category(data) -> str:
+  """The category with the most training interactions per item ('' without categories)."""
+  popularity = category_popularity(data)
+  return max(popularity, key=lambda c: (popularity[c], c)) if popularity else ""
+
+
+def target_class(models, consts, data, category: str, *, batch: int = 64) -> int | None:
+  """TAaMR's target: the ImageNet class the backbone gives most often (top 1) to the popular
+  category's photos (all photos without categories); None without a classifier head."""
+  items = np.flatnonzero(np.asarray(data.categories) == category) if category else np.arange(
+      data.num_items)
+  classify = jax.jit(lambda x: jnp.argmax(models.backbone_out(consts, to_float(x)).get(
+      "logits", jnp.zeros((x.shape[0], 1))), axis=-1))
+  if "logits" not in jax.eval_shape(lambda x: models.backbone_out(consts, to_float(x)),
+                                    data.images[:1]):
+    return None
+  classes = np.concatenate([np.asarray(classify(data.images[items[s:s + batch]]))
+                            for s in range(0, len(items), batch)])
+  return int(np.bincount(classes).argmax())
+
+
+def all_item_scores(recommender, rec_params, feats: np.ndarray, num_users: int,
+                    users_per_call: int = 128) -> np.ndarray:
+  """Scores [U, I] of every user for every item with item features [I, F]."""
+  @jax.jit
+  def block(users, f):
+    u = users[:, None]
+    items = jnp.arange(f.shape[0])[None, :]
+    return recommender.score(rec_params, jnp.broadcast_to(u, (u.shape[0], f.shape[0])),
+                             jnp.broadcast_to(items, (u.shape[0], f.shape[0])),
+                             jnp.broadcast_to(f[None], (u.shape[0],) + f.shape))
+  f = jnp.asarray(feats)
+  out = [np.asarray(block(jnp.arange(s, min(s + users_per_call, num_users)), f))
+         for s in range(0, num_users, users_per_call)]
+  return np.concatenate(out)
+
+
+def train_mask(data) -> np.ndarray:
+  """bool [U, I]: True where the user bought the item in training (excluded from lists)."""
+  mask = np.zeros((data.num_users, data.num_items), bool)
+  mask[data.train_users, data.train_items] = True
+  return mask
+
+
+def list_metrics(scores: np.ndarray, mask: np.ndarray, targets: np.ndarray,
+                 source: np.ndarray, ns, ks) -> dict:
+  """Top-N metrics of scores [U, I] over the items each user has not bought (``mask``
+  True = bought in training, left out of the user's list).
+
+  Returns:
+    {'HR@N': float [T] per target: the share of the users who have not bought it whose top
+    N it enters (ties count against it), 'CHR@K': float [U] per user: the number of
+    source-category items in the top K (Anelli et al.), 'scores': float [U, T] the targets'
+    scores}.
+  """
+  s = np.where(mask, -np.inf, scores)
+  tscore = scores[:, targets]  # [U, T]
+  ordered = np.sort(s, axis=1)
+  n_items = s.shape[1]
+  at_least = np.stack([n_items - np.searchsorted(ordered[u], tscore[u], side="left")
+                       for u in range(len(s))])  # Items scoring >= the target, itself included.
+  open_ = ~mask[:, targets]
+  ranks = at_least - open_  # Other items at least as high.
+  out = {f"HR@{n}": np.sum((ranks < n) & open_, axis=0) / np.maximum(open_.sum(axis=0), 1)
+         for n in ns}
+  kmax = max(ks)
+  top = np.argpartition(-s, kmax - 1, axis=1)[:, :kmax]
+  top_scores = np.take_along_axis(s, top, axis=1)
+  top = np.take_along_axis(top, np.argsort(-top_scores, axis=1, kind="stable"), axis=1)
+  out.update({f"CHR@{k}": source[top[:, :k]].sum(axis=1).astype(np.float64) for k in ks})
+  out["scores"] = tscore
+  return out
+
+
+def _system_metrics(per_draw: list[dict], clean: list[dict], base_scores: np.ndarray, ns, ks,
+                    kw) -> dict:
+  """Metrics of a system under one attack (averaged over draws) with 95% intervals: target
+  HR@N (over targets), CHR@K (over users), prediction shift (over targets) and the paired
+  differences from the same system on clean photos."""
+  mean = lambda key: np.mean([d[key] for d in per_draw], axis=0)
+  mean_clean = lambda key: np.mean([d[key] for d in clean], axis=0)
+  out = {}
+  for key in [f"HR@{n}" for n in ns] + [f"CHR@{k}" for k in ks]:
+    a, b = mean(key), mean_clean(key)
+    out[key] = {"value": float(np.mean(a)), "ci95": bootstrap.mean_ci(a, **kw),
+                "clean": float(np.mean(b)), "diff": bootstrap.paired_diff_ci(a, b, **kw)}
+  shift = np.mean(mean("scores") - base_scores, axis=0)  # [T]: mean over users.
+  out["prediction_shift"] = {"value": float(np.mean(shift)), "ci95": bootstrap.mean_ci(shift, **kw)}
+  return out
+
+
+@dataclasses.dataclass
+class _Attack:
+  key: str
+  spec: object = None  # None: c-SEMA.
+  threat: str = "transfer"
+
+
+def _attacks(config, has_logits: bool) -> list[_Attack]:
+  t = config.targeted
+  out = []
+  for eps in t.eps:
+    for objective in t.objectives:
+      if objective == "taamr" and not has_logits:
+        continue
+      for method in t.methods:
+        spec = attack_spec(config.attack, method, eps, objective=objective)
+        out.append(_Attack(spec.condition, spec))
+  if t.csema:
+    out.append(_Attack("csema", None, "semantic (no budget): the hook's photo pasted in"))
+  for system in t.whitebox_systems:
+    randomized = SYSTEMS.get(system).randomized
+    spec = attack_spec(config.attack, "pgd", t.eps[0], objective=t.whitebox_objective,
+                       through=system,
+                       eot=int(config.attack.adaptive.eot_samples) if randomized else 1)
+    out.append(_Attack(f"{spec.condition}@{system}", spec, spec.threat_short))
+  return out
+
+
+def evaluate_targeted(*, models, params, consts, data, mesh, config, systems, clean_feats: dict,
+                      detector=None) -> tuple[dict, dict]:
+  """Every targeted attack against every system: (results.json's ``targeted`` section,
+  artifacts: sample images). See the module docstring for the protocol."""
+  t, e = config.targeted, config.eval
+  kw = dict(resamples=int(e.bootstrap_resamples), seed=int(e.bootstrap_seed))
+  ns, ks = tuple(t.hr_n), tuple(t.chr_k)
+  rec = models.recommender
+  targets, source = choose_targets(data, int(t.num_targets), int(config.seed))
+  in_source = (np.asarray(data.categories) == source) if source else np.zeros(data.num_items, bool)
+  in_source[targets] = True
+  popular = popular_category(data)
+  klass = target_class(models, consts, data, popular)
+  hooks = splits_popular(data, int(t.hook_items))
+  mask = train_mask(data)
+  draws = int(e.rand_draws)
+  names = {s: row_name(s, rec.name) for s in systems}
+
+  def metrics_of(feats_by_system):
+    out = {}
+    for s, f in feats_by_system.items():
+      f = f if f.ndim == 3 else f[None]
+      out[s] = [list_metrics(all_item_scores(rec, params["recommender"], fd, data.num_users),
+                             mask, targets, in_source, ns, ks) for fd in f]
+    return out
+
+  clean = metrics_of({s: clean_feats[s] for s in systems})
+  base = clean[UNDEFENDED][0]["scores"] if UNDEFENDED in clean else None
+  results = {"targets": int(len(targets)), "source_category": source,
+             "popular_category": popular, "target_class": klass,
+             "hook_items": [int(h) for h in hooks], "attacks": {},
+             "protocol": "all targets attacked at once; the rest of the catalogue clean"}
+  artifacts = {"targeted/items": targets, "targeted/clean": data.images[targets[:8]]}
+  constants = {"target_class": np.int32(klass if klass is not None else 0),
+               "hook_items": hooks}
+  for attack in _attacks(config, klass is not None):
+    if attack.spec is None:
+      adv = composite_inset(data.images[targets], data.images[hooks[0]])
+      stats = {"threat": attack.threat}
+    else:
+      catalogue, stats = attack_catalogue(
+          attack.spec, models=models, params=params, consts=consts, data=data, mesh=mesh,
+          batch_size=config.attack.batch_size, config=config, items=targets,
+          constants=constants)
+      adv = np.asarray(catalogue[targets])
+    evaluated = [attack.spec.through] if attack.spec is not None and attack.spec.through else systems
+    feats = systems_features(evaluated, models=models, params=params, consts=consts, images=adv,
+                             mesh=mesh, batch_size=config.attack.batch_size, config=config,
+                             seed=config.seed, draws=draws, items=targets)
+    spliced = {}
+    for s in evaluated:
+      full = np.array(clean_feats[s])
+      full[..., targets, :] = feats[s]
+      spliced[s] = full
+    attacked = metrics_of(spliced)
+    row = {"threat": stats.get("threat", attack.threat), "images": _image_stats(data, targets, adv),
+           "systems": {}}
+    if klass is not None:
+      row["success_rate"] = _success_rate(models, params, consts, adv, klass, kw)
+    row["feature_loss"] = _feature_loss(models, consts, data.images[targets], adv, kw)
+    if detector is not None:
+      flagged = detector.scores(adv) > detector.threshold
+      row["detected"] = {"value": float(np.mean(flagged)), "ci95": bootstrap.mean_ci(flagged, **kw)}
+    for s in evaluated:
+      if base is not None:
+        row["systems"][names[s]] = _system_metrics(attacked[s], clean[s], base, ns, ks, kw)
+    results["attacks"][attack.key] = row
+    artifacts[f"targeted/{attack.key}"] = adv[:8]
+  return results, artifacts
+
+
+def splits_popular(data, n: int) -> np.ndarray:
+  """The ``n`` most interacted training items (AIP's hook: the most popular one)."""
+  from jaxvars.attacks.objectives.expa import popular_items
+  return popular_items(data, n)
+
+
+def _image_stats(data, targets, adv) -> dict:
+  clean = data.images[targets]
+  x, y = to_float(jnp.asarray(adv)), to_float(jnp.asarray(clean))
+  out = perturbation_stats(clean, adv)
+  out["psnr"] = float(jnp.mean(psnr(x, y)))
+  if min(clean.shape[1:3]) >= 11:
+    out["ssim"] = float(jnp.mean(ssim(x, y)))
+  out["lpips"] = None  # LPIPS needs network weights no package here installs.
+  return out
+
+
+def _success_rate(models, params, consts, adv, klass: int, kw) -> dict:
+  """SR (Anelli et al.): the share of attacked photos the backbone's classifier now puts in
+  the target class, as uploaded and after the denoiser."""
+  x = to_float(jnp.asarray(adv))
+  top = lambda z: np.asarray(jnp.argmax(models.backbone_out(consts, z)["logits"], axis=-1))
+  hit = top(x) == klass
+  out = {"value": float(np.mean(hit)), "ci95": bootstrap.mean_ci(hit, **kw)}
+  if "denoiser" in params:
+    hit_d = top(models.denoise(params, x)) == klass
+    out["after_denoiser"] = {"value": float(np.mean(hit_d)), "ci95": bootstrap.mean_ci(hit_d, **kw)}
+  return out
+
+
+def _feature_loss(models, consts, clean, adv, kw) -> dict:
+  """FL (Anelli et al.): the MSE between the backbone's pooled features of the clean and the
+  attacked photo, per target."""
+  pooled = lambda z: models.backbone_out(consts, to_float(jnp.asarray(z)))["pooled"]
+  fl = np.asarray(jnp.mean(jnp.square(pooled(adv) - pooled(clean)), axis=-1))
+  return {"value": float(np.mean(fl)), "ci95": bootstrap.mean_ci(fl, **kw)}
