@@ -129,6 +129,9 @@ def item_split(config, num_items: int):
   rng = np.random.default_rng([config.seed, 7])
   order = rng.permutation(num_items)
   n_hold = min(config.detector.holdout_items, num_items // 4)
+  if n_hold < config.detector.holdout_items:
+    logging.warning("config.detector.holdout_items=%d capped to %d (a quarter of the %d-item "
+                    "catalogue)", config.detector.holdout_items, n_hold, num_items)
   n_eval = min(max(int(round(config.defense.eval_fraction * num_items)), n_hold), num_items - 1)
   eval_items, pool = np.sort(order[:n_eval]), np.sort(order[n_eval:])
   holdout = np.sort(rng.choice(eval_items, n_hold, replace=False))

@@ -4,7 +4,8 @@
   tensorboard --logdir=<workdir>/metrics
 
 Tags are ``<stage>/<metric>`` (``recommender/loss``, ``denoiser_fgsm/content``,
-``eval/vbpr/clean/HR@10``, ``attack/pgd@8/images_per_s`` ...); the step is the stage's own
+``eval/vbpr/clean/HR_10``, ``attack/pgd_8/images_per_s`` ...: TensorBoard tags allow no ``@``,
+tensorboardX writes it as ``_``); the step is the stage's own
 step (optimizer step, or epoch where only epochs exist). A writer is opened per run and
 closed at its end; every write is flushed, so a killed run keeps what it wrote.
 """

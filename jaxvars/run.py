@@ -70,12 +70,16 @@ def attack_cache(config, workdir: str | None) -> str | None:
 
 
 def evaluate_run(exp: Experiment, params: dict, consts: dict, *, eval_eps=None, methods=None,
-                 only_trained: bool = False, cache_dir=-1) -> dict:
+                 only_trained: bool = False, cache_dir=-1, cached_time: bool = False) -> dict:
   """Every system under every condition for the trained ``params``; writes artifacts.npz.
 
   A defended system is evaluated only when a stage trained its parts, detection only when
   a stage trained the detector with a contrastive term; ``only_trained`` (the ablations)
   leaves out the systems without trained parts and the most-popular baseline.
+  ``timing['attack_<condition>_s']`` is the crafting time of each catalogue crafted in this
+  call, and with ``cached_time`` (a training run) also of each one taken from the cache (its
+  recorded crafting time: a run resumed after a kill reports what an uninterrupted one does,
+  as the stages' seconds come from their records).
   """
   config = exp.config
   out = evaluate_all(models=exp.models, params=params, consts=consts, data=exp.data,
@@ -91,12 +95,25 @@ def evaluate_run(exp: Experiment, params: dict, consts: dict, *, eval_eps=None, 
     atomic.write_npz(os.path.join(exp.workdir, ARTIFACTS_FILE), artifacts)
   timing = dict(exp.timing, **out.pop("timing"))
   timing.update({f"attack_{k}_s": v["time_s"] for k, v in out["attack"].items()
-                 if not v.get("cached")})  # A cached catalogue cost nothing in this run.
+                 if cached_time or not v.get("cached")})
   return {"backbone": backbone_summary(config),
           "data": dict(exp.data.summary(), defense_holdout_items=int(len(exp.holdout)),
                        defense_eval_items=int(len(exp.eval_items)),
                        defense_train_items=int(len(exp.pool))),
           **out, "timing": timing}
+
+
+def backbone_probe(exp: Experiment, consts: dict) -> dict | None:
+  """Linear-probe accuracy of the item features on the item categories (H&M:
+  ``product_type_name``; the settings of ``configs/pretrain.py``): what the backbone's
+  features know, comparable across backbones. None where the data has no categories."""
+  from jaxvars.evaluation.probe import linear_probe
+  import numpy as np
+  cats = np.asarray(exp.data.categories)
+  _, counts = np.unique(cats[cats != ""], return_counts=True)
+  if (counts >= 5).sum() < 2:  # linear_probe's min_per_class: fewer than 2 classes left.
+    return None
+  return linear_probe(np.asarray(consts["features"]), cats, seed=int(exp.config.seed))
 
 
 def _check_layout(workdir: str) -> None:
@@ -202,7 +219,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     params, stage_history, stage_seconds = defense.train_defense(exp, consts, params, workdir,
                                                                  writer=writer)
     exp.timing.update({f"stage_{k}_s": v for k, v in stage_seconds.items()})
-    results = evaluate_run(exp, params, consts)
+    results = evaluate_run(exp, params, consts, cached_time=True)
+    results["backbone"]["linear_probe"] = backbone_probe(exp, consts)
     results["training"] = training_section(config, rec_history, rec_state.step, stage_history)
     if ablation_variants(config):
       results["ablations"] = ablations.run_ablations(exp, consts, rec_state.params, workdir,
@@ -258,6 +276,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   consts = make_consts(exp)
   exp.timing["features_s"] = time.perf_counter() - t
   fresh = evaluate_run(exp, params, consts)
+  fresh["backbone"]["linear_probe"] = backbone_probe(exp, consts)
   if ablation_variants(config):
     fresh["ablations"] = ablations.run_ablations(exp, consts, params["recommender"], workdir,
                                                  train=False)

@@ -43,6 +43,20 @@ def tiny_data(tfds_dir):
   return pipeline.load(tiny_config(tfds_dir).data, workdir=None)
 
 
+# The ranking rows of conftest.tiny_run: the paper's transfer attacks on every system, the
+# adaptive preset's extra rows (configs/joint.py "tiny": bpr_all transferred, white-box PGD
+# through each defended system with its detector-aware and gated variant, the sanity checks)
+# and the no-visual level.
+TINY_SYSTEMS = ("vbpr", "defended", "defended_rand", "jpeg", "bit_depth")
+TINY_RUN_ROWS = ({"mostpop/clean", "vbpr/no_visual"}
+                 | {f"{s}/{c}" for s in TINY_SYSTEMS
+                    for c in ("clean", "fgsm@4", "pgd@4", "fgsm@8", "pgd@8", "pgd-bpr_all@8")}
+                 | {"defended/pgd-wb@8", "defended/pgd-wb-det1@8", "defended+gate/pgd-wb-det1@8",
+                    "defended/pgd-wb-2xsteps@8", "defended/pgd-demote-wb@64",
+                    "defended_rand/pgd-wb-eot2@8", "defended_rand/pgd-wb-eot2-det1@8",
+                    "defended_rand+gate/pgd-wb-eot2-det1@8"})
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tfds_dir, tmp_path_factory):
   """One training run of the tiny preset shared by the tests that read a finished run: eps 4

@@ -77,6 +77,10 @@ def test_missing_manual_dir(tmp_path):
     ("stages.detector.mix", (0, 0, 0), r"config.stages.detector.mix=\(0, 0, 0\) must be"),
     ("data.image_size", 36, r"config.data.image_size=36 is not divisible by "
      r"config.denoiser.patch=8"),
+    ("attack.eval_eps", (8, 1000), r"config.attack.eval_eps=\(8, 1000\) must hold budgets in "
+     r"\(0, 255\]"),
+    ("detector.fpr", 1.5, r"config.detector.fpr=1.5 must be in \(0, 1\)"),
+    ("defense.eval_fraction", 1.0, r"config.defense.eval_fraction=1.0"),
 ])
 def test_unknown_config_values(field, value, message, tmp_path):
   c = tiny_config(tmp_path, **{field: value})

@@ -40,7 +40,10 @@ def test_bprmf_trains_and_image_attacks_do_not_move_it(tfds_dir, tmp_path):
     stage.epochs = 0
   results = run.train_and_evaluate(config, str(tmp_path))
   r = results["ranking"]
-  assert set(r) == {"mostpop/clean", "bprmf/clean", "bprmf/fgsm@8", "bprmf/pgd@8"}
+  assert set(r) == {"mostpop/clean", "bprmf/clean", "bprmf/fgsm@8", "bprmf/pgd@8",
+                    "bprmf/pgd-bpr_all@8"}
   assert results["systems"]["bprmf"]["label"] == "BPR-MF"
-  assert r["bprmf/fgsm@8"] == r["bprmf/clean"] == r["bprmf/pgd@8"]  # Photos play no part.
+  # Photos play no part.
+  assert r["bprmf/fgsm@8"] == r["bprmf/clean"] == r["bprmf/pgd@8"] == r["bprmf/pgd-bpr_all@8"]
+  assert results["targeted"] == {}
   assert results["training"]["recommender"]["history"][-1]["pairwise_accuracy"] > 0.6

@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import time
+import zipfile
 
 import ml_collections
 import numpy as np
@@ -393,22 +394,42 @@ def _check_stored_split(data_config, workdir, split_source: dict) -> None:
   if not (path and os.path.exists(path)):
     return
   fingerprint = _fingerprint(data_config)
-  with np.load(path, allow_pickle=False) as z:
-    stored = str(z["fingerprint"])
-    if stored != fingerprint:
-      raise ConfigError(f"{path} was made with other data settings ({stored}) than this run's "
-                        f"({fingerprint}); use a fresh --workdir")
-    if "source" not in z.files:
-      if split_source:
-        logging.warning("%s was made before source fingerprints were stored; cannot check that "
-                        "%s are unchanged since", path, ", ".join(sorted(split_source)))
-      return
-    old = json.loads(str(z["source"]))
+  z = _read_split(path)
+  stored = str(z["fingerprint"])
+  if stored != fingerprint:
+    raise ConfigError(f"{path} was made with other data settings ({stored}) than this run's "
+                      f"({fingerprint}); use a fresh --workdir")
+  if "source" not in z:
+    if split_source:
+      logging.warning("%s was made before source fingerprints were stored; cannot check that "
+                      "%s are unchanged since", path, ", ".join(sorted(split_source)))
+    return
+  old = json.loads(str(z["source"]))
   changed = _changed(old, split_source)
   if changed:
     what = "; ".join(_describe_change(k, old.get(k), split_source.get(k)) for k in changed)
     raise DataError(f"{path}: source files changed since this split was made: {what}; "
                     "use a fresh --workdir")
+
+
+def _read_split(path: str) -> dict:
+  """Every array of a stored split.npz, read at once, with a damaged file named.
+
+  Raises:
+    DataError: naming ``path`` when it is truncated or is not a split this code wrote.
+  """
+  rebuild = ("delete it and rerun to rebuild it (the same data and config.data.split_seed "
+             "give the same split)")
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      arrays = {k: z[k] for k in z.files}
+  except (zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
+    raise DataError(f"{path} is damaged ({type(e).__name__}: {e}); {rebuild}") from None
+  missing = {"fingerprint", "user_ids", "item_ids", "train_users", "train_items", "test_items",
+             "eval_negatives"} - set(arrays)
+  if missing:
+    raise DataError(f"{path} lacks {sorted(missing)}: not a split jaxvars wrote; {rebuild}")
+  return arrays
 
 
 def _describe_change(name: str, old: str | None, new: str | None) -> str:
@@ -427,11 +448,11 @@ def _load_or_make_split(data_config, workdir, u, i, t, user_ids, item_ids, has_t
   path = os.path.join(workdir, SPLIT_FILE) if workdir else None
   fingerprint = _fingerprint(data_config)
   if path and os.path.exists(path):
-    with np.load(path, allow_pickle=False) as z:
-      if not (np.array_equal(z["user_ids"], user_ids) and np.array_equal(z["item_ids"], item_ids)):
-        raise DataError(f"{path}: the dataset's users or items changed since this split was made; "
-                        "use a fresh --workdir")
-      return {k: z[k] for k in ("train_users", "train_items", "test_items", "eval_negatives")}
+    z = _read_split(path)
+    if not (np.array_equal(z["user_ids"], user_ids) and np.array_equal(z["item_ids"], item_ids)):
+      raise DataError(f"{path}: the dataset's users or items changed since this split was made; "
+                      "use a fresh --workdir")
+    return {k: z[k] for k in ("train_users", "train_items", "test_items", "eval_negatives")}
   if data_config.split == "time" and not has_timestamps:
     raise ConfigError(f"config.data.split='time' but dataset {data_config.name!r} has interactions "
                       "without timestamps; use 'random'")

@@ -150,14 +150,16 @@ def evaluate_all(*, models, params, consts, data, mesh, config, eval_items: np.n
                       cache_dir=cache_dir, cands=cands, names=dict(zip(systems, names)))
     timing["adaptive_s"] = time.perf_counter() - t
   targeted = {}
-  if config.get("targeted") and config.targeted.num_targets and UNDEFENDED in systems:
+  if (config.get("targeted") and config.targeted.num_targets and UNDEFENDED in systems
+      and rec.uses_features):  # Photos play no part in a recommender without features.
     t = time.perf_counter()
     targeted, art = evaluate_targeted(models=models, params=params, consts=consts, data=data,
                                       mesh=mesh, config=config, systems=systems,
                                       clean_feats=clean_feats, detector=det)
     artifacts.update(art)
     timing["targeted_s"] = time.perf_counter() - t
-  if UNDEFENDED in systems:  # The no-visual level: every item's visual feature the mean.
+  if UNDEFENDED in systems and rec.uses_features:  # The no-visual level: every item's
+    # visual feature the mean.
     zero = np.zeros_like(np.asarray(consts["features"]))
     ranks[row_key(row_name(UNDEFENDED, rec.name), "no_visual")] = _ranks(
         rec, params["recommender"], zero, cands, e.batch_users)

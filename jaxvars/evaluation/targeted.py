@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from absl import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -149,7 +151,9 @@ class _Attack:
   threat: str = "transfer"
 
 
-def _attacks(config, has_logits: bool) -> list[_Attack]:
+def _attacks(config, has_logits: bool, systems=None) -> list[_Attack]:
+  """The targeted attacks to run; white-box ones only through systems in ``systems`` (all
+  of ``config.targeted.whitebox_systems`` when None)."""
   t = config.targeted
   out = []
   for eps in t.eps:
@@ -162,6 +166,10 @@ def _attacks(config, has_logits: bool) -> list[_Attack]:
   if t.csema:
     out.append(_Attack("csema", None, "semantic (no budget): the hook's photo pasted in"))
   for system in t.whitebox_systems:
+    if systems is not None and system not in systems:
+      logging.info("targeted white-box attack through %s skipped: the system is not "
+                   "evaluated (config.systems.evaluate)", system)
+      continue
     randomized = SYSTEMS.get(system).randomized
     spec = attack_spec(config.attack, "pgd", t.eps[0], objective=t.whitebox_objective,
                        through=system,
@@ -205,7 +213,7 @@ def evaluate_targeted(*, models, params, consts, data, mesh, config, systems, cl
   artifacts = {"targeted/items": targets, "targeted/clean": data.images[targets[:8]]}
   constants = {"target_class": np.int32(klass if klass is not None else 0),
                "hook_items": hooks}
-  for attack in _attacks(config, klass is not None):
+  for attack in _attacks(config, klass is not None, systems):
     if attack.spec is None:
       adv = composite_inset(data.images[targets], data.images[hooks[0]])
       stats = {"threat": attack.threat}

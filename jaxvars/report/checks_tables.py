@@ -12,11 +12,11 @@ from jaxvars.report.tables import attacks, cell, fmt, md_table, sweep_eps
 def detection_table(results: dict) -> list[str]:
   """Table 4 layout: detection accuracy and ROC AUC (95% intervals over items) by eps, the
   deployed threshold's TPR and FPR, the oracle TPR, and the paper's row."""
-  det, eps = results.get("detection", {}), sweep_eps(results)
+  det, eps = results.get("detection", {}), sweep_eps(results, paper_only=True)
   fpr = results.get("config", {}).get("detector", {}).get("fpr", 0.05)
   header = ["attack", "metric"] + [f"eps={e:g}" for e in eps]
   rows = []
-  for attack in attacks(results):
+  for attack in attacks(results, paper_only=True):
     for metric, name in (("accuracy", "accuracy (deployed threshold)"), ("roc_auc", "ROC AUC"),
                          ("tpr_at_threshold", "TPR (deployed threshold)"),
                          ("fpr_at_threshold", "FPR (deployed threshold)"),
@@ -35,7 +35,7 @@ def confusion_table(results: dict, eps: float) -> list[str]:
   """Figure 10 as a table: the detector's confusion matrix at the calibrated threshold
   (held-out items, each clean and attacked)."""
   rows = []
-  for attack in attacks(results):
+  for attack in attacks(results, paper_only=True):
     d = results.get("detection", {}).get(condition_key(attack, eps))
     if not d:
       continue

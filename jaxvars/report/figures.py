@@ -29,7 +29,8 @@ def _save(fig, plt, path: str) -> None:
 def hr_vs_eps(results: dict, path: str) -> None:
   """Figure 6: HR@10 against eps, one panel per attack."""
   plt = _plt()
-  eps, ranking, names = sweep_eps(results), results["ranking"], attacks(results)
+  eps, ranking = sweep_eps(results, paper_only=True), results["ranking"]
+  names = attacks(results, paper_only=True)
   fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), sharey=True,
                            squeeze=False)
   for ax, attack in zip(axes[0], names):

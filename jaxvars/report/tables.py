@@ -49,25 +49,29 @@ def conditions(results: dict) -> list[str]:
   return list(seen)
 
 
-def attacks(results: dict) -> list[str]:
-  """The attack names (e.g. 'fgsm', 'pgd', 'pgd-feature') of the run, in order."""
+def attacks(results: dict, *, paper_only: bool = False) -> list[str]:
+  """The attack names (e.g. 'fgsm', 'pgd', 'pgd-feature') of the run, in order; with
+  ``paper_only`` just the paper's transfer attacks (a method name alone: 'fgsm', 'pgd'), not
+  the adaptive and sanity-check ones (which the robustness section reports)."""
   seen = {}
   for cond in conditions(results):
     name, eps = parse_condition(cond)
-    if eps is not None:
+    if eps is not None and not (paper_only and "-" in name):
       seen.setdefault(name, None)
   return list(seen)
 
 
-def sweep_eps(results: dict) -> list[float]:
-  """The attacked eps values of ``results['ranking']``, sorted."""
-  return sorted({eps for _, eps in map(parse_condition, conditions(results)) if eps is not None})
+def sweep_eps(results: dict, *, paper_only: bool = False) -> list[float]:
+  """The attacked eps values of ``results['ranking']``, sorted (``paper_only``: of the paper's
+  transfer attacks only, see :func:`attacks`)."""
+  return sorted({eps for name, eps in map(parse_condition, conditions(results))
+                 if eps is not None and not (paper_only and "-" in name)})
 
 
 def report_eps(results: dict) -> float | None:
   """The eps of the main table: the ablation's eps (paper: 8) if swept, else the eps
   closest to 8; None for a clean-only run."""
-  eps = sweep_eps(results)
+  eps = sweep_eps(results, paper_only=True) or sweep_eps(results)
   if not eps:
     return None
   want = float(results.get("config", {}).get("ablation", {}).get("eps", 8.0))
@@ -85,7 +89,10 @@ def systems(results: dict) -> list[str]:
 
 
 def label(results: dict, row_name: str) -> str:
-  """The printed name of a system's rows ('OURS-rand')."""
+  """The printed name of a system's rows ('OURS-rand'; 'OURS + gate' for the rows of a
+  system behind the detector's gate)."""
+  if row_name.endswith("+gate"):
+    return label(results, row_name[:-len("+gate")]) + " + gate"
   info = results.get("systems", {}).get(row_name)
   return (info or {}).get("label") or paper.DEFAULT_LABELS.get(row_name, row_name)
 
@@ -108,8 +115,8 @@ def main_table(results: dict, eps: float | None, *, section: str = "ranking",
   if paper_columns:
     header += [f"paper {m} (eps not stated)" for m in METRICS]
   rows = []
-  conds = [(CLEAN, CLEAN)] + ([] if eps is None else
-                              [(a, condition_key(a, eps)) for a in attacks(results)])
+  conds = [(CLEAN, CLEAN)] + ([] if eps is None else [
+      (a, condition_key(a, eps)) for a in attacks(results, paper_only=True)])
   for attack, cond in conds:
     for name in ["mostpop"] * (cond == CLEAN) + systems(results):
       row = ranking.get(f"{name}/{cond}")
@@ -127,7 +134,8 @@ def draws_table(results: dict, eps: float | None) -> list[str]:
   """The spread of the randomised systems over their draws (HR@10 and NDCG@10 of each draw:
   min and max), beside their mean in the main table."""
   rows = []
-  conds = [CLEAN] + ([] if eps is None else [condition_key(a, eps) for a in attacks(results)])
+  conds = [CLEAN] + ([] if eps is None else [condition_key(a, eps)
+                                             for a in attacks(results, paper_only=True)])
   for name in systems(results):
     for cond in conds:
       draws = results["ranking"].get(f"{name}/{cond}", {}).get("draws")
@@ -138,12 +146,12 @@ def draws_table(results: dict, eps: float | None) -> list[str]:
 
 
 def sweep_table(results: dict, metric: str = "HR@10") -> list[str]:
-  """``metric`` (95% interval) of every system under every attack, by eps (Figure 6)."""
-  ranking, eps = results["ranking"], sweep_eps(results)
+  """``metric`` (95% interval) of every system under the paper's attacks, by eps (Figure 6)."""
+  ranking, eps = results["ranking"], sweep_eps(results, paper_only=True)
   header = ["system", "attack", "clean"] + [f"eps={e:g}" for e in eps]
   rows = []
   for name in systems(results):
-    for attack in attacks(results):
+    for attack in attacks(results, paper_only=True):
       cells = [ranking.get(f"{name}/{condition_key(attack, e)}") for e in eps]
       if all(c is None for c in cells):
         continue

@@ -48,6 +48,12 @@ def _header(workdir: str, results: dict) -> list[str]:
     lines.append(f"Backbone `{backbone.get('arch', '?')}`, weights `{backbone.get('init', '?')}`"
                  f"{' (**random: an untrained network**)' if random else ''}, "
                  f"{data.get('image_size', '?')} px.")
+    probe = backbone.get("linear_probe")
+    if probe:
+      lines.append(f"Linear probe of its item features on the item categories: accuracy "
+                   f"{probe['accuracy']:.4f} ({probe['classes']} classes, "
+                   f"{probe['test_items']} held-out items; always the majority class: "
+                   f"{probe['majority_accuracy']:.4f}).")
   total = results.get("timing", {}).get("total_s")
   if total:
     lines.append(f"Wall time of the run: {total / 60:.1f} min.")
@@ -106,7 +112,7 @@ def write_report(workdir: str) -> str:
     lines += ["### What this run shows (paired differences, 95% intervals)", "",
               "A difference is called an effect only when its interval excludes 0.", ""]
     lines += checked + [""]
-  if tables.sweep_eps(results):
+  if tables.sweep_eps(results, paper_only=True):
     lines += ["## The eps sweep (Figure 6)", "", "HR@10 by attack budget:", ""]
     lines += tables.sweep_table(results) + [""]
     add_figure("fig6_hr10_vs_eps.png", figures.hr_vs_eps, results,
