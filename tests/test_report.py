@@ -18,7 +18,7 @@ from jaxvars import configuration, report, run
 from jaxvars.attacks.spec import attack_spec
 from jaxvars.overrides import apply_overrides
 from jaxvars.evaluation import detection
-from jaxvars.report import checks_tables, figures, paper, tables
+from jaxvars.report import checks_tables, figures, paper
 from jaxvars.errors import ConfigError, JaxvarsError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,6 @@
 """Targeted item promotion: the target protocol, the top-N metrics against a brute-force
 ranking, c-SEMA's composite, and the INSA / EXPA / TAaMR objectives."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
