@@ -32,6 +32,24 @@ def test_bprmf_scores_and_penalty_match_numpy(tfds_dir):
   assert not rec.uses_features and rec.visual_fn(params) is None
 
 
+@pytest.mark.parametrize("name,form", [("vbpr", "tang"), ("vbpr", "he"), ("bprmf", "tang")])
+def test_bpr_difference_equals_the_difference_of_scores(tfds_dir, name, form):
+  """BPR training's ``x_ui - x_uj`` (VBPR: one projection of f_i - f_j) equals two calls of
+  the score, and so do its gradients."""
+  rc = tiny_config(tfds_dir, **{"recommender.name": name, "recommender.form": form}).recommender
+  rec = build_recommender(rc, num_users=6, num_items=9, feature_dim=5)
+  params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(2), a.shape),
+                        rec.init(jax.random.key(0), 5))
+  u, i, j = jnp.array([0, 5, 2, 3]), jnp.array([1, 8, 6, 0]), jnp.array([3, 0, 2, 7])
+  f = jax.random.normal(jax.random.key(1), (9, 5))
+  two = lambda p: rec.score(p, u, i, f[i]) - rec.score(p, u, j, f[j])
+  one = lambda p: rec.difference(p, u, i, j, f[i], f[j])
+  np.testing.assert_allclose(one(params), two(params), rtol=1e-5, atol=1e-6)
+  g1, g2 = (jax.grad(lambda p, fn=fn: jnp.sum(jnp.tanh(fn(p))))(params) for fn in (one, two))
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_bprmf_trains_and_image_attacks_do_not_move_it(tfds_dir, tmp_path):
   config = tiny_config(tfds_dir, **{"recommender.name": "bprmf", "recommender.epochs": 6,

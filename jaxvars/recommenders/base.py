@@ -37,6 +37,8 @@ class Recommender:
       [..., F]) -> scores float32 [...]``; it also has a method ``l2_terms(users, pos, neg)``
       returning a tuple of unweighted L2 terms (float32 scalars), and, when it has a visual
       term, ``visual(features [..., F]) -> [..., K]`` (the item's visual embedding).
+      Optionally ``difference(users, pos, neg, pos_features, neg_features) -> [B]``, a
+      cheaper ``x_ui - x_uj`` for BPR training (see :meth:`difference`).
     penalty_weights: the weights of ``l2_terms``, in order.
     uses_features: False for a recommender without a visual term (image attacks cannot
       move it).
@@ -57,6 +59,16 @@ class Recommender:
   def score(self, params, users, items, features):
     """Scores x_ui [...] of ``users``, ``items`` (int [...]) with item features [..., F]."""
     return self.module.apply({"params": params}, users, items, features)
+
+  def difference(self, params, users, pos, neg, pos_features, neg_features):
+    """``x_ui - x_uj`` [B] of BPR triplets (users, pos, neg int [B]; features [B, F]): the
+    module's ``difference`` method where it has one (VBPR: one visual projection of
+    ``f_i - f_j``), else two calls of ``score``."""
+    if hasattr(self.module, "difference"):
+      return self.module.apply({"params": params}, users, pos, neg, pos_features, neg_features,
+                               method="difference")
+    return (self.score(params, users, pos, pos_features)
+            - self.score(params, users, neg, neg_features))
 
   def score_fn(self, params) -> Callable:
     """``(users, items, features) -> scores`` with ``params`` bound."""

@@ -67,13 +67,12 @@ def bpr_objective(params, batch, features, *, recommender):
     {'loss', 'bpr', 'pairwise_accuracy'} (fraction of triplets with x_ui > x_uj).
   """
   u, i, j = batch["user"], batch["pos"], batch["neg"]
-  x_ui = recommender.score(params, u, i, features[i])
-  x_uj = recommender.score(params, u, j, features[j])
-  bpr = losses.bpr(pos_scores=x_ui, neg_scores=x_uj)
+  x_uij = recommender.difference(params, u, i, j, features[i], features[j])
+  bpr = losses.bpr(pos_scores=x_uij, neg_scores=jnp.zeros_like(x_uij))
   loss = bpr
   for term in recommender.penalty_terms(params, u, i, j):
     loss = loss + term
-  return loss, {"loss": loss, "bpr": bpr, "pairwise_accuracy": (x_ui > x_uj).mean()}
+  return loss, {"loss": loss, "bpr": bpr, "pairwise_accuracy": (x_uij > 0).mean()}
 
 
 def _update(state: TrainState, batch, features, recommender):
