@@ -32,6 +32,24 @@ def test_targets_are_cold_items_of_the_least_popular_category():
   assert targeted.popular_category(data) == max(pop, key=pop.get)
 
 
+@pytest.mark.parametrize("form", ["tang", "he"])
+def test_all_item_scores_equal_per_pair_scores(tfds_dir, form):
+  """Every user's score for every item (the targeted lists) equals the recommender's score of
+  each (user, item) pair, over several blocks of users."""
+  import jax
+  from conftest import tiny_config
+  from jaxvars.recommenders import build_recommender
+  rc = tiny_config(tfds_dir, **{"recommender.form": form}).recommender
+  rec = build_recommender(rc, num_users=37, num_items=50, feature_dim=6)
+  params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(3), a.shape),
+                        rec.init(jax.random.key(0), 6))
+  feats = np.asarray(jax.random.normal(jax.random.key(1), (50, 6)))
+  got = targeted.all_item_scores(rec, params, feats, 37, users_per_call=16)
+  u, i = np.repeat(np.arange(37), 50), np.tile(np.arange(50), 37)
+  want = rec.score(params, jnp.asarray(u), jnp.asarray(i), jnp.asarray(feats[i]))
+  np.testing.assert_allclose(got, np.asarray(want).reshape(37, 50), rtol=1e-5, atol=1e-6)
+
+
 def test_list_metrics_match_a_brute_force_ranking():
   rng = np.random.default_rng(1)
   scores = np.round(rng.normal(size=(5, 9)), 1)  # Ties.

@@ -76,14 +76,16 @@ def target_class(models, consts, data, category: str, *, batch: int = 64) -> int
 
 def all_item_scores(recommender, rec_params, feats: np.ndarray, num_users: int,
                     users_per_call: int = 128) -> np.ndarray:
-  """Scores [U, I] of every user for every item with item features [I, F]."""
+  """Scores [U, I] of every user for every item with item features [I, F].
+
+  Users [B, 1] are broadcast against items [1, I] and features [1, I, F] inside the
+  recommender, so an item's visual term is computed once per block, not once per user (an
+  explicit [B, I, F] broadcast is 11 GB and about 350 GFLOP per block of 128 users on H&M).
+  """
   @jax.jit
   def block(users, f):
-    u = users[:, None]
-    items = jnp.arange(f.shape[0])[None, :]
-    return recommender.score(rec_params, jnp.broadcast_to(u, (u.shape[0], f.shape[0])),
-                             jnp.broadcast_to(items, (u.shape[0], f.shape[0])),
-                             jnp.broadcast_to(f[None], (u.shape[0],) + f.shape))
+    return recommender.score(rec_params, users[:, None], jnp.arange(f.shape[0])[None, :],
+                             f[None])
   f = jnp.asarray(feats)
   out = [np.asarray(block(jnp.arange(s, min(s + users_per_call, num_users)), f))
          for s in range(0, num_users, users_per_call)]
