@@ -29,6 +29,7 @@ from jaxvars.evaluation import bootstrap
 from jaxvars.evaluation.fidelity import psnr, ssim
 from jaxvars.evaluation.system_features import systems_features
 from jaxvars.pixels import to_float
+from jaxvars.progress import progress
 
 
 def category_popularity(data) -> dict[str, float]:
@@ -215,7 +216,12 @@ def evaluate_targeted(*, models, params, consts, data, mesh, config, systems, cl
   artifacts = {"targeted/items": targets, "targeted/clean": data.images[targets[:8]]}
   constants = {"target_class": np.int32(klass if klass is not None else 0),
                "hook_items": hooks}
-  for attack in _attacks(config, klass is not None, systems):
+  attacks = _attacks(config, klass is not None, systems)
+  logging.info("targeted: %d attacks on %d target items (%s), %d systems", len(attacks),
+               len(targets), source or "no category", len(systems))
+  bar = progress(attacks, desc="targeted attacks")
+  for attack in bar:
+    bar.set_postfix(attack=attack.key)
     if attack.spec is None:
       adv = composite_inset(data.images[targets], data.images[hooks[0]])
       stats = {"threat": attack.threat}
