@@ -296,3 +296,22 @@ def test_confusion_table_counts():
                                      "fpr_at_threshold": 0.05}}}
   rows = checks_tables.confusion_table(results, 8.0)
   assert rows[2] == "| PGD@8 | 190 | 10 | 20 | 180 |"
+
+
+def _row(hr, lo, hi):
+  return {"HR@10": hr, "ci95": {"HR@10": [lo, hi]}}
+
+
+def test_eps_sanity_check_says_when_it_did_not_run_and_flags_a_violation():
+  """Carlini's 'larger eps never helps' check: with one eps per attack it reports that it did
+  not run (not a vacuous pass); a larger eps scoring higher beyond both intervals is flagged."""
+  from jaxvars.report.robustness import sanity_checks
+  one = {"ranking": {"vbpr/clean": _row(0.3, 0.27, 0.33), "vbpr/pgd@8": _row(0.2, 0.17, 0.23)}}
+  lines = sanity_checks(one, 8.0)
+  assert any("did not run" in line for line in lines)
+  assert not any("never scored" in line for line in lines)
+  ok = {"ranking": {"vbpr/pgd@8": _row(0.2, 0.17, 0.23), "vbpr/pgd@16": _row(0.15, 0.12, 0.18)}}
+  assert any("never scored measurably higher" in line and "(1 pairs" in line
+             for line in sanity_checks(ok, 8.0))
+  bad = {"ranking": {"vbpr/pgd@8": _row(0.2, 0.17, 0.23), "vbpr/pgd@16": _row(0.3, 0.27, 0.33)}}
+  assert any("**violated**" in line for line in sanity_checks(bad, 8.0))

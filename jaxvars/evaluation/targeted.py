@@ -14,6 +14,7 @@ every evaluated system; the defended systems see the attacked photos through the
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from absl import logging
 
@@ -263,13 +264,27 @@ def splits_popular(data, n: int) -> np.ndarray:
   return popular_items(data, n)
 
 
+def _map_images(fn, *arrays: np.ndarray, batch: int = 64) -> np.ndarray:
+  """A jitted ``fn(*chunks) -> [b, ...]`` over arrays [N, ...] in batches of ``batch`` (the
+  last one padded by repeating its first row, so ``fn`` compiles once); returns [N, ...]."""
+  out = []
+  for start in range(0, len(arrays[0]), batch):
+    chunks = [np.asarray(a[start:start + batch]) for a in arrays]
+    m = len(chunks[0])
+    if m < batch:
+      chunks = [np.concatenate([c, np.repeat(c[:1], batch - m, axis=0)]) for c in chunks]
+    out.append(np.asarray(fn(*chunks))[:m])
+  return np.concatenate(out)
+
+
 def _image_stats(data, targets, adv) -> dict:
   clean = data.images[targets]
-  x, y = to_float(jnp.asarray(adv)), to_float(jnp.asarray(clean))
   out = perturbation_stats(clean, adv)
-  out["psnr"] = float(jnp.mean(psnr(x, y)))
+  distance = jax.jit(lambda a, c: psnr(to_float(a), to_float(c)))
+  out["psnr"] = float(np.mean(_map_images(distance, adv, clean)))
   if min(clean.shape[1:3]) >= 11:
-    out["ssim"] = float(jnp.mean(ssim(x, y)))
+    similarity = jax.jit(lambda a, c: ssim(to_float(a), to_float(c)))
+    out["ssim"] = float(np.mean(_map_images(similarity, adv, clean)))
   out["lpips"] = None  # LPIPS needs network weights no package here installs.
   return out
 
@@ -277,12 +292,18 @@ def _image_stats(data, targets, adv) -> dict:
 def _success_rate(models, params, consts, adv, klass: int, kw) -> dict:
   """SR (Anelli et al.): the share of attacked photos the backbone's classifier now puts in
   the target class, as uploaded and after the denoiser."""
-  x = to_float(jnp.asarray(adv))
-  top = lambda z: np.asarray(jnp.argmax(models.backbone_out(consts, z)["logits"], axis=-1))
-  hit = top(x) == klass
+
+  @functools.partial(jax.jit, static_argnums=3)
+  def top(p, c, images, denoise: bool):
+    x = to_float(images)
+    if denoise:
+      x = models.denoise(p, x)
+    return jnp.argmax(models.backbone_out(c, x)["logits"], axis=-1)
+
+  hit = _map_images(lambda u8: top(params, consts, u8, False), adv) == klass
   out = {"value": float(np.mean(hit)), "ci95": bootstrap.mean_ci(hit, **kw)}
   if "denoiser" in params:
-    hit_d = top(models.denoise(params, x)) == klass
+    hit_d = _map_images(lambda u8: top(params, consts, u8, True), adv) == klass
     out["after_denoiser"] = {"value": float(np.mean(hit_d)), "ci95": bootstrap.mean_ci(hit_d, **kw)}
   return out
 
@@ -290,6 +311,7 @@ def _success_rate(models, params, consts, adv, klass: int, kw) -> dict:
 def _feature_loss(models, consts, clean, adv, kw) -> dict:
   """FL (Anelli et al.): the MSE between the backbone's pooled features of the clean and the
   attacked photo, per target."""
-  pooled = lambda z: models.backbone_out(consts, to_float(jnp.asarray(z)))["pooled"]
-  fl = np.asarray(jnp.mean(jnp.square(pooled(adv) - pooled(clean)), axis=-1))
+  pooled = jax.jit(lambda c, u8: models.backbone_out(c, to_float(u8))["pooled"])
+  feats = lambda z: _map_images(lambda u8: pooled(consts, u8), z)
+  fl = np.mean(np.square(feats(adv) - feats(clean)), axis=-1)
   return {"value": float(np.mean(fl)), "ci95": bootstrap.mean_ci(fl, **kw)}

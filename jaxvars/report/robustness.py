@@ -68,7 +68,7 @@ def gated_table(results: dict) -> list[str]:
 def sanity_checks(results: dict, eps: float) -> list[str]:
   """Carlini et al. (2019): larger eps and more steps never help the defended system; a
   large-eps white-box attack reaches about the no-visual level."""
-  ranking, out = results.get("ranking", {}), []
+  ranking, out, compared = results.get("ranking", {}), [], 0
   for name in systems(results):
     sweep = sorted((parse_condition(parse_row_key(k)[1])[1], parse_condition(parse_row_key(k)[1])[0], r)
                    for k, r in ranking.items() if parse_row_key(k)[0] == name
@@ -78,13 +78,17 @@ def sanity_checks(results: dict, eps: float) -> list[str]:
       by_attack.setdefault(attack, []).append((e, row))
     for attack, points in by_attack.items():
       for (e1, r1), (e2, r2) in zip(points, points[1:]):
+        compared += 1
         if r2["ci95"]["HR@10"][0] > r1["ci95"]["HR@10"][1]:
           out.append(f"* **violated**: {label(results, name)} under {attack.upper()} scores higher "
                      f"at eps {e2:g} ({fmt(r2['HR@10'])}) than at eps {e1:g} ({fmt(r1['HR@10'])}), "
                      "beyond both intervals")
-  if not out and any(parse_condition(parse_row_key(k)[1])[1] for k in ranking):
-    out.append("* larger eps never scored measurably higher (no interval above the smaller "
-               "eps's) for any system and attack")
+  if not out and compared:
+    out.append(f"* larger eps never scored measurably higher (no interval above the smaller "
+               f"eps's) for any system and attack ({compared} pairs of neighbouring eps)")
+  elif not compared:
+    out.append("* the eps sweep check did not run: every attack was evaluated at one eps "
+               "(the `full` preset sweeps eps)")
   comps = results.get("comparisons", {})
   for key, comp in comps.items():
     first, second = key.split(" - ")
