@@ -30,6 +30,13 @@ def test_targets_are_cold_items_of_the_least_popular_category():
   others = np.setdiff1d(np.flatnonzero(data.categories == source), targets)
   assert counts[targets].max() <= (counts[others].min() if len(others) else np.inf)
   assert targeted.popular_category(data) == max(pop, key=pop.get)
+  # A one-item category holding the best-seller (item 0) wins without a size floor; with
+  # one, the most popular category that large does; with none that large, the best-seller's.
+  data.categories = np.array(["z"] + ["a"] * 3 + ["b"] * 5 + ["c"] * 3)
+  pop = targeted.category_popularity(data)
+  assert targeted.popular_category(data) == "z"
+  assert targeted.popular_category(data, min_items=3) == max(("a", "b", "c"), key=pop.get)
+  assert targeted.popular_category(data, min_items=99) == "z"
 
 
 @pytest.mark.parametrize("form", ["tang", "he"])

@@ -55,9 +55,17 @@ def choose_targets(data, n: int, seed: int) -> tuple[np.ndarray, str]:
   return np.sort(pool[:n]).astype(np.int32), source
 
 
-def popular_category(data) -> str:
-  """The category with the most training interactions per item ('' without categories)."""
+def popular_category(data, min_items: int = 1) -> str:
+  """The category with the most training interactions per item among those with at least
+  ``min_items`` items (all categories when none has that many; '' without categories).
+
+  The size floor keeps a handful of best-sellers from standing for "popular": on H&M
+  without it the winner is 'Nipple covers' (a few items), whose photos define no ImageNet
+  class worth steering TAaMR's targets to."""
   popularity = category_popularity(data)
+  cats = np.asarray(data.categories)
+  large = {c: p for c, p in popularity.items() if np.sum(cats == c) >= min_items}
+  popularity = large or popularity
   return max(popularity, key=lambda c: (popularity[c], c)) if popularity else ""
 
 
@@ -193,7 +201,7 @@ def evaluate_targeted(*, models, params, consts, data, mesh, config, systems, cl
   targets, source = choose_targets(data, int(t.num_targets), int(config.seed))
   in_source = (np.asarray(data.categories) == source) if source else np.zeros(data.num_items, bool)
   in_source[targets] = True
-  popular = popular_category(data)
+  popular = popular_category(data, min_items=int(t.num_targets))  # As large as the source.
   klass = target_class(models, consts, data, popular)
   hooks = splits_popular(data, int(t.hook_items))
   mask = train_mask(data)
