@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -447,3 +448,15 @@ def test_fingerprint_is_stat_only(tmp_path, monkeypatch):
   assert builders.source_files("folder", str(tmp_path / "ds")) == before
   os.utime(tmp_path / "ds" / "images" / "it3.png", ns=(1, 1))
   assert builders.source_files("folder", str(tmp_path / "ds"))["images/"] != before["images/"]
+
+
+def test_preparing_leaves_no_temporary_directories(tmp_path, monkeypatch):
+  # tfds makes an empty /tmp/tmp*tfds directory per builder of an unprepared dataset (its
+  # GCS look-up) and never removes it; ours skip that look-up.
+  system_tmp = tmp_path / "system_tmp"
+  system_tmp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+  write_folder_dataset(tmp_path / "ds")
+  pipeline.load(folder_config(tmp_path / "ds", tmp_path / "tfds").data)
+  assert len(list((tmp_path / "tfds").rglob("dataset_info.json"))) == 2  # Both tables prepared.
+  assert sorted(p.name for p in system_tmp.glob("*tfds")) == []

@@ -83,6 +83,18 @@ class VarsConfig(tfds.core.BuilderConfig):
     self.source = dict(source)
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+  """tfds's DatasetInfo without the GCS look-up of unprepared datasets.
+
+  tfds (4.9) calls ``initialize_from_bucket`` whenever a builder is created for a dataset
+  not yet prepared; it makes an empty ``/tmp/tmp*tfds`` directory before finding that GCS
+  is disabled and never removes it, one per builder. Ours are local builds only.
+  """
+
+  def initialize_from_bucket(self) -> None:
+    return None
+
+
 class _VarsBuilder(tfds.core.GeneratorBasedBuilder):
   """Shared schema and example generation; subclasses read their source."""
 
@@ -107,7 +119,7 @@ class _VarsBuilder(tfds.core.GeneratorBasedBuilder):
           "category": tfds.features.Text(),
           "image": tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8),
       })
-    return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=features)
+    return _LocalDatasetInfo(builder=self, description=self.__doc__, features=features)
 
   def _split_generators(self, dl_manager):
     del dl_manager

@@ -34,6 +34,8 @@ class Detection:
     self.models, self.params, self.consts, self.data = models, params, consts, data
     self.mesh, self.config, self.holdout, self.timing = mesh, config, holdout, timing
     self.artifacts = artifacts
+    # Weights as arguments: one compilation for every condition this run scores.
+    self._scores_fn = jax.jit(lambda p, c, b: models.detection_scores(p, c, to_float(b["images"])))
     self.calibration = self.scores(data.images[calibration])
     self.clean = self.scores(data.images[holdout])
     self.threshold = float(np.quantile(self.calibration, 1.0 - config.detector.fpr))
@@ -45,8 +47,7 @@ class Detection:
 
   def scores(self, images: np.ndarray) -> np.ndarray:
     """Detector scores ||z(x) - z(D(x))|| [N] of uint8 images [N, S, S, 3]."""
-    fn = jax.jit(lambda b: self.models.detection_scores(self.params, self.consts,
-                                                        to_float(b["images"])))
+    fn = lambda b: self._scores_fn(self.params, self.consts, b)
     return batched_map(fn, {"images": images}, batch_size=self.config.attack.batch_size,
                        mesh=self.mesh, desc="detector scores")
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import ml_collections
 import numpy as np
 
-from jaxvars import rng
+from jaxvars import rng, sharding
 from jaxvars.defenses import SYSTEMS
 from jaxvars.defenses import systems as systems_lib
 from jaxvars.features import batched_map
@@ -34,22 +37,12 @@ def systems_features(system_names, *, models, params, consts, images: np.ndarray
     from :func:`draw_keys`).
   """
   systems = {name: SYSTEMS.get(name) for name in system_names}
-  transforms = {name: s.make(config) for name, s in systems.items()}
+  frozen = ml_collections.FrozenConfigDict(config)
+  params, consts = jax.device_put((params, consts), sharding.replicated(mesh))
 
-  @jax.jit
   def fn(batch):
-    x = to_float(batch["images"])
-    out = {}
-    for name, system in systems.items():
-      if not system.randomized:
-        out[name] = models.features(consts, transforms[name](models, params, x, None))
-        continue
-      seen = transforms[name](models, params, x,
-                              draw_keys(batch["items"], seed=seed, draws=draws))
-      k, b = seen.shape[:2]
-      feats = models.features(consts, seen.reshape((k * b,) + seen.shape[2:]))
-      out[name] = feats.reshape(k, b, -1).transpose(1, 0, 2)  # [B, K, F]: batch first.
-    return out
+    return _systems_pass(params, consts, batch, names=tuple(system_names), models=models,
+                         config=frozen, seed=int(seed), draws=int(draws))
 
   items = np.arange(len(images), dtype=np.int32) if items is None else np.asarray(items,
                                                                                  np.int32)
@@ -57,6 +50,26 @@ def systems_features(system_names, *, models, params, consts, images: np.ndarray
                     desc=f"{'/'.join(system_names)} features")
   return {name: np.transpose(f, (1, 0, 2)) if systems[name].randomized else f
           for name, f in out.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("names", "models", "config", "seed", "draws"))
+def _systems_pass(params, consts, batch, *, names, models, config, seed, draws):
+  """One batch through every system of ``names``. The weights are arguments and the rest
+  static, so one run compiles this once per (systems, shapes), however many catalogues
+  (attacks, targets) it scores."""
+  x = to_float(batch["images"])
+  out = {}
+  for name in names:
+    system = SYSTEMS.get(name)
+    transform = system.make(config)
+    if not system.randomized:
+      out[name] = models.features(consts, transform(models, params, x, None))
+      continue
+    seen = transform(models, params, x, draw_keys(batch["items"], seed=seed, draws=draws))
+    k, b = seen.shape[:2]
+    feats = models.features(consts, seen.reshape((k * b,) + seen.shape[2:]))
+    out[name] = feats.reshape(k, b, -1).transpose(1, 0, 2)  # [B, K, F]: batch first.
+  return out
 
 
 def system_features(system_name: str, **kwargs) -> np.ndarray:

@@ -127,11 +127,18 @@ def write_report(workdir: str) -> str:
               "transfer FGSM/PGD perturb a subset of the items (held-out items first): "
               f"{sorted(i for i in items if i)} items.", ""]
     lines += robustness.worst_case_table(results, eps) + [""]
+    adaptive = cfg.get("attack", {}).get("adaptive", {})
     gated = robustness.gated_table(results)
     if gated:
       lines += ["Detector-aware attacks (the detector's deployed threshold is known to the "
                 "attacker):", ""] + gated + [""]
+    elif adaptive.get("systems") and not any(lam > 0 for lam in adaptive.get("detector_lambdas", ())):
+      lines += ["Detector-aware white-box attacks did not run "
+                "(`config.attack.adaptive.detector_lambdas` has no weight > 0).", ""]
     sanity = robustness.sanity_checks(results, eps)
+    if adaptive.get("systems") and not adaptive.get("sanity", True):
+      sanity.append("* the 2x-steps and eps-64 white-box checks did not run "
+                    "(`config.attack.adaptive.sanity=False`)")
     if sanity:
       lines += ["### Sanity checks (Carlini et al. 2019)", ""] + sanity + [""]
     if any(len(v.get("loss_curve", [])) > 2 for v in results.get("attack", {}).values()):
