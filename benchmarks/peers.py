@@ -89,8 +89,10 @@ _TORCH_THREADS = flags.DEFINE_integer(
 EPS, ALPHA, STEPS = 8.0, 2.0, 5  # PGD of the CPU presets, 1/255 units.
 # (arch, image side, batch) of part (a).
 ROWS_A = (("resnet18", 32, 32), ("resnet18", 64, 32), ("resnet18", 128, 32),
-          ("resnet50", 224, 8), ("efficientnet_lite0", 96, 32), ("efficientnet_lite0", 128, 32),
-          ("efficientnet_lite0", 224, 32))  # 96 px: the CPU presets' size.
+          ("resnet50", 224, 8), ("efficientnet_lite0", 32, 32), ("efficientnet_lite0", 64, 32),
+          ("efficientnet_lite0", 96, 32), ("efficientnet_lite0", 128, 32),
+          ("efficientnet_lite0", 224, 32))  # The CPU presets: 96 px (cpu, cpu,hm), 64 px (the
+# quick start, cpu synthetic), 32 px (cpu,hm,full).
 QUICK_ROWS_A = (("resnet18", 32, 4), ("resnet50", 32, 2), ("efficientnet_lite0", 32, 2))
 SETTINGS_B = ((20, 1024), (10, 128))  # (epochs, batch) of part (b).
 QUICK_SETTINGS_B = ((3, 1024), (3, 128))

@@ -58,18 +58,19 @@ def test_white_box_loss_differentiates_through_the_defence(through, tfds_dir):
   loss, stochastic = attack_loss(spec, models=models, params=params, consts=consts,
                                  config=config, items=items)
   assert stochastic == (through == "defended_rand")
-  call = (lambda z: loss(z, jax.random.key(0))) if stochastic else loss
+  # Jitted: one program each instead of hundreds of op-by-op compilations.
+  call = jax.jit((lambda z: loss(z, jax.random.key(0))) if stochastic else loss)
   # Moved photos: the distance of their (defended) features to the clean ones, per photo.
   moved = x + 4 / 255 * jnp.sign(jax.random.normal(jax.random.key(1), x.shape))
   assert call(moved).shape == (4,) and np.all(np.asarray(call(moved)) > 1e-6)
-  g = jax.grad(lambda z: jnp.sum(call(z)))(moved)
+  g = jax.jit(jax.grad(lambda z: jnp.sum(call(z))))(moved)
   assert float(jnp.max(jnp.abs(g))) > 0  # Gradients reach the photo through D (and rand).
   # Changing D changes the loss: the attacker sees the defence.
   other = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(7), a.shape),
                        params["denoiser"])  # D starts as the identity: perturb every weight.
   loss2, _ = attack_loss(spec, models=models, params=dict(params, denoiser=other), consts=consts,
                          config=config, items=items)
-  call2 = (lambda z: loss2(z, jax.random.key(0))) if stochastic else loss2
+  call2 = jax.jit((lambda z: loss2(z, jax.random.key(0))) if stochastic else loss2)
   assert not np.allclose(call(moved), call2(moved))
 
 

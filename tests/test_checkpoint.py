@@ -48,6 +48,7 @@ def test_restore_without_checkpoint_is_an_error(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("tiny_run")  # One worker computes the shared run (--dist=loadgroup).
 def test_trained_run_results_artifacts_and_resume(tiny_run):
   """The shared tiny run (conftest.tiny_run): every table of results.json, the artifacts,
   the golden numbers, and a second training run in the same workdir that restores every

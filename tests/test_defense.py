@@ -193,11 +193,10 @@ def test_joint_step_eps_choices():
     step = make_defense_step(system, mesh, weights=weights, mix=(0, 1, 1), attack=attack,
                              eps_choices=eps_choices, temperature=0.1)
     out = []
+    tx = stage_optimizer(("denoiser",), 1e-3)  # One object: a new one per state retraces.
     for k in keys:
-      state = jax.device_put(
-          TrainState.create(apply_fn=None, params=params,
-                            tx=stage_optimizer(("denoiser",), 1e-3)),
-          sharding.replicated(mesh))
+      state = jax.device_put(TrainState.create(apply_fn=None, params=params, tx=tx),
+                             sharding.replicated(mesh))
       out.append(jax.device_get(step(state, batch, c, jax.random.key(k))[1]))
     return out
 

@@ -70,6 +70,7 @@ def full_run(tiny_run):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("tiny_run")  # One worker computes the shared run (--dist=loadgroup).
 def test_sweep_and_ablations_results(full_run):
   config, workdir, results = full_run
   conds = {"clean", "fgsm@4", "pgd@4", "fgsm@8", "pgd@8"}
@@ -99,6 +100,7 @@ def test_sweep_and_ablations_results(full_run):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("tiny_run")  # One worker computes the shared run (--dist=loadgroup).
 def test_evaluate_mode_reproduces_sweep_and_ablations(full_run):
   config, workdir, results = full_run
   again = run.evaluate(config, workdir)
@@ -113,6 +115,7 @@ def test_evaluate_mode_reproduces_sweep_and_ablations(full_run):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("tiny_run")  # One worker computes the shared run (--dist=loadgroup).
 def test_report_tables_equal_results_and_figures_are_pngs(full_run):
   _, workdir, _ = full_run
   path = report.write_report(workdir)

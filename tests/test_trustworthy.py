@@ -134,6 +134,7 @@ def test_plain_progress_lines_have_no_terminal_codes(caplog):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("tiny_run")  # One worker computes the shared run (--dist=loadgroup).
 def test_run_writes_tensorboard_scalars(tiny_run):
   config, workdir, results = tiny_run
   got = read_scalars(workdir)
