@@ -29,22 +29,39 @@ machine load hit all of them), after one warm-up call (compilation) that is not 
     one-off compilation and the last checkpoint write excluded); Cornac's is fit time / N.
 (c) The joint defence step (configs/joint.py ``cpu`` preset sizes, mix 1:1:1, all four
     loss terms), the BPR epoch step and the feature pass on 1/2/4/8 simulated CPU devices
-    (``--xla_force_host_platform_device_count=8``, set below unless XLA_FLAGS sets a count).
+    (``--xla_force_host_platform_device_count=8``, set below unless XLA_FLAGS sets a count;
+    in a child process when other parts run too).
 
-Parts (a) and (b) run on one device (``config.num_devices = 1``) and every jax program
-uses all cores; torch gets ``torch.set_num_threads(os.cpu_count())`` (``--torch_threads``).
-Measure on a quiet machine: where other work holds a core, torch's OpenMP barriers stall
-(a 2-thread torch ran 20-50x slower than a 1-thread one here) and jax slows down too. The
-8 simulated devices cost single-device jax programs a few percent (ResNet-18 features:
-~410 against ~440 images/s, 2 cores); an XLA_FLAGS that already sets a device count is
-kept, so ``XLA_FLAGS=--xla_force_host_platform_device_count=1 ... --parts=a,b`` times
-(a) and (b) without them.
+Parts (a) and (b) run on one device (``config.num_devices = 1``) in a process without
+simulated devices, and every jax program uses all cores; torch gets
+``torch.set_num_threads(os.cpu_count())`` (``--torch_threads``). Measure on a quiet
+machine: where other work holds a core, torch's OpenMP barriers stall (a 2-thread torch ran
+20-50x slower than a 1-thread one here) and jax slows down too. Simulated devices slow
+single-device jax programs down (8 of them: the H&M VBPR epoch of part (b) 112 -> 158 ms,
+ResNet-18 features ~440 -> ~410 images/s, 2 cores), hence part (c)'s own process.
 """
 
 import os
+import sys
 
 _COUNT_FLAG = "--xla_force_host_platform_device_count"
-if _COUNT_FLAG not in os.environ.get("XLA_FLAGS", ""):
+
+
+def _parts_from_argv(argv) -> list[str]:
+  """``--parts`` as given on the command line (read before jax starts; default a,b,c)."""
+  parts = "a,b,c"
+  for i, arg in enumerate(argv):
+    if arg.startswith("--parts="):
+      parts = arg.split("=", 1)[1]
+    elif arg == "--parts" and i + 1 < len(argv):
+      parts = argv[i + 1]
+  return [p for p in parts.split(",") if p]
+
+
+# Simulated devices slow single-device programs (the VBPR epoch of part (b) by ~40%, 2
+# cores), so only a process that runs part (c) alone asks for 8; a run of several parts
+# times (a) and (b) on one device and starts (c) in a child process (main()).
+if _parts_from_argv(sys.argv[1:]) == ["c"] and _COUNT_FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_COUNT_FLAG}=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # The peers run on the CPU: so does jax here.
 
@@ -53,7 +70,7 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
-import sys  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -680,6 +697,26 @@ def _json_default(o):
   return str(o)
 
 
+def part_c_in_child() -> dict:
+  """Part (c) in a child process with 8 simulated devices (this one times (a) and (b) on
+  one device; see the note at the top); its table is printed there, its JSON returned."""
+  with tempfile.TemporaryDirectory(prefix="peers_c_") as tmp:
+    out = os.path.join(tmp, "c.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--parts=c", f"--out={out}",
+           f"--repeats={_REPEATS.value}", f"--torch_threads={_TORCH_THREADS.value}"]
+    if _QUICK.value:
+      cmd.append("--quick")
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not f.startswith(_COUNT_FLAG))
+    r = subprocess.run(cmd, env=env, check=False)
+    if r.returncode != 0 or not os.path.exists(out):
+      raise RuntimeError(f"part (c) child process failed (exit {r.returncode}): {' '.join(cmd)}")
+    with open(out) as f:
+      child = json.load(f)
+  return {**child["c"], "environment": child["environment"]}
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -697,7 +734,8 @@ def main(argv):
         f"{', quick' if _QUICK.value else ''}")
   parts = {"a": lambda: part_a(_REPEATS.value, _QUICK.value, tuple(_ROWS.value)),
            "b": lambda: part_b(_REPEATS.value, _QUICK.value, _HM_DIR.value, _TFDS_DIR.value),
-           "c": lambda: part_c(_REPEATS.value, _QUICK.value)}
+           "c": lambda: part_c(_REPEATS.value, _QUICK.value) if _PARTS.value == ["c"]
+                        else part_c_in_child()}
   unknown = set(_PARTS.value) - set(parts)
   if unknown:
     raise app.UsageError(f"--parts: unknown {sorted(unknown)}; expected a subset of a,b,c")
