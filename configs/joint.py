@@ -6,7 +6,7 @@ Usage::
   python -m jaxvars.main --config=configs/joint.py:cpu        # CPU-sized, synthetic data
   python -m jaxvars.main --config=configs/joint.py:cpu,hm     # CPU-sized, H&M sample
   python -m jaxvars.main --config=configs/joint.py:cpu,folder --config.data.manual_dir=/my/data
-  python -m jaxvars.main --config=configs/joint.py:cpu,hm,full  # + eps sweep, ablations (~1 h)
+  python -m jaxvars.main --config=configs/joint.py:cpu,hm,full  # + eps sweep, ablations (> 1 h; README)
 
 The argument after ``:`` is a comma-separated list of presets: at most one size
 (``paper`` (default), ``cpu``, ``tiny``), at most one dataset (``synthetic``
@@ -317,7 +317,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       c.presets += ",full"
     if size == "cpu" and dataset == "hm":
       # 16,581 photos x 12 attacked catalogues x 3 systems on 2 CPU cores: 32 px keeps the
-      # whole section-4 run near one hour (VBPR HR@10 0.2458 at 32 px vs 0.2492 at 64 px).
+      # whole section-4 run near one hour with the random ResNet-18 it was chosen for (VBPR HR@10
+      # 0.2458 at 32 px vs 0.2492 at 64 px); with EfficientNet-Lite0 and the adaptive and
+      # targeted sections it takes longer (README, 'The whole of the paper's section 4').
       d.image_size = 32
       # Cheap steps at 32 px buy the paper's stage epochs (10 / 3 / 2 / 1) of 2,048 items.
       df.items_per_epoch = 2048
