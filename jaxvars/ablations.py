@@ -2,7 +2,9 @@
 ``config.ablation.extra``) is the main
 config with its overrides applied; it shares the recommender, the backbone and the
 attacked catalogues with the main run and retrains (or restores) only the defence stages,
-under ``<workdir>/ablations/<name>/``."""
+under ``<workdir>/ablations/<name>/``. Leading stages the variant's overrides cannot change
+(``no_detector``'s denoiser stages, say) are adopted from the main run instead of trained
+again (:func:`jaxvars.training.defense.adopt_stages`)."""
 
 from __future__ import annotations
 
@@ -47,7 +49,8 @@ def run_ablations(exp, consts: dict, rec_params, workdir: str, *, train: bool) -
 
   Returns:
     {name: {'overrides', 'ranking', 'ranking_unseen', 'detection', 'comparisons' (each row
-    against the main run's, paired over users), 'stages' (train only), 'timing'}}; each is
+    against the main run's, paired over users), 'stages' and 'adopted_stages' (the stages
+    taken from the main run; train only), 'timing'}}; each is
     also written to ``<workdir>/ablations/<name>/results.json``.
 
   Raises:
@@ -70,8 +73,12 @@ def run_ablations(exp, consts: dict, rec_params, workdir: str, *, train: bool) -
         exp.models, detector_encoder=bool(cfg.detector.train_encoder)))
     params = with_detector_encoder(dict(exp.params, recommender=rec_params),
                                    consts["backbone"], cfg)
-    history = None
+    history, adopted = None, []
     if train:
+      main_params = dict(exp.params, recommender=rec_params)
+      adopted = defense.adopt_stages(
+          exp, main_params, workdir, ab, sub,
+          lambda p, cfg=cfg: with_detector_encoder(p, consts["backbone"], cfg))
       params, history, seconds = defense.train_defense(ab, consts, params, sub)
       ab.timing.update({f"stage_{k}_s": v for k, v in seconds.items()})
     else:
@@ -86,6 +93,7 @@ def run_ablations(exp, consts: dict, rec_params, workdir: str, *, train: bool) -
            "timing": res["timing"]}
     if history is not None:
       row["stages"] = history
+      row["adopted_stages"] = adopted
     atomic.write_json(os.path.join(sub, RESULTS_FILE), dict(row, config=cfg.to_dict()))
     out[name] = row
   return out

@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxvars import sharding
 from jaxvars.pixels import to_float
@@ -34,7 +34,7 @@ def normalize_features(features: jax.Array, stats: dict, mode: str) -> jax.Array
   if mode == "standardize":
     return (features - stats["mean"]) / stats["std"]
   if mode == "l2":
-    return features / (jnp.linalg.norm(features, axis=-1, keepdims=True) + 1e-8)
+    return features / optax.safe_norm(features, 1e-8, axis=-1, keepdims=True)  # Finite grad at 0.
   if mode == "none":
     return features
   raise ValueError(f"feature normalisation {mode!r} is not one of {FEATURE_NORMS}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def bpr(*, pos_scores: jax.Array, neg_scores: jax.Array) -> jax.Array:
@@ -91,7 +92,7 @@ def nt_xent(*, z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
     float32 scalar, averaged over the 2N views.
   """
   z = jnp.concatenate([z1, z2])
-  z = z / (jnp.linalg.norm(z, axis=-1, keepdims=True) + 1e-8)
+  z = z / optax.safe_norm(z, 1e-8, axis=-1, keepdims=True)  # Finite gradient at z = 0.
   n = z1.shape[0]
   logits = (z @ z.T) / temperature
   logits = jnp.where(jnp.eye(2 * n, dtype=bool), -jnp.inf, logits)

@@ -111,6 +111,33 @@ def test_projection_head_is_unit_norm():
   np.testing.assert_allclose(jnp.linalg.norm(z, axis=-1), 1.0, rtol=1e-5)
 
 
+def test_zero_features_give_finite_gradients():
+  """A pure white photo has all-zero pooled features through a ReLU6 backbone (H&M, 32 px:
+  the no_perceptual ablation's denoiser whitened every photo), so the head's pre-norm
+  embedding is its bias, 0 at init. The unit normalisation, the detection score, the l2
+  feature normalisation and InfoNCE over such embeddings must give finite gradients
+  (jnp.linalg.norm's is NaN at 0, which stopped the cpu,hm,full run's detector stage)."""
+  from jaxvars.defenses.detector import detection_score
+  from jaxvars.features import normalize_features
+  head = ProjectionHead(hidden=8, out=4)
+  h = jnp.zeros((3, 6)).at[0].set(1.0)  # Rows 1, 2: a white photo's pooled features.
+  variables = head.init(jax.random.key(1), h)
+  z = head.apply(variables, h)
+  assert np.all(np.asarray(z[1:]) == 0.0) and np.isclose(float(jnp.linalg.norm(z[0])), 1.0)
+
+  def loss(v):
+    e = head.apply(v, h)
+    pos, neg = losses.detector_pair_similarities(z_clean=e, z_clean_denoised=e[::-1],
+                                                 z_adv=e, z_adv_denoised=e)
+    return (losses.info_nce(pos_sim=pos, neg_sim=neg, temperature=0.1)
+            + jnp.sum(detection_score(e, e[::-1])) + jnp.sum(detection_score(e, e)))
+
+  for leaf in jax.tree.leaves(jax.grad(loss)(variables)):
+    assert np.all(np.isfinite(np.asarray(leaf)))
+  g = jax.grad(lambda f: jnp.sum(normalize_features(f, {}, "l2") ** 2 + f))(jnp.zeros((2, 5)))
+  assert np.all(np.isfinite(np.asarray(g)))
+
+
 def test_roc_auc_matches_pairwise_count():
   rng = np.random.default_rng(0)
   clean, adv = rng.integers(0, 5, 40).astype(float), rng.integers(2, 8, 30).astype(float)

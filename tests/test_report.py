@@ -89,6 +89,12 @@ def test_sweep_and_ablations_results(full_run):
     assert os.path.exists(os.path.join(workdir, "ablations", name, "results.json"))
   assert ab["no_detector"]["detection"] == {}  # No detector was trained: no detection.
   assert "detector" not in ab["no_detector"]["stages"]
+  # no_detector's denoiser stages never read the contrastive weight: taken from the main run
+  # (defense.adopt_stages; tests/test_ablation_reuse.py), with the main run's histories.
+  assert ab["no_detector"]["adopted_stages"] == ["denoiser_fgsm", "denoiser_mix"]
+  for stage in ("denoiser_fgsm", "denoiser_mix"):
+    assert ab["no_detector"]["stages"][stage] == results["training"]["stages"][stage]
+  assert ab["no_perceptual"]["adopted_stages"] == []
   assert set(ab["no_perceptual"]["detection"]) == {"pgd@8"}
   # The perceptual term is gone from the ablation's losses, present in the main run's.
   assert "perceptual" not in ab["no_perceptual"]["stages"]["denoiser_fgsm"][0]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
+import optax
 
 
 class ProjectionHead(nn.Module):
@@ -28,10 +28,12 @@ class ProjectionHead(nn.Module):
   @nn.compact
   def __call__(self, h):
     z = nn.Dense(self.out, name="w2")(nn.relu(nn.Dense(self.hidden, name="w1")(h)))
-    return z / (jnp.linalg.norm(z, axis=-1, keepdims=True) + 1e-8)
+    # optax.safe_norm: a finite gradient where z = 0 (a photo whose pooled features are all
+    # zero, e.g. a pure white one through a ReLU6 backbone; jnp.linalg.norm's is NaN there).
+    return z / optax.safe_norm(z, 1e-8, axis=-1, keepdims=True)
 
 
 def detection_score(z_input: jax.Array, z_denoised: jax.Array) -> jax.Array:
   """The detector's score (paper 3.4): the Euclidean distance [B] between the embeddings
   [B, D] of inputs and of their denoised versions; above the threshold = adversarial."""
-  return jnp.linalg.norm(z_input - z_denoised, axis=-1)
+  return optax.safe_norm(z_input - z_denoised, 0.0, axis=-1)  # Gradient 0, not NaN, at 0.

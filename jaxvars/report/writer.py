@@ -214,7 +214,10 @@ def write_report(workdir: str) -> str:
     lines += claims.ablation_table(results) + [""]
     lines += claims.ablation_claims(results) + [""]
     for name, res in results["ablations"].items():
-      lines.append(f"* `{name}`: " + ", ".join(f"`{o}`" for o in res.get("overrides", [])))
+      adopted = res.get("adopted_stages") or []
+      lines.append(f"* `{name}`: " + ", ".join(f"`{o}`" for o in res.get("overrides", []))
+                   + (f" (stages {', '.join(adopted)} taken from the main run: the overrides "
+                      "cannot change them)" if adopted else ""))
     lines.append("")
   missing = []
   if not art:

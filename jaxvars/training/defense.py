@@ -186,3 +186,71 @@ def restore_stages(exp, params: dict, workdir: str) -> dict:
                             "--mode=train to finish it")
     params = stage_tree["state"].params
   return params
+
+
+def adopt_stages(src_exp, src_params: dict, src_workdir: str, exp, workdir: str,
+                 convert) -> list[str]:
+  """Gives ``workdir`` the leading defence stages that ``exp`` would train exactly as
+  ``src_exp`` already trained them in ``src_workdir`` (an ablation variant and its main run),
+  instead of training them again.
+
+  Stage ``i`` is adopted when stages ``0..i-1`` were, its name and step count match, the
+  source stage finished, and both configs give it the same
+  :func:`records.shaping_fields` (e.g. ``loss.contrastive=0`` leaves the denoiser-only
+  stages as they were: they never use that term). Each adopted stage's final parameters,
+  mapped by ``convert`` (source params -> ``exp``'s params tree, e.g. adding the detector's
+  encoder copy), are saved as a finished checkpoint of ``workdir`` with the source's history
+  and a record naming where they came from; :func:`train_defense` then resumes past it and
+  :func:`restore_stages` restores it like a trained one. A stage ``workdir`` already holds
+  (trained or adopted before) is left as it is.
+
+  Args:
+    src_params: the parameters the source's first stage started from.
+    convert: callable, source params -> params for ``exp``.
+
+  Returns:
+    The adopted stage names, in order.
+
+  Raises:
+    CheckpointError: a source stage whose record says finished but whose checkpoint does
+      not restore.
+  """
+  src_names, names = stage_names(src_exp.config), stage_names(exp.config)
+  adopted = []
+  for i, name in enumerate(names):
+    if i >= len(src_names) or src_names[i] != name:
+      break
+    stage = exp.config.stages[name]
+    if (records.shaping_fields(exp.config, name, names[:i + 1])
+        != records.shaping_fields(src_exp.config, name, src_names[:i + 1])
+        or stage_plan(exp, stage) != stage_plan(src_exp, src_exp.config.stages[name])
+        or len(exp.pool) != len(src_exp.pool) or np.any(exp.pool != src_exp.pool)):
+      break
+    src_dir = os.path.join(src_workdir, "checkpoints", name)
+    src_record = records.load(src_dir)
+    if not src_record or not src_record.get("done"):
+      break
+    mgr = checkpointing.manager(src_dir)
+    try:
+      _, tree = checkpointing.restore_latest(
+          mgr, {"state": _stage_state(src_exp, src_params, src_exp.config.stages[name])})
+    finally:
+      mgr.close()
+    src_params = tree["state"].params
+    directory = os.path.join(workdir, "checkpoints", name)
+    existing = records.load(directory)
+    if existing is not None and not existing.get("adopted_from"):
+      break  # Trained here (an older version's ablation): keep it and what follows it.
+    if existing is None:
+      total = stage_plan(exp, stage)[1]
+      mgr = checkpointing.manager(directory, max_to_keep=exp.config.checkpoint.max_to_keep)
+      try:
+        checkpointing.save(mgr, total, {"state": _stage_state(exp, convert(src_params), stage)})
+      finally:
+        mgr.close()
+      records.save(directory, fields=records.stage_fields(exp.config, name, names[:i + 1]),
+                   history=src_record.get("history", []), seconds=0.0, done=True,
+                   adopted_from=os.path.abspath(src_dir))
+      logging.info("stage %s: adopted from %s (same settings; not trained again)", name, src_dir)
+    adopted.append(name)
+  return adopted

@@ -61,6 +61,21 @@ def stage_fields(config, stage: str, stages=()) -> dict:
           if k.startswith(prefixes) and k not in _NOT_SHAPING}
 
 
+def shaping_fields(config, stage: str, stages) -> dict:
+  """:func:`stage_fields` of a defence stage without the settings that cannot change what
+  ``stages`` (the defence stages up to and including ``stage``) train: the weights of loss
+  terms none of them uses, and ``detector.train_encoder`` when none of them trains the
+  detector (the encoder copy is then a frozen passenger). Two configs with equal shaping
+  fields train the stage to the same parameters (what :func:`jaxvars.training.defense.
+  adopt_stages` relies on; tested in tests/test_ablation_reuse.py)."""
+  fields = stage_fields(config, stage, stages)
+  used = set().union(*(set(config.stages[s].terms) for s in stages))
+  drop = {f"loss.{term}" for term in config.loss if term not in used}
+  if not any("detector" in config.stages[s].trainable for s in stages):
+    drop.add("detector.train_encoder")
+  return {k: v for k, v in fields.items() if k not in drop}
+
+
 def load(directory: str) -> dict | None:
   """The record in ``directory``, or None.
 
@@ -78,11 +93,15 @@ def load(directory: str) -> dict | None:
                           "stage, or use a fresh --workdir") from None
 
 
-def save(directory: str, *, fields: dict, history: list, seconds: float, done: bool) -> None:
-  """Writes the record of ``directory`` (atomically)."""
+def save(directory: str, *, fields: dict, history: list, seconds: float, done: bool,
+         adopted_from: str | None = None) -> None:
+  """Writes the record of ``directory`` (atomically); ``adopted_from``: the stage directory
+  whose parameters this one took instead of training (``seconds`` is then 0)."""
   os.makedirs(directory, exist_ok=True)
-  atomic.write_json(os.path.join(directory, RECORD), {"fields": fields, "history": history,
-                                                      "seconds": seconds, "done": done})
+  record = {"fields": fields, "history": history, "seconds": seconds, "done": done}
+  if adopted_from:
+    record["adopted_from"] = adopted_from
+  atomic.write_json(os.path.join(directory, RECORD), record)
 
 
 def differences(old: dict, new: dict) -> list[str]:

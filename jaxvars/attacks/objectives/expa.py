@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxvars.attacks.objectives import OBJECTIVES, AttackContext, Objective
 
@@ -20,7 +21,7 @@ def popular_items(data, n: int) -> np.ndarray:
 
 def _loss(ctx: AttackContext, images: jax.Array) -> jax.Array:
   hook = jnp.mean(ctx.table[ctx.constants["hook_items"]], axis=0)
-  return -jnp.linalg.norm(ctx.features(images) - hook, axis=-1)
+  return -optax.safe_norm(ctx.features(images) - hook, 0.0, axis=-1)  # Gradient 0 (not NaN) at 0.
 
 
 def _constants(data, rng, *, hook_items: int = 1) -> dict:
