@@ -9,6 +9,7 @@ again (:func:`jaxvars.training.defense.adopt_stages`)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 
@@ -16,11 +17,15 @@ import numpy as np
 from absl import logging
 
 from jaxvars import atomic
+from jaxvars.errors import NonFiniteLossError
 from jaxvars.evaluation import summary
 from jaxvars.experiment import with_detector_encoder
 from jaxvars.overrides import ablation_variants, apply_overrides, without_ablations
 from jaxvars.run import ARTIFACTS_FILE, RESULTS_FILE, attack_cache, evaluate_run
 from jaxvars.training import defense
+
+# The defended systems of the ablation table (paper Table 5: OURS, OURS-rand).
+TABLE5_SYSTEMS = ("defended", "defended_rand")
 
 
 def _ranks(workdir: str) -> dict:
@@ -42,16 +47,22 @@ def compare_to_main(config, main: dict, variant: dict) -> dict:
 
 def run_ablations(exp, consts: dict, rec_params, workdir: str, *, train: bool) -> dict:
   """Trains (``train=True``; resuming) or restores every ablation variant and evaluates it
-  on clean images and on ``config.ablation.attacks`` at ``config.ablation.eps`` with the
-  defended systems (the paper's Table 5: transfer attacks only; the adaptive and targeted
+  on clean images and on ``config.ablation.attacks`` at ``config.ablation.eps`` with OURS
+  and OURS-rand (:data:`TABLE5_SYSTEMS`, where evaluated; the paper's Table 5: transfer attacks only; the adaptive and targeted
   attacks of the main run are not repeated per variant); detection only where its stages
   trained the detector with a contrastive term.
 
+  A variant whose training diverges (a NaN/inf loss: removing a part can do that, as
+  ``no_perceptual`` once did) is a finding, not a failure of the run: its row records
+  ``'diverged'`` (the error message) and the ablation study goes on with the next variant;
+  ``train=False`` carries that row over from the variant's results.json.
+
   Returns:
-    {name: {'overrides', 'ranking', 'ranking_unseen', 'detection', 'comparisons' (each row
-    against the main run's, paired over users), 'stages' and 'adopted_stages' (the stages
-    taken from the main run; train only), 'timing'}}; each is
-    also written to ``<workdir>/ablations/<name>/results.json``.
+    {name: {'overrides', 'ranking', 'ranking_unseen', 'detection', 'fidelity' (PSNR/SSIM of
+    the variant's D, as the main run's), 'comparisons' (each row against the main run's,
+    paired over users), 'stages' and 'adopted_stages' (the stages taken from the main run;
+    train only), 'timing'}} or, diverged, {name: {'overrides', 'diverged', 'timing'}}; each
+    is also written to ``<workdir>/ablations/<name>/results.json``.
 
   Raises:
     ConfigError: an override naming no field or changing the shared models (see
@@ -62,6 +73,9 @@ def run_ablations(exp, consts: dict, rec_params, workdir: str, *, train: bool) -
     t = time.perf_counter()
     cfg = apply_overrides(exp.config, overrides, where=f"config.ablation.variants.{name}")
     cfg = without_ablations(cfg)
+    # Table 5 ranks OURS and OURS-rand only: other systems (rand with border padding under
+    # `full`) would cost feature passes no table shows.
+    cfg.systems.evaluate = tuple(s for s in cfg.systems.evaluate if s in TABLE5_SYSTEMS)
     if "adaptive" in cfg.attack:
       cfg.attack.adaptive.eps = ()
     if "targeted" in cfg:
@@ -79,9 +93,17 @@ def run_ablations(exp, consts: dict, rec_params, workdir: str, *, train: bool) -
       adopted = defense.adopt_stages(
           exp, main_params, workdir, ab, sub,
           lambda p, cfg=cfg: with_detector_encoder(p, consts["backbone"], cfg))
-      params, history, seconds = defense.train_defense(ab, consts, params, sub)
+      try:
+        params, history, seconds = defense.train_defense(ab, consts, params, sub)
+      except NonFiniteLossError as e:
+        out[name] = _diverged(sub, name, overrides, str(e), time.perf_counter() - t, cfg)
+        continue
       ab.timing.update({f"stage_{k}_s": v for k, v in seconds.items()})
     else:
+      recorded = _recorded_divergence(sub)
+      if recorded is not None:
+        out[name] = recorded
+        continue
       params = defense.restore_stages(ab, params, sub)
     res = evaluate_run(ab, params, consts, eval_eps=(cfg.ablation.eps,),
                        methods=tuple(cfg.ablation.attacks), only_trained=True,
@@ -89,6 +111,7 @@ def run_ablations(exp, consts: dict, rec_params, workdir: str, *, train: bool) -
     res["timing"]["total_s"] = time.perf_counter() - t
     row = {"overrides": list(overrides), "ranking": res["ranking"],
            "ranking_unseen": res["ranking_unseen"], "detection": res["detection"],
+           "fidelity": res.get("fidelity", {}),
            "comparisons": compare_to_main(cfg, _ranks(workdir), _ranks(sub)),
            "timing": res["timing"]}
     if history is not None:
@@ -97,3 +120,25 @@ def run_ablations(exp, consts: dict, rec_params, workdir: str, *, train: bool) -
     atomic.write_json(os.path.join(sub, RESULTS_FILE), dict(row, config=cfg.to_dict()))
     out[name] = row
   return out
+
+
+def _diverged(sub: str, name: str, overrides, message: str, seconds: float, cfg) -> dict:
+  """The row of a variant whose training stopped at a non-finite loss (written to its
+  results.json, so ``--mode=evaluate`` reports it too)."""
+  logging.warning("ablation %s diverged; recorded as such, the ablation study goes on: %s",
+                  name, message)
+  row = {"overrides": list(overrides), "diverged": message, "timing": {"total_s": seconds}}
+  atomic.write_json(os.path.join(sub, RESULTS_FILE), dict(row, config=cfg.to_dict()))
+  return row
+
+
+def _recorded_divergence(sub: str) -> dict | None:
+  path = os.path.join(sub, RESULTS_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    row = json.load(f)
+  if "diverged" not in row:
+    return None
+  row.pop("config", None)
+  return row

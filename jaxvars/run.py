@@ -313,10 +313,11 @@ def _recorded_history(exp: Experiment, workdir: str):
 
 
 def without_timing(section):
-  """A results section without wall-clock fields (for comparing two runs)."""
+  """A results section without wall-clock fields and training-only records (for comparing a
+  training run's results with an evaluate-only run's)."""
   if isinstance(section, dict):
     return {k: without_timing(v) for k, v in section.items()
-            if k not in ("timing", "time_s", "cached", "stages")}
+            if k not in ("timing", "time_s", "cached", "stages", "adopted_stages")}
   return section
 
 

@@ -86,7 +86,7 @@ TINY_RUN_ROWS = ({"mostpop/clean", "vbpr/no_visual"}
 @pytest.fixture(scope="session")
 def tiny_run(tfds_dir, tmp_path_factory):
   """One training run of the tiny preset shared by the tests that read a finished run: eps 4
-  and 8 (a sweep) and two ablation variants.
+  and 8 (a sweep) and three ablation variants (one of which diverges).
 
   Returns:
     (config, workdir, results).
@@ -97,6 +97,9 @@ def tiny_run(tfds_dir, tmp_path_factory):
   config.attack.eval_eps = (4, 8)
   config.ablation.variants.no_detector = ("loss.contrastive=0", "stages.detector.epochs=0")
   config.ablation.variants.no_perceptual = ("loss.perceptual=0",)
+  # A variant whose training diverges (an infinite weight: the first loss is inf): recorded
+  # as such, and the run goes on (jaxvars/ablations.py).
+  config.ablation.variants.diverges = ("loss.content=1e400",)
   results = run.train_and_evaluate(config, workdir)
   return config, workdir, results
 

@@ -80,8 +80,16 @@ def test_sweep_and_ablations_results(full_run):
   for cond in conds - {"clean"}:
     assert os.path.exists(os.path.join(workdir, "attacks", f"{cond}.npy"))
     assert results["attack"][cond]["linf_255"] <= float(cond.split("@")[1]) + 1e-4
-  ab = results["ablations"]
-  assert set(ab) == {"no_detector", "no_perceptual"}
+  ab = dict(results["ablations"])
+  assert set(ab) == {"no_detector", "no_perceptual", "diverges"}
+  # A diverged variant is a row saying so (naming the stage and the loss); the main run's
+  # results and the other variants are all there.
+  diverged = ab.pop("diverges")
+  assert set(diverged) == {"overrides", "diverged", "timing"}
+  assert diverged["diverged"].startswith("non-finite stage 'denoiser_fgsm' loss (inf) at step 1")
+  with open(os.path.join(workdir, "ablations", "diverges", "results.json")) as f:
+    saved = json.load(f)
+  assert saved["diverged"] == diverged["diverged"]
   for name, row in ab.items():
     # Defended systems on clean and PGD@8 only (VBPR and the attack are shared).
     assert set(row["ranking"]) == {f"{s}/{c}" for s in ("defended", "defended_rand")
@@ -113,8 +121,12 @@ def test_evaluate_mode_reproduces_sweep_and_ablations(full_run):
   assert again["ranking"] == results["ranking"]
   assert again["detection"] == results["detection"]
   for name, row in results["ablations"].items():
+    if "diverged" in row:  # Carried over from the variant's results.json.
+      assert again["ablations"][name]["diverged"] == row["diverged"]
+      continue
     assert again["ablations"][name]["ranking"] == row["ranking"]
     assert again["ablations"][name]["detection"] == row["detection"]
+    assert again["ablations"][name]["fidelity"] == row["fidelity"]
   # Attacks (transferred and white-box) came from the cache this time.
   assert all(a["cached"] for a in again["attack"].values()), {
       k: a["cached"] for k, a in again["attack"].items()}
@@ -193,9 +205,13 @@ def test_report_tables_equal_results_and_figures_are_pngs(full_run):
   assert len(confusion) == 3
 
   abl = tables["Ablations (Table 5: PGD at eps = 8)"]
-  assert [r[0] for r in abl[1:]] == ["unmodified", "no_detector", "no_perceptual"]
+  by_name = {r[0]: r for r in abl[1:]}
+  assert [r[0] for r in abl[1:]] == ["unmodified", *results["ablations"]]
+  assert set(by_name) == {"unmodified", "no_detector", "no_perceptual", "diverges"}
+  assert by_name.pop("diverges")[1:] == ["training diverged (no defence to evaluate)"] + [""] * 9
+  assert "* ablation diverges: **training diverged**" in text
   sources = {"unmodified": results, **results["ablations"]}
-  for row in abl[1:]:
+  for row in by_name.values():
     src = sources[row[0]]
     acc = src["detection"].get("pgd@8", {}).get("accuracy", math.nan)
     if math.isnan(acc):
@@ -206,8 +222,11 @@ def test_report_tables_equal_results_and_figures_are_pngs(full_run):
     assert _num(row[3]) == round(src["ranking"]["defended_rand/pgd@8"]["HR@10"], 4)
     assert _num(row[4]) == round(src["ranking"]["defended/pgd@8"]["NDCG@10"], 4)
     assert _num(row[5]) == round(src["ranking"]["defended/pgd@8"]["HR@10"], 4)
-  assert abl[2][7:] == ["NaN", "0.0768", "0.1661"]
-  for row in abl[2:]:  # Each variant against the unmodified system, paired over users.
+    # The denoiser's fidelity (PSNR of D(clean photo)) of each variant.
+    assert _num(row[7]) == round(src["fidelity"]["clean"]["psnr"], 4)
+  assert by_name["no_detector"][8:] == ["NaN", "0.0768", "0.1661"]
+  for name in ("no_detector", "no_perceptual"):  # Each against the unmodified, paired.
+    row = by_name[name]
     diff = results["ablations"][row[0]]["comparisons"]["defended_rand/pgd@8"]["HR@10"]
     assert row[6].startswith(f"{diff['diff']:+.4f} [")
 

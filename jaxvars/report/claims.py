@@ -7,7 +7,6 @@ unmodified system on the same users.
 
 from __future__ import annotations
 
-
 from jaxvars.conditions import condition_key
 from jaxvars.report import paper
 from jaxvars.report.tables import attacks, cell, fmt, label, md_table, systems
@@ -57,9 +56,10 @@ def ablation_rows(results: dict) -> list[tuple[str, str, dict]]:
   cond = condition_key(attack, float(cfg.get("eps", 8.0)))
 
   def row(res):
-    det = res.get("detection", {}).get(cond)
+    det = (res.get("detection") or {}).get(cond)
     return {"detection": det, "cond": cond, "comparisons": res.get("comparisons", {}),
-            **{name: res["ranking"].get(f"{name}/{cond}") for name in
+            "diverged": res.get("diverged"), "fidelity": res.get("fidelity") or {},
+            **{name: (res.get("ranking") or {}).get(f"{name}/{cond}") for name in
                ("defended", "defended_rand")}}
 
   rows = [("unmodified", "unmodified architecture", row(results))]
@@ -74,15 +74,21 @@ def ablation_table(results: dict) -> list[str]:
   rows = []
   for name, paper_label, r in ablation_rows(results):
     ref = paper.TABLE5.get(paper_label)
+    paper_cells = [fmt(p) for p in ref] if ref else ["", "", ""]
+    if r["diverged"]:
+      rows.append([name, "training diverged (no defence to evaluate)"] + [""] * 6 + paper_cells)
+      continue
     diff = r["comparisons"].get(f"defended_rand/{r['cond']}")
     acc = cell(r["detection"], "accuracy") if r["detection"] else "NaN"
+    psnr = r["fidelity"].get("clean")
     rows.append([name, acc, cell(r["defended_rand"], "NDCG@10"),
                  cell(r["defended_rand"], "HR@10"), cell(r["defended"], "NDCG@10"),
                  cell(r["defended"], "HR@10"),
-                 (f"{_diff(diff)} ({VERDICT[diff['HR@10']['effect']]})" if diff else "")]
-                + ([fmt(p) for p in ref] if ref else ["", "", ""]))
+                 (f"{_diff(diff)} ({VERDICT[diff['HR@10']['effect']]})" if diff else ""),
+                 cell(psnr, "psnr") if psnr else ""] + paper_cells)
   header = ["variant", "accuracy", "NDCG@10 (rand)", "HR@10 (rand)", "NDCG@10", "HR@10",
-            "HR@10 (rand) vs unmodified", "paper accuracy", "paper NDCG@10", "paper HR@10"]
+            "HR@10 (rand) vs unmodified", "PSNR D(clean), dB", "paper accuracy",
+            "paper NDCG@10", "paper HR@10"]
   return md_table(header, rows)
 
 
@@ -94,6 +100,10 @@ def ablation_claims(results: dict) -> list[str]:
     return out
   base = rows[0][2]
   for name, _, r in rows[1:]:
+    if r["diverged"]:
+      out.append(f"* ablation {name}: **training diverged**, so it has no defence to "
+                 f"evaluate ({r['diverged'].split(';')[0]})")
+      continue
     diff = r["comparisons"].get(f"defended_rand/{r['cond']}")
     if diff:
       out.append(f"* ablation {name}: HR@10 (rand) {_diff(diff)} vs unmodified: "
