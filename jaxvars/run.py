@@ -194,7 +194,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ConfigError, DataError: bad config value or data file (named in the message), or a
       workdir that cannot be written.
     NonFiniteLossError: a NaN/inf loss; checkpoints already saved stay valid and no
-      results file is written.
+      results file is written (an ablation variant's is recorded instead: jaxvars/ablations.py).
+
+  With ablation variants, the main run's results are written (marked ``'incomplete'``)
+  before the ablation study starts, so an error or a kill there loses none of them.
   """
   from jaxvars import ablations
   t_start = time.perf_counter()
@@ -223,6 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results["backbone"]["linear_probe"] = backbone_probe(exp, consts)
     results["training"] = training_section(config, rec_history, rec_state.step, stage_history)
     if ablation_variants(config):
+      _write_interim(results, config, workdir, time.perf_counter() - t_start)
       results["ablations"] = ablations.run_ablations(exp, consts, rec_state.params, workdir,
                                                      train=True)
     results["timing"]["total_s"] = time.perf_counter() - t_start
@@ -232,6 +236,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.close()
   finish(results, workdir)
   return results
+
+
+INCOMPLETE_KEY = "incomplete"
+
+
+def _write_interim(results: dict, config, workdir: str, seconds: float) -> None:
+  """Writes the main run's results before the ablation study starts (hours on a CPU), so a
+  crash or a kill there loses none of them. The file says so under ``'incomplete'``; the
+  finished run's results.json replaces it."""
+  interim = dict(results, timing=dict(results["timing"], total_s=seconds),
+                 config=config.to_dict())
+  interim[INCOMPLETE_KEY] = ("the ablation study had not finished when this file was written; "
+                             "run the same command again to resume it")
+  atomic.write_json(os.path.join(workdir, RESULTS_FILE), interim)
+  logging.info("main run's results written to %s; the ablation study starts",
+               os.path.join(workdir, RESULTS_FILE))
 
 
 def write_eval_scalars(writer, results: dict) -> None:
@@ -286,8 +306,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if os.path.exists(path):
     with open(path) as f:
       results = json.load(f)
+    # An interim file (a run stopped during its ablation study) has no ablations to compare.
     same = all(without_timing(results.get(k)) == without_timing(fresh.get(k))
-               for k in ("ranking", "detection", "ablations"))
+               for k in ("ranking", "detection", "ablations") if k in results)
+    results.pop(INCOMPLETE_KEY, None)
     if same:
       logging.info("restored checkpoints reproduce the training run's metrics exactly")
     else:

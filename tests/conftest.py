@@ -2,9 +2,27 @@
 
 import os
 
-_flag = "--xla_force_host_platform_device_count=8"
-if _flag not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+# Tests compile far more than they compute (tiny shapes, hundreds of distinct programs), so
+# XLA's CPU backend skips LLVM's optimisation of its generated code: the joint defence step
+# of tests/test_defense.py compiles about twice as fast. Convolutions and matrix products
+# are library calls either way; a test compares numbers computed under the same flags (the
+# CLI runs the tests start inherit them). JAXVARS_TEST_XLA_OPT=1 keeps XLA's default.
+_flags = ["--xla_force_host_platform_device_count=8"]
+if os.environ.get("JAXVARS_TEST_XLA_OPT", "0") != "1":
+  _flags.append("--xla_backend_optimization_level=0")
+for _flag in _flags:
+  if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+
+
+def cli_env() -> dict:
+  """The environment of a command-line run a test starts: one CPU device (the program's
+  default), the rest of the test session's settings (XLA flags, compilation cache)."""
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(flags)
+  return env
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA compilation cache per test session (set before JAX starts; the CLI runs
 # the tests start inherit it): the suite builds the same tiny programs again and again (a
@@ -19,6 +37,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
@@ -100,8 +119,23 @@ def tiny_run(tfds_dir, tmp_path_factory):
   # A variant whose training diverges (an infinite weight: the first loss is inf): recorded
   # as such, and the run goes on (jaxvars/ablations.py).
   config.ablation.variants.diverges = ("loss.content=1e400",)
-  results = run.train_and_evaluate(config, workdir)
+  # What results.json holds when the ablation study starts (run.py writes the main run's
+  # results first), kept beside the workdir as INTERIM_RESULTS for test_report.py.
+  from jaxvars import ablations
+  original = ablations.run_ablations
+
+  def keep_interim(*args, **kwargs):
+    shutil.copy(os.path.join(workdir, "results.json"),
+                os.path.join(os.path.dirname(workdir), INTERIM_RESULTS))
+    return original(*args, **kwargs)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(ablations, "run_ablations", keep_interim)
+    results = run.train_and_evaluate(config, workdir)
   return config, workdir, results
+
+
+INTERIM_RESULTS = "interim_results.json"
 
 
 def requires_hm():

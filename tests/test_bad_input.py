@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, tiny_config
+from conftest import REPO, cli_env, tiny_config
 from test_data import folder_config, write_folder_dataset
 from jaxvars import configuration, run
 from jaxvars.data import pipeline
@@ -99,8 +99,7 @@ def test_non_finite_loss_stops_without_results(tfds_dir, tmp_path):
 
 
 def _cli(*args, cwd=REPO):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
+  env = cli_env()
   return subprocess.run([sys.executable, "-m", "jaxvars.main", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=600)
 

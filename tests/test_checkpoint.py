@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import REPO, TINY_RUN_ROWS, tiny_config
+from conftest import REPO, TINY_RUN_ROWS, cli_env, tiny_config
 from flax.training.train_state import TrainState
 
 from jaxvars import checkpointing, run, sharding
@@ -137,7 +137,7 @@ def test_evaluate_without_training_is_an_error(tfds_dir, tmp_path):
 
 @pytest.mark.slow
 def test_cli_train_then_evaluate(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = cli_env()
   base = [sys.executable, "-m", "jaxvars.main", "--config=configs/joint.py:tiny",
           f"--workdir={tmp_path}", f"--config.data.tfds_dir={tmp_path}/tfds",
           # A small run: the CLI's plumbing is what this tests (the rest is tested in-process).

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY_RUN_ROWS, tiny_config
+from conftest import INTERIM_RESULTS, TINY_RUN_ROWS, tiny_config
 from jaxvars import configuration, report, run
 from jaxvars.attacks.spec import attack_spec
 from jaxvars.overrides import apply_overrides
@@ -111,6 +111,26 @@ def test_sweep_and_ablations_results(full_run):
   # its checkpoints exist apart from the main run's.
   assert os.path.isdir(os.path.join(workdir, "ablations", "no_perceptual", "checkpoints",
                                     "denoiser_fgsm"))
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("tiny_run")  # One worker computes the shared run (--dist=loadgroup).
+def test_main_results_reach_disk_before_the_ablation_study(full_run, tmp_path):
+  """results.json holds the main run's numbers, marked incomplete, while the ablations run
+  (a crash or kill there loses none of them); the finished file replaces it."""
+  _, workdir, results = full_run
+  with open(os.path.join(os.path.dirname(workdir), INTERIM_RESULTS)) as f:
+    interim = json.load(f)
+  assert "ablation study had not finished" in interim["incomplete"]
+  assert "incomplete" not in results and "ablations" not in interim
+  for key in ("ranking", "ranking_unseen", "detection", "fidelity", "attack", "training"):
+    assert run.without_timing(interim[key]) == run.without_timing(results[key]), key
+  assert 0 < interim["timing"]["total_s"] < results["timing"]["total_s"]
+  # The report of such a file says it is incomplete.
+  with open(tmp_path / "results.json", "w") as f:
+    json.dump(interim, f)
+  with open(report.write_report(str(tmp_path))) as f:
+    assert "**Incomplete results:** the ablation study had not finished" in f.read()
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config
+from conftest import REPO, cli_env, tiny_config
 
 from jaxvars import checkpointing, run
 from jaxvars.data import pipeline
@@ -157,7 +157,7 @@ SMALL = ["--config.systems.evaluate=('undefended', 'defended')", "--config.attac
 
 
 def _env():
-  return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return cli_env()
 
 
 def _main(workdir, *extra, preset="tiny"):

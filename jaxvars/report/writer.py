@@ -54,6 +54,8 @@ def _header(workdir: str, results: dict) -> list[str]:
                    f"{probe['accuracy']:.4f} ({probe['classes']} classes, "
                    f"{probe['test_items']} held-out items; always the majority class: "
                    f"{probe['majority_accuracy']:.4f}).")
+  if results.get("incomplete"):  # run.py: written before the ablation study finished.
+    lines.append(f"**Incomplete results:** {results['incomplete']}.")
   total = results.get("timing", {}).get("total_s")
   if total:
     lines.append(f"Wall time of the run: {total / 60:.1f} min.")
