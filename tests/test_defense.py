@@ -1,6 +1,8 @@
 """Losses against numpy references; denoiser and detector shapes; random resize + pad;
 detection metrics; the joint step on 1 and 8 devices; stage masks."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -253,3 +255,67 @@ def test_denoiser_passes_input_gradients_at_saturated_pixels():
   assert float(jnp.min(jnp.abs(g))) > 1e-4  # Every pixel, white or black, moves the output.
   y = d.apply(variables, x)
   assert float(jnp.max(jnp.abs(y - x))) < 2.0 / 512  # The forward value is unchanged.
+
+
+def _one_pass_objective(params, consts, batch, x_adv, is_adv, *, models, weights, temperature):
+  """The joint loss with x, D(x), x_adv and D(x_adv) through ONE backbone pass (the
+  straightforward form of eq. 12), as a reference for ``defense_objective``'s split passes."""
+  from jaxvars.attacks.objectives.bpr import item_bpr_loss
+  from jaxvars.backbones import PERCEPTUAL_MAPS
+  x = batch["images"].astype(jnp.float32) / 255.0
+  b = x.shape[0]
+  d_clean = models.denoise(params, x)
+  d_adv = models.denoise(params, x_adv)
+  four = jnp.concatenate([x, d_clean, x_adv, d_adv])
+  out = models.backbone_out(consts, four)
+  terms = {
+      "content": jnp.mean((d_adv - x) ** 2) + jnp.mean((d_clean - x) ** 2),
+      "perceptual": losses.perceptual(
+          clean_maps={k: out[k][:b] for k in PERCEPTUAL_MAPS},
+          denoised_maps={k: out[k][3 * b:] for k in PERCEPTUAL_MAPS}),
+      "bpr": jnp.mean(item_bpr_loss(
+          models.normalize(consts, out["pooled"][3 * b:]), items=batch["items"],
+          triplets=batch["triplets"], score_fn=models.score_fn(params["recommender"]),
+          other_features=consts["features"]))}
+  z = models.embed_pooled(params, models.detector_pooled(params, consts, four))
+  pos, neg = losses.detector_pair_similarities(z_clean=z[:b], z_clean_denoised=z[b:2 * b],
+                                               z_adv=z[2 * b:3 * b], z_adv_denoised=z[3 * b:])
+  terms["contrastive"] = is_adv * losses.info_nce(pos_sim=pos, neg_sim=neg,
+                                                  temperature=temperature)
+  return sum(w * terms[t] for t, w in weights.items())
+
+
+@pytest.mark.parametrize("terms,encoder", [
+    (("content", "perceptual", "bpr"), False), (("bpr",), False),
+    (("contrastive",), False), (("content", "perceptual", "contrastive", "bpr"), False),
+    (("content", "perceptual", "contrastive", "bpr"), True)])
+def test_defense_objective_equals_one_backbone_pass(terms, encoder):
+  """``defense_objective`` sends each backbone pass only the images a term needs (no
+  backward pass through the inputs): loss and gradients equal the one-pass form's."""
+  import dataclasses
+
+  from jaxvars.training.defense_step import defense_objective
+  models, params, consts, images, users, items = tiny_models()
+  if encoder:
+    params = {**params, "detector": {**params["detector"], "encoder": consts["backbone"]["params"]}}
+    models = dataclasses.replace(models, detector_encoder=True)
+  batch_items = np.arange(6, dtype=np.int32)
+  triplets = splits.item_triplets(batch_items, train_users=users, train_items=items,
+                                  num_users=20, num_items=40,
+                                  positive_keys=splits.pair_keys(users, items, 40), per_role=2,
+                                  rng=np.random.default_rng(1))
+  batch = {"images": jnp.asarray(images[:6]), "items": batch_items, "triplets": triplets}
+  x_adv = jnp.clip(batch["images"] / 255.0 + 0.03 * jax.random.normal(
+      jax.random.key(5), batch["images"].shape), 0.0, 1.0)
+  weights = {t: w for t, w in zip(("content", "perceptual", "contrastive", "bpr"),
+                                  (1.0, 0.7, 0.5, 0.3)) if t in terms}
+  kw = {"models": models, "weights": weights, "temperature": 0.2}
+  split = jax.jit(jax.value_and_grad(functools.partial(defense_objective, **kw), has_aux=True))
+  one_pass = jax.jit(jax.value_and_grad(functools.partial(_one_pass_objective, **kw)))
+  (got, _), g_got = split(params, consts, batch, x_adv, 1.0)
+  want, g_want = one_pass(params, consts, batch, x_adv, 1.0)
+  assert float(want) > 0
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4,
+                               atol=2e-6 * max(1.0, float(np.max(np.abs(b)))))

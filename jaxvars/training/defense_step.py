@@ -69,9 +69,17 @@ def defense_objective(params, consts, batch, x_adv, is_adv, *, models, weights: 
   b = x.shape[0]
   denoised = models.denoise(params, jnp.concatenate([x, x_adv]))
   d_clean, d_adv = denoised[:b], denoised[b:]
-  out = models.backbone_out(consts, jnp.concatenate([x, d_clean, x_adv, d_adv]))
-  maps = {k: out[k] for k in PERCEPTUAL_MAPS}
-  pooled = out["pooled"]
+  # The frozen backbone sees only what a term needs, in two passes: the inputs (no
+  # parameter reaches them, so no backward pass) and the denoised images (backward pass).
+  # The denoiser stages need x and D(x_adv) only, half the images of the joint step.
+  frozen_contrastive = "contrastive" in weights and not models.detector_encoder
+  fixed = [x, x_adv] if frozen_contrastive else [x]
+  moving = [d_clean, d_adv] if frozen_contrastive else [d_adv]
+  fixed_out = moving_out = None
+  if "perceptual" in weights or frozen_contrastive:
+    fixed_out = models.backbone_out(consts, jnp.concatenate(fixed))
+  if "perceptual" in weights or "bpr" in weights or frozen_contrastive:
+    moving_out = models.backbone_out(consts, jnp.concatenate(moving))
   metrics = {}
   loss = 0.0
   if "content" in weights:
@@ -79,11 +87,16 @@ def defense_objective(params, consts, batch, x_adv, is_adv, *, models, weights: 
         clean=x, denoised=d_clean)
   if "perceptual" in weights:
     metrics["perceptual"] = losses.perceptual(
-        clean_maps={k: jax.lax.stop_gradient(v[:b]) for k, v in maps.items()},
-        denoised_maps={k: v[3 * b:] for k, v in maps.items()})
+        clean_maps={k: jax.lax.stop_gradient(fixed_out[k][:b]) for k in PERCEPTUAL_MAPS},
+        denoised_maps={k: moving_out[k][-b:] for k in PERCEPTUAL_MAPS})
   if "contrastive" in weights:
+    frozen_pooled = None
+    if frozen_contrastive:  # In the order x, D(x), x_adv, D(x_adv).
+      fp, mp = fixed_out["pooled"], moving_out["pooled"]
+      frozen_pooled = jnp.concatenate([fp[:b], mp[:b], fp[b:], mp[b:]])
     z = models.embed_pooled(params, models.detector_pooled(
-        params, consts, jnp.concatenate([x, d_clean, x_adv, d_adv]), frozen_pooled=pooled))
+        params, consts, jnp.concatenate([x, d_clean, x_adv, d_adv]),
+        frozen_pooled=frozen_pooled))
     pos, neg = losses.detector_pair_similarities(
         z_clean=z[:b], z_clean_denoised=z[b:2 * b], z_adv=z[2 * b:3 * b], z_adv_denoised=z[3 * b:])
     metrics["contrastive"] = is_adv * losses.info_nce(pos_sim=pos, neg_sim=neg,
@@ -92,7 +105,7 @@ def defense_objective(params, consts, batch, x_adv, is_adv, *, models, weights: 
     metrics["score_adv"] = jnp.mean(detection_score(z[2 * b:3 * b], z[3 * b:]))
   if "bpr" in weights:
     metrics["bpr"] = jnp.mean(item_bpr_loss(
-        models.normalize(consts, pooled[3 * b:]), items=batch["items"],
+        models.normalize(consts, moving_out["pooled"][-b:]), items=batch["items"],
         triplets=batch["triplets"], score_fn=models.score_fn(params["recommender"]),
         other_features=consts["features"]))
   for term, w in weights.items():
