@@ -285,13 +285,18 @@ def _one_pass_objective(params, consts, batch, x_adv, is_adv, *, models, weights
   return sum(w * terms[t] for t, w in weights.items())
 
 
-@pytest.mark.parametrize("terms,encoder", [
-    (("content", "perceptual", "bpr"), False), (("bpr",), False),
-    (("contrastive",), False), (("content", "perceptual", "contrastive", "bpr"), False),
-    (("content", "perceptual", "contrastive", "bpr"), True)])
-def test_defense_objective_equals_one_backbone_pass(terms, encoder):
+_DENOISER_TERMS = ("content", "perceptual", "bpr")
+_ALL_TERMS = ("content", "perceptual", "contrastive", "bpr")
+
+
+@pytest.mark.parametrize("terms,encoder,clean", [
+    (_DENOISER_TERMS, False, False), (_DENOISER_TERMS, False, True), (("bpr",), False, False),
+    (("contrastive",), False, False), (_ALL_TERMS, False, False), (_ALL_TERMS, False, True),
+    (_ALL_TERMS, True, False)])
+def test_defense_objective_equals_one_backbone_pass(terms, encoder, clean):
   """``defense_objective`` sends each backbone pass only the images a term needs (no
-  backward pass through the inputs): loss and gradients equal the one-pass form's."""
+  backward pass through the inputs) and, on a clean step, runs D once: loss and gradients
+  equal the one-pass form's, which denoises and embeds everything."""
   import dataclasses
 
   from jaxvars.training.defense_step import defense_objective
@@ -307,13 +312,16 @@ def test_defense_objective_equals_one_backbone_pass(terms, encoder):
   batch = {"images": jnp.asarray(images[:6]), "items": batch_items, "triplets": triplets}
   x_adv = jnp.clip(batch["images"] / 255.0 + 0.03 * jax.random.normal(
       jax.random.key(5), batch["images"].shape), 0.0, 1.0)
+  is_adv = 0.0 if clean else 1.0
+  if clean:  # A clean step: x_adv is x, and D runs once.
+    x_adv = batch["images"] / 255.0
   weights = {t: w for t, w in zip(("content", "perceptual", "contrastive", "bpr"),
                                   (1.0, 0.7, 0.5, 0.3)) if t in terms}
   kw = {"models": models, "weights": weights, "temperature": 0.2}
   split = jax.jit(jax.value_and_grad(functools.partial(defense_objective, **kw), has_aux=True))
   one_pass = jax.jit(jax.value_and_grad(functools.partial(_one_pass_objective, **kw)))
-  (got, _), g_got = split(params, consts, batch, x_adv, 1.0)
-  want, g_want = one_pass(params, consts, batch, x_adv, 1.0)
+  (got, _), g_got = split(params, consts, batch, x_adv, is_adv)
+  want, g_want = one_pass(params, consts, batch, x_adv, is_adv)
   assert float(want) > 0
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
