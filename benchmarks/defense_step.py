@@ -43,8 +43,8 @@ def main(argv):
   import numpy as np
   from flax.training.train_state import TrainState
 
-  from configs import joint
   import jaxvars
+  from configs import joint
   from jaxvars import sharding
   from jaxvars.attacks.spec import attack_spec
   from jaxvars.backbones import build_backbone, load_backbone
