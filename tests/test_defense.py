@@ -295,8 +295,8 @@ _ALL_TERMS = ("content", "perceptual", "contrastive", "bpr")
     (_ALL_TERMS, True, False)])
 def test_defense_objective_equals_one_backbone_pass(terms, encoder, clean):
   """``defense_objective`` sends each backbone pass only the images a term needs (no
-  backward pass through the inputs) and, on a clean step, runs D once: loss and gradients
-  equal the one-pass form's, which denoises and embeds everything."""
+  backward pass through the inputs): loss and gradients equal the one-pass form's, on
+  adversarial and clean steps."""
   import dataclasses
 
   from jaxvars.training.defense_step import defense_objective
@@ -313,7 +313,7 @@ def test_defense_objective_equals_one_backbone_pass(terms, encoder, clean):
   x_adv = jnp.clip(batch["images"] / 255.0 + 0.03 * jax.random.normal(
       jax.random.key(5), batch["images"].shape), 0.0, 1.0)
   is_adv = 0.0 if clean else 1.0
-  if clean:  # A clean step: x_adv is x, and D runs once.
+  if clean:  # A clean step: x_adv is x.
     x_adv = batch["images"] / 255.0
   weights = {t: w for t, w in zip(("content", "perceptual", "contrastive", "bpr"),
                                   (1.0, 0.7, 0.5, 0.3)) if t in terms}

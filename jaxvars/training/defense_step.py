@@ -57,8 +57,7 @@ def defense_objective(params, consts, batch, x_adv, is_adv, *, models, weights: 
     params: {'recommender', 'denoiser', 'detector'}. consts: {'backbone', 'stats', 'features'}.
     batch: {'images' uint8 [B, H, W, 3], 'items' int32 [B], 'triplets' dict of [B, T]}.
     x_adv: float32 [B, H, W, 3], the (possibly adversarial) inputs (= clean when is_adv=0).
-    is_adv: float32 scalar, 1 when ``x_adv`` is adversarial (the contrastive term needs it);
-      0 only when ``x_adv`` is ``x`` (D then runs once, on ``x``).
+    is_adv: float32 scalar, 1 when ``x_adv`` is adversarial (the contrastive term needs it).
     models: :class:`jaxvars.models.Models`.
     weights: {term: weight} for the terms in LOSS_TERMS to compute (others skipped).
     temperature: InfoNCE temperature.
@@ -68,13 +67,10 @@ def defense_objective(params, consts, batch, x_adv, is_adv, *, models, weights: 
   """
   x = to_float(batch["images"])
   b = x.shape[0]
-
-  def clean_only():  # x_adv is x: one pass of D, half the images (and of its backward).
-    d = models.denoise(params, x)
-    return jnp.concatenate([d, d])
-
-  denoised = jax.lax.cond(is_adv > 0, lambda: models.denoise(params, jnp.concatenate([x, x_adv])),
-                          clean_only)
+  # D runs on x and x_adv even when they are equal (a clean step): choosing one pass with
+  # lax.cond made the step 4x slower or worse on CPU (XLA's convolutions inside a
+  # conditional, like inside loops; README "Performance").
+  denoised = models.denoise(params, jnp.concatenate([x, x_adv]))
   d_clean, d_adv = denoised[:b], denoised[b:]
   # The frozen backbone sees only what a term needs, in two passes: the inputs (no
   # parameter reaches them, so no backward pass) and the denoised images (backward pass).
