@@ -97,19 +97,31 @@ def test_detector_stage_trains_its_own_encoder(tfds_dir):
   assert not np.allclose(models.embed(new, consts, x), frozen.embed(new, consts, x))
 
 
-def _run(seed, hr):
+def _run(seed, hr, diff=-0.05, effect="lower"):
+  comparison = {"HR@10": {"diff": diff, "ci95": [diff - 0.02, diff + 0.02], "effect": effect}}
   return {"config": {"seed": seed},
           "ranking": {"vbpr/clean": {"HR@10": hr, "NDCG@10": hr / 2,
                                      "ci95": {"HR@10": [hr - 0.1, hr + 0.1]}}},
-          "detection": {"pgd@8": {"accuracy": 0.9 + hr / 10}}}
+          "detection": {"pgd@8": {"accuracy": 0.9 + hr / 10, "roc_auc": 0.95}},
+          "fidelity": {"clean": {"psnr": 20 + 10 * hr, "ssim": 0.9}},
+          "comparisons": {"vbpr/pgd@8 - vbpr/clean": {"all": comparison, "unseen": comparison}}}
 
 
 def test_seed_summary_mean_and_range():
-  runs = [_run(0, 0.2), _run(1, 0.3), _run(2, 0.25)]
+  runs = [_run(0, 0.2), _run(1, 0.3, diff=-0.01, effect="none"), _run(2, 0.25)]
   s = seeds.summarize(runs)
   hr = s["ranking"]["vbpr/clean"]["HR@10"]
   assert hr["mean"] == pytest.approx(0.25) and hr["min"] == 0.2 and hr["max"] == 0.3
   assert hr["ci_width"] == pytest.approx(0.2)
   assert s["detection"]["pgd@8"]["accuracy"]["max"] == pytest.approx(0.93)
+  assert s["fidelity"]["clean"]["psnr"]["mean"] == pytest.approx(22.5)
+  diff = s["comparisons"]["vbpr/pgd@8 - vbpr/clean"]["all"]["HR@10"]
+  assert diff["mean"] == pytest.approx(-0.11 / 3) and diff["min"] == -0.05
+  assert diff["effects"] == {"higher": 0, "lower": 2, "none": 1}
+  assert seeds.verdict(diff["effects"]) == "lower in 2/3 seeds (no measurable change in 1)"
+  assert seeds.verdict({"higher": 3, "lower": 0, "none": 0}) == "higher in 3/3 seeds"
   text = "\n".join(seeds.markdown(s, runs[0]))
+  assert ("| VBPR pgd@8 - VBPR clean | -0.0367 [-0.0500, -0.0100] | lower in 2/3 seeds "
+          "(no measurable change in 1) |") in text
+  assert "| clean | 22.5000 [22.0000, 23.0000] | 0.9000 [0.9000, 0.9000] |" in text
   assert "| clean | VBPR | 0.2500 [0.2000, 0.3000] | 0.1250 [0.1000, 0.1500] | 0.2000 |" in text
