@@ -420,34 +420,54 @@ def test_split_without_stored_source_is_accepted_with_a_warning(tmp_path, caplog
 
 
 def test_copied_directory_keeps_the_split(tmp_path):
-  """A copy of the dataset (new mtimes) re-prepares the images but keeps the workdir valid:
-  the split checks the CSV contents, not the photos' timestamps."""
+  """A copy of the dataset (new mtimes, same bytes) keeps both the prepared tables and the
+  workdir's split: both are keyed by content, not by the photos' timestamps."""
   write_folder_dataset(tmp_path / "ds")
   config = folder_config(tmp_path / "ds", tmp_path / "tfds")
   first = pipeline.load(config.data, workdir=str(tmp_path / "run"))
+  prepared = _prepared(tmp_path / "tfds")
   os.rename(tmp_path / "ds", tmp_path / "original")
   shutil.copytree(tmp_path / "original", tmp_path / "ds", copy_function=shutil.copy)
   for path in (tmp_path / "ds" / "images").iterdir():
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
   again = pipeline.load(config.data, workdir=str(tmp_path / "run"))
   np.testing.assert_array_equal(first.eval_negatives, again.eval_negatives)
-  assert len(_prepared(tmp_path / "tfds")) == 3   # The images table only, made anew.
+  assert _prepared(tmp_path / "tfds") == prepared  # Nothing prepared again.
+  # A photo whose bytes change prepares the images table anew (the split is kept).
+  photo = sorted((tmp_path / "ds" / "images").iterdir())[0]
+  Image.new("RGB", (20, 20), (1, 2, 3)).save(photo)
+  third = pipeline.load(config.data, workdir=str(tmp_path / "run"))
+  np.testing.assert_array_equal(first.eval_negatives, third.eval_negatives)
+  assert len(_prepared(tmp_path / "tfds")) == 3  # The images table only, made anew.
 
 
-def test_fingerprint_is_stat_only(tmp_path, monkeypatch):
-  """The image tree is fingerprinted without opening a photo."""
+def test_photos_are_hashed_only_after_a_stat_change(tmp_path, monkeypatch):
+  """The image tree's content fingerprint is read from the tfds index while its sizes and
+  mtimes are unchanged (no photo opened); a touched photo is hashed again, to the same
+  fingerprint; changed bytes change it."""
   write_folder_dataset(tmp_path / "ds", n_items=40)
-  before = builders.source_files("folder", str(tmp_path / "ds"))
+  config = folder_config(tmp_path / "ds", tmp_path / "tfds")
+  before = pipeline._source_files(config.data)
+  assert before["images/"] == builders.directory_sha256(str(tmp_path / "ds" / "images"))
   import builtins
   real_open = builtins.open
+  opened = []
 
-  def no_photos(path, *a, **kw):
-    assert not str(path).endswith(".png"), path
+  def counting(path, *a, **kw):
+    if str(path).endswith(".png"):
+      opened.append(path)
     return real_open(path, *a, **kw)
-  monkeypatch.setattr(builtins, "open", no_photos)
-  assert builders.source_files("folder", str(tmp_path / "ds")) == before
+  monkeypatch.setattr(builtins, "open", counting)
+  assert pipeline._source_files(config.data) == before
+  assert opened == []
   os.utime(tmp_path / "ds" / "images" / "it3.png", ns=(1, 1))
-  assert builders.source_files("folder", str(tmp_path / "ds"))["images/"] != before["images/"]
+  assert pipeline._source_files(config.data) == before
+  assert len(opened) == 40  # Hashed again once...
+  assert pipeline._source_files(config.data) == before
+  assert len(opened) == 40  # ...and remembered.
+  monkeypatch.setattr(builtins, "open", real_open)
+  Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "ds" / "images" / "it3.png")
+  assert pipeline._source_files(config.data)["images/"] != before["images/"]
 
 
 def test_preparing_leaves_no_temporary_directories(tmp_path, monkeypatch):

@@ -27,8 +27,9 @@ Builders:
 
 The config name carries a fingerprint of the source (manual directory, image
 size, generator settings, and for ``hm`` / ``folder`` the sha256 of each CSV file,
-a stat fingerprint of ``images/`` and the preprocessing settings; see
-:func:`source_files`), so a changed file or setting never reuses a stale entry.
+a content fingerprint of ``images/`` and the preprocessing settings; see
+:func:`source_files`), so a changed file or setting never reuses a stale entry, and a
+merely copied or touched one never prepares the tables again.
 
 CSV files are UTF-8 (a byte-order mark is allowed), comma-separated, with a
 header row and at least one data row; every row has the header's number of
@@ -206,23 +207,14 @@ def file_sha256(path: str) -> str | None:
   return digest.hexdigest()
 
 
-def directory_fingerprint(path: str) -> str | None:
-  """A cheap fingerprint of a directory tree: sha256 of its sorted
-  (relative path, size in bytes, mtime in ns) for every file; stat only, no reads.
-
-  Linked directories are followed (each real directory once).
-
-  Returns:
-    hex digest, or None if ``path`` is not a directory.
+def _tree_files(path: str) -> list[tuple[str, os.DirEntry | None]]:
+  """(relative path, entry) of every file under ``path``, sorted; entry None for a dangling
+  link. Linked directories are followed (each real directory once).
 
   Raises:
     DataError: naming a directory that cannot be listed.
   """
-  if not os.path.isdir(path):
-    return None
-  entries = []
-  stack = [""]
-  seen = set()
+  files, stack, seen = [], [""], set()
   while stack:
     rel = stack.pop()
     here = os.path.join(path, rel)
@@ -236,17 +228,58 @@ def directory_fingerprint(path: str) -> str | None:
           name = os.path.join(rel, e.name) if rel else e.name
           if e.is_dir():
             stack.append(name)
-            continue
-          try:
-            info = e.stat()
-          except OSError:  # A dangling link: fingerprinted as such.
-            entries.append(f"{name}\t-\t-")
-            continue
-          entries.append(f"{name}\t{info.st_size}\t{info.st_mtime_ns}")
+          else:
+            files.append((name, e if os.path.exists(e.path) else None))
     except OSError as err:
       raise DataError(f"{here}: cannot list the directory ({err.strerror or err})") from None
-  entries.sort()
-  return hashlib.sha256("\n".join(entries).encode("utf-8", "surrogateescape")).hexdigest()
+  return sorted(files, key=lambda f: f[0])
+
+
+def _digest(lines: list[str]) -> str:
+  return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def directory_fingerprint(path: str) -> str | None:
+  """A cheap fingerprint of a directory tree: sha256 of its sorted
+  (relative path, size in bytes, mtime in ns) for every file; stat only, no reads.
+  It changes when a file is merely touched or copied; :func:`directory_sha256` does not.
+
+  Returns:
+    hex digest, or None if ``path`` is not a directory.
+
+  Raises:
+    DataError: naming a directory that cannot be listed.
+  """
+  if not os.path.isdir(path):
+    return None
+  lines = []
+  for name, entry in _tree_files(path):
+    try:
+      info = entry.stat() if entry is not None else None
+    except OSError:
+      info = None
+    lines.append(f"{name}\t-\t-" if info is None else f"{name}\t{info.st_size}\t{info.st_mtime_ns}")
+  return _digest(lines)
+
+
+def directory_sha256(path: str) -> str | None:
+  """A content fingerprint of a directory tree: sha256 of its sorted (relative path, sha256
+  of the file's bytes) for every file (reads every file: about 2 s for H&M's 17,033
+  photos, 147 MB, on 2 cores).
+
+  Returns:
+    hex digest, or None if ``path`` is not a directory.
+
+  Raises:
+    DataError: naming a directory that cannot be listed or a file that cannot be read.
+  """
+  if not os.path.isdir(path):
+    return None
+  lines = []
+  for name, entry in _tree_files(path):
+    digest = None if entry is None else file_sha256(entry.path)
+    lines.append(f"{name}\t{digest or '-'}")
+  return _digest(lines)
 
 
 def _utf8_error(path: str) -> DataError:
@@ -398,24 +431,38 @@ def parse_day(value: str) -> int:
     raise ValueError("is not a YYYY-MM-DD date") from None
 
 
-def source_files(name: str, manual_dir: str) -> dict[str, str | None]:
+def source_files(name: str, manual_dir: str, *,
+                 known_images: dict | None = None) -> tuple[dict[str, str | None], str | None]:
   """Fingerprints of the files a manual-directory dataset is prepared from.
+
+  The image tree's fingerprint is its content (:func:`directory_sha256`), so a copied or
+  touched tree keeps it. Hashing every photo takes seconds, so it is skipped when the
+  tree's stat fingerprint (:func:`directory_fingerprint`) equals the one ``known_images``
+  recorded.
 
   Args:
     name: 'hm' or 'folder' (a key of :data:`BUILDERS` whose class has ``CSV_FILES``).
     manual_dir: absolute path of its directory.
+    known_images: {'stat': stat fingerprint, 'sha256': content fingerprint} of an earlier
+      call on the same directory (e.g. from the tfds directory's index), or None.
 
   Returns:
-    {csv file name: sha256 of its bytes or None if absent, ..., 'images/': stat
-    fingerprint of the image tree (:func:`directory_fingerprint`) or None}.
+    ({csv file name: sha256 of its bytes or None if absent, ..., 'images/': content
+    fingerprint of the image tree or None}, the tree's stat fingerprint or None).
 
   Raises:
     DataError: naming a file or directory that exists but cannot be read.
   """
   cls = BUILDERS[name]
   out = {f: file_sha256(os.path.join(manual_dir, f)) for f in cls.CSV_FILES}
-  out["images/"] = directory_fingerprint(os.path.join(manual_dir, "images"))
-  return out
+  images = os.path.join(manual_dir, "images")
+  stat = directory_fingerprint(images)
+  known = known_images or {}
+  if stat is not None and known.get("stat") == stat and known.get("sha256"):
+    out["images/"] = known["sha256"]
+  else:
+    out["images/"] = directory_sha256(images)
+  return out, stat
 
 
 class SyntheticFashion(_VarsBuilder):

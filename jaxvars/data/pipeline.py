@@ -6,10 +6,12 @@ first time and read back afterwards, so that evaluation ranks exactly the same
 candidates as training did.
 
 Nothing stale is reused silently. The prepared tfds tables are named after the
-content of their source files (sha256 of each CSV, a stat fingerprint of
+content of their source files (sha256 of each CSV and of every photo under
 ``images/``) and the settings that shape them, so a changed file prepares them
-again; ``<tfds_dir>/jaxvars_sources.json`` keeps the last fingerprint of each
-manual directory so that the log says once which files changed. ``split.npz``
+again and a copied or touched one does not; ``<tfds_dir>/jaxvars_sources.json`` keeps
+the last fingerprint of each manual directory, so that the log says once which files
+changed, and the image tree's stat fingerprint, so that its photos are hashed again only
+when a size or mtime changed. ``split.npz``
 stores the sha256 of the CSV files it was made from and refuses other ones.
 """
 
@@ -118,14 +120,34 @@ def _manual_dir(data_config) -> str:
   return manual
 
 
+def _tfds_root(data_config) -> str:
+  """The tfds data directory: ``data.tfds_dir``, else $TFDS_DATA_DIR, else
+  ~/tensorflow_datasets (tfds's own default)."""
+  return os.path.abspath(os.path.expanduser(data_config.tfds_dir or os.environ.get(
+      "TFDS_DATA_DIR", os.path.join("~", "tensorflow_datasets"))))
+
+
 def _source_files(data_config) -> dict:
-  """Fingerprints of the source files ({} for synthetic): :func:`builders.source_files`."""
+  """Fingerprints of the source files ({} for synthetic): :func:`builders.source_files`,
+  with the image tree's stat fingerprint and content hash remembered in the tfds
+  directory's index (``images_stat``), so that its photos are read only after a change."""
   if not _builder_class(data_config).CSV_FILES:
     return {}
   manual = _manual_dir(data_config)
+  root, key = _tfds_root(data_config), _index_key(data_config)
+  entry = _read_index(root).get(key)
+  known = entry.get("images_stat") if isinstance(entry, dict) else None
   start = time.perf_counter()
-  files = builders.source_files(data_config.name, manual)
-  logging.debug("fingerprinted %s in %.2f s", manual, time.perf_counter() - start)
+  files, stat = builders.source_files(data_config.name, manual,
+                                      known_images=known if isinstance(known, dict) else None)
+  seconds = time.perf_counter() - start
+  if stat is not None and (not isinstance(known, dict) or known.get("stat") != stat):
+    logging.info("%s: hashed the photos under images/ in %.1f s (new or changed sizes or "
+                 "mtimes)", manual, seconds)
+    _write_index(root, key, {"images_stat": {"stat": stat, "sha256": files["images/"]}},
+                 merge=True)
+  else:
+    logging.debug("fingerprinted %s in %.2f s", manual, seconds)
   return files
 
 
@@ -219,14 +241,16 @@ def _read_index(root: str) -> dict:
     return {}
 
 
-def _write_index(root: str, key: str, entry: dict) -> None:
-  """Sets ``key`` of ``<root>/jaxvars_sources.json`` (atomic replace; a concurrent
-  writer may lose its entry, which costs only a log line)."""
+def _write_index(root: str, key: str, entry: dict, *, merge: bool = False) -> None:
+  """Sets ``key`` of ``<root>/jaxvars_sources.json`` to ``entry`` (with ``merge``: updates
+  its fields with ``entry``'s) (atomic replace; a concurrent writer may lose its entry,
+  which costs only a log line or a second hashing of the photos)."""
   path = os.path.join(root, SOURCES_INDEX)
   try:
     os.makedirs(root, exist_ok=True)
     index = _read_index(root)
-    index[key] = entry
+    old = index.get(key)
+    index[key] = dict(old, **entry) if merge and isinstance(old, dict) else entry
     fd, tmp = tempfile.mkstemp(dir=root, prefix=SOURCES_INDEX + ".", suffix=".tmp")
     try:
       with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -268,7 +292,7 @@ def _prepare_tables(data_config, files: dict) -> dict:
   pending = [b for b in built.values() if not _is_prepared(b)]
   if not pending:
     return built
-  root = os.fspath(pending[0].data_dir_root)
+  root = _tfds_root(data_config)
   if files:
     key = _index_key(data_config)
     last = _read_index(root).get(key)
@@ -288,7 +312,8 @@ def _prepare_tables(data_config, files: dict) -> dict:
   if files:
     _write_index(root, key, {
         "files": files, "prepared": datetime.datetime.now().isoformat(timespec="seconds"),
-        "configs": {t: f"{b.name}/{b.builder_config.name}" for t, b in built.items()}})
+        "configs": {t: f"{b.name}/{b.builder_config.name}" for t, b in built.items()}},
+        merge=True)
   return built
 
 
@@ -376,8 +401,7 @@ def load(data_config: ml_collections.ConfigDict, workdir: str | None = None) -> 
 def _split_source(files: dict) -> dict:
   """The source fingerprints a stored split must match: the CSV files' sha256.
 
-  The stat fingerprint of ``images/`` is left out: it changes when the directory
-  is merely copied, and photos do not shape the split (an item whose photo went
+  The fingerprint of ``images/`` is left out: photos do not shape the split (an item whose photo went
   missing under missing_images='drop' changes the item ids, which are checked).
   """
   return {k: v for k, v in files.items() if k != "images/"}
