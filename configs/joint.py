@@ -151,6 +151,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # ---- Joint loss weights (eq. 12: L = L_content + l1 L_perc + l2 L_contr + l3 L_bpr) ----
   c.loss = lw = ml_collections.ConfigDict()
   lw.content = 1.0  # Weight of the content loss ||x - D(x)||^2.
+  # Weight of the content loss on clean inputs only (D(x); D(x_adv) on a clean step), with
+  # `content` then weighting attacked inputs' only. None = `content` (eq. 12's one weight).
+  # High values keep clean photos (fidelity) and leave D free on attacked ones (README).
+  lw.content_clean = ml_collections.config_dict.placeholder(float)
   lw.perceptual = 1.0  # l1: weight of the perceptual loss (backbone stages 2-4).
   lw.contrastive = 1.0  # l2: weight of the InfoNCE loss of the detector.
   lw.bpr = 0.1  # l3: weight of VBPR's BPR loss on denoised images.

@@ -35,9 +35,25 @@ def test_shaping_fields_ignore_only_what_a_stage_cannot_read(tfds_dir):
   assert records.stage_fields(unread, names[0], names[:1]) != records.stage_fields(
       main, names[0], names[:1])
   for read in ("loss.perceptual=0.5", "loss.bpr=0", "loss.content=2", "denoiser.channels=8",
-               "defense.train_eps=4", "stages.denoiser_fgsm.lr=0.01", "seed=3"):
+               "defense.train_eps=4", "stages.denoiser_fgsm.lr=0.01", "seed=3",
+               "loss.content_clean=3000"):
     changed = apply_overrides(main, (read,), where="test")
     assert shaping(changed, 0) != shaping(main, 0), read
+
+
+def test_unset_option_keeps_existing_records_valid(tfds_dir):
+  """An option left at None (``loss.content_clean``) is not among a stage's recorded
+  fields, so workdirs trained before it existed resume; set, it is recorded, and it shapes
+  only stages that use the content term."""
+  main = tiny_config(tfds_dir)
+  names = _names(main)
+  assert main.loss.content_clean is None
+  assert "loss.content_clean" not in records.stage_fields(main, names[0], names[:1])
+  changed = apply_overrides(main, ("loss.content_clean=3000",), where="test")
+  assert records.stage_fields(changed, names[0], names[:1])["loss.content_clean"] == 3000
+  # A detector stage alone (contrastive term only): the content weights shape nothing.
+  assert (records.shaping_fields(changed, "detector", ["detector"])
+          == records.shaping_fields(main, "detector", ["detector"]))
 
 
 @pytest.mark.slow

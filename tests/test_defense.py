@@ -10,7 +10,7 @@ import pytest
 
 from flax.training.train_state import TrainState
 
-from conftest import tiny_models
+from conftest import tiny_config, tiny_models
 from jaxvars import losses, sharding
 from jaxvars.attacks.spec import AttackSpec
 from jaxvars.data import splits
@@ -327,3 +327,50 @@ def test_defense_objective_equals_one_backbone_pass(terms, encoder, clean):
   for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4,
                                atol=2e-6 * max(1.0, float(np.max(np.abs(b)))))
+
+
+@pytest.mark.parametrize("clean", [False, True])
+def test_content_clean_weights_clean_inputs_apart(clean):
+  """``loss.content_clean`` weights the reconstruction of clean inputs (D(x), and D(x_adv)
+  on a clean step) and ``loss.content`` only an attacked input's: on an attacked step the
+  loss grows by (w_clean - w) ||x - D(x)||^2, on a clean step it equals eq. 12 with the
+  content weight w_clean, and w_clean = w is eq. 12 itself."""
+  from jaxvars.training.defense_step import defense_objective, loss_weights
+  models, params, consts, images, users, items = tiny_models()
+  batch_items = np.arange(6, dtype=np.int32)
+  triplets = splits.item_triplets(batch_items, train_users=users, train_items=items,
+                                  num_users=20, num_items=40,
+                                  positive_keys=splits.pair_keys(users, items, 40), per_role=2,
+                                  rng=np.random.default_rng(1))
+  batch = {"images": jnp.asarray(images[:6]), "items": batch_items, "triplets": triplets}
+  x = batch["images"] / 255.0
+  x_adv = x if clean else jnp.clip(x + 0.03 * jnp.sign(jax.random.normal(
+      jax.random.key(5), x.shape)), 0.0, 1.0)
+  is_adv = 0.0 if clean else 1.0
+
+  def loss(**weights):
+    return float(defense_objective(params, consts, batch, x_adv, is_adv, models=models,
+                                   weights={"perceptual": 0.7, "bpr": 0.3, **weights},
+                                   temperature=0.2)[0])
+
+  plain = loss(content=1.0)
+  assert loss(content=1.0, content_clean=1.0) == plain
+  if clean:
+    np.testing.assert_allclose(loss(content=1.0, content_clean=5.0), loss(content=5.0),
+                               rtol=1e-6)
+  else:
+    recon_clean = float(jnp.mean((models.denoise(params, x) - x) ** 2))
+    assert recon_clean > 0
+    # The tiny D starts near the identity (recon_clean ~1e-8): large weights make the
+    # terms visible in float32.
+    np.testing.assert_allclose(loss(content=1.0, content_clean=1.0 + 1e6) - plain,
+                               1e6 * recon_clean, rtol=1e-3)
+    recon_adv = float(jnp.mean((models.denoise(params, x_adv) - x) ** 2))
+    np.testing.assert_allclose(loss(content=1e3, content_clean=0.0)
+                               - loss(content=0.0, content_clean=0.0), 1e3 * recon_adv, rtol=1e-4)
+  cfg = tiny_config("/unused").loss
+  assert "content_clean" not in loss_weights(cfg, ("content", "perceptual"))
+  cfg.content_clean = 3000.0
+  assert loss_weights(cfg, ("content", "bpr")) == {"content": cfg.content, "bpr": cfg.bpr,
+                                                   "content_clean": 3000.0}
+  assert loss_weights(cfg, ("contrastive",)) == {"contrastive": cfg.contrastive}

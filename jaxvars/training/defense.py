@@ -21,7 +21,8 @@ from jaxvars.errors import CheckpointError
 from jaxvars.progress import progress
 from jaxvars.training import records
 from jaxvars.training.common import check_finite
-from jaxvars.training.defense_step import INPUT_KINDS, make_defense_step, stage_optimizer
+from jaxvars.training.defense_step import (INPUT_KINDS, loss_weights, make_defense_step,
+                                           stage_optimizer)
 
 
 def stage_names(config) -> list[str]:
@@ -96,7 +97,7 @@ def train_defense(exp, consts: dict, params: dict, workdir: str, *, writer=None)
     if start:
       logging.info("stage %s: resuming from checkpoint %d of %d steps", name, start, total)
     step_fn = make_defense_step(exp.models, exp.mesh,
-                                weights={term: config.loss[term] for term in stage.terms},
+                                weights=loss_weights(config.loss, stage.terms),
                                 mix=tuple(stage.mix), attack=attack, eps_choices=choices,
                                 temperature=config.detector.temperature)
     stage_key = jax.random.fold_in(jax.random.key(config.seed), 1000 + s_index)

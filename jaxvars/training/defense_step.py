@@ -25,6 +25,22 @@ from jaxvars.models import PARAM_GROUPS
 from jaxvars.pixels import to_float
 
 LOSS_TERMS = ("content", "perceptual", "contrastive", "bpr")  # config.stages.<stage>.terms
+# Weights besides the terms': 'content_clean' weights the content term's clean inputs apart.
+EXTRA_WEIGHTS = ("content_clean",)
+
+
+def loss_weights(loss_config, terms) -> dict:
+  """{weight name: value} of a stage's ``terms`` from ``config.loss``: each term's weight,
+  and ``content_clean`` where the stage uses the content term and it is set (not None).
+
+  Args:
+    loss_config: ``config.loss`` (content, perceptual, contrastive, bpr, content_clean).
+    terms: the stage's terms (a subset of LOSS_TERMS).
+  """
+  weights = {term: float(loss_config[term]) for term in terms}
+  if "content" in terms and loss_config.get("content_clean") is not None:
+    weights["content_clean"] = float(loss_config["content_clean"])
+  return weights
 INPUT_KINDS = ("clean", "fgsm", "pgd")  # The order of config.stages.<stage>.mix.
 
 
@@ -53,13 +69,20 @@ def defense_objective(params, consts, batch, x_adv, is_adv, *, models, weights: 
                       temperature: float):
   """The joint loss ``w_c L_content + l1 L_perceptual + l2 L_contrastive + l3 L_bpr``.
 
+  ``L_content`` is ``||x - D(x_adv)||^2 + ||x - D(x)||^2`` (per-pixel means, pixels in
+  [0, 1]). With ``weights['content_clean']`` the reconstructions of clean inputs (D(x), and
+  D(x_adv) on a clean step) are weighted by it and only an attacked input's by
+  ``weights['content']``: D may then rewrite attacked photos while keeping clean ones (the
+  same as eq. 12 when the two weights are equal).
+
   Args:
     params: {'recommender', 'denoiser', 'detector'}. consts: {'backbone', 'stats', 'features'}.
     batch: {'images' uint8 [B, H, W, 3], 'items' int32 [B], 'triplets' dict of [B, T]}.
     x_adv: float32 [B, H, W, 3], the (possibly adversarial) inputs (= clean when is_adv=0).
     is_adv: float32 scalar, 1 when ``x_adv`` is adversarial (the contrastive term needs it).
     models: :class:`jaxvars.models.Models`.
-    weights: {term: weight} for the terms in LOSS_TERMS to compute (others skipped).
+    weights: {term: weight} for the terms in LOSS_TERMS to compute (others skipped), and
+      optionally 'content_clean' (see above).
     temperature: InfoNCE temperature.
 
   Returns:
@@ -86,8 +109,9 @@ def defense_objective(params, consts, batch, x_adv, is_adv, *, models, weights: 
   metrics = {}
   loss = 0.0
   if "content" in weights:
-    metrics["content"] = losses.content(clean=x, denoised=d_adv) + losses.content(
-        clean=x, denoised=d_clean)
+    content_adv = losses.content(clean=x, denoised=d_adv)
+    content_clean = losses.content(clean=x, denoised=d_clean)
+    metrics["content"] = content_adv + content_clean
   if "perceptual" in weights:
     metrics["perceptual"] = losses.perceptual(
         clean_maps={k: jax.lax.stop_gradient(fixed_out[k][:b]) for k in PERCEPTUAL_MAPS},
@@ -112,7 +136,12 @@ def defense_objective(params, consts, batch, x_adv, is_adv, *, models, weights: 
         triplets=batch["triplets"], score_fn=models.score_fn(params["recommender"]),
         other_features=consts["features"]))
   for term, w in weights.items():
-    loss = loss + w * metrics[term]
+    if term == "content" and "content_clean" in weights:
+      w_clean = weights["content_clean"]
+      loss = loss + w * is_adv * content_adv + w_clean * (content_clean
+                                                          + (1.0 - is_adv) * content_adv)
+    elif term in LOSS_TERMS:
+      loss = loss + w * metrics[term]
   metrics["loss"] = loss
   return loss, metrics
 
@@ -128,7 +157,8 @@ def make_defense_step(models, mesh, *, weights: dict, mix, attack: AttackSpec,
 
   Args:
     models: :class:`jaxvars.models.Models`.
-    weights: {term: weight} of the terms to use (zero-weight terms are not computed).
+    weights: {term: weight} of the terms to use (zero-weight terms are not computed), and
+      optionally 'content_clean' (:func:`defense_objective`; kept even at 0).
     mix: (clean, fgsm, pgd) proportions.
     attack: the training attack (its eps, steps and step rule; ``method`` is ignored).
     eps_choices: if non-empty, each step draws its eps uniformly from these (1/255; one
@@ -139,10 +169,18 @@ def make_defense_step(models, mesh, *, weights: dict, mix, attack: AttackSpec,
     step(state, batch, consts, key) -> (state, metrics); batch sharded on ``data``,
     state and consts replicated; ``state`` is donated.
   """
-  weights = {k: float(v) for k, v in weights.items() if float(v) != 0.0}
-  unknown = set(weights) - set(LOSS_TERMS)
+  unknown = set(weights) - set(LOSS_TERMS) - set(EXTRA_WEIGHTS)
   if unknown:
-    raise ValueError(f"unknown loss term(s) {sorted(unknown)}; expected {LOSS_TERMS}")
+    raise ValueError(f"unknown loss term(s) {sorted(unknown)}; expected {LOSS_TERMS} "
+                     f"(and {EXTRA_WEIGHTS})")
+  weights = {k: float(v) for k, v in weights.items()}
+  w_clean = weights.pop("content_clean", None)
+  if "content" not in weights or w_clean == weights["content"]:
+    w_clean = None  # The stage has no content term, or eq. 12's single weight.
+  weights = {k: v for k, v in weights.items()
+             if v != 0.0 or (k == "content" and w_clean)}  # Zero-weight terms skipped.
+  if w_clean is not None and "content" in weights:
+    weights["content_clean"] = w_clean
   probs = jnp.asarray(mix, jnp.float32) / float(sum(mix))
   choices = tuple(float(e) for e in eps_choices or ())
   specs = {kind: dataclasses.replace(attack, method=kind) for kind in ("fgsm", "pgd")}

@@ -53,12 +53,14 @@ def flatten(config) -> dict:
 
 def stage_fields(config, stage: str, stages=()) -> dict:
   """The config fields that shape ``stage`` ('recommender' or a defence stage, whose
-  ``stages`` are the defence stages run up to and including it)."""
+  ``stages`` are the defence stages run up to and including it). A field that is None (an
+  option left unset, e.g. ``loss.content_clean``) is left out, so adding such an option
+  keeps the records of existing workdirs valid."""
   flat = flatten(config.to_dict() if hasattr(config, "to_dict") else config)
   prefixes = _UPSTREAM if stage == RECOMMENDER else _UPSTREAM + _DEFENCE + tuple(
       f"stages.{s}." for s in stages)
   return {k: v for k, v in sorted(flat.items())
-          if k.startswith(prefixes) and k not in _NOT_SHAPING}
+          if k.startswith(prefixes) and k not in _NOT_SHAPING and v is not None}
 
 
 def shaping_fields(config, stage: str, stages) -> dict:
@@ -70,7 +72,8 @@ def shaping_fields(config, stage: str, stages) -> dict:
   adopt_stages` relies on; tested in tests/test_ablation_reuse.py)."""
   fields = stage_fields(config, stage, stages)
   used = set().union(*(set(config.stages[s].terms) for s in stages))
-  drop = {f"loss.{term}" for term in config.loss if term not in used}
+  # A weight shapes nothing where its term is unused (loss.content_clean: the content term).
+  drop = {f"loss.{w}" for w in config.loss if w.removesuffix("_clean") not in used}
   if not any("detector" in config.stages[s].trainable for s in stages):
     drop.add("detector.train_encoder")
   return {k: v for k, v in fields.items() if k not in drop}
