@@ -58,9 +58,10 @@ def attack_loss(spec, *, models, params, consts, config, items, inputs=None, con
     if system is None:
       seen = xq[None]
     elif system.randomized:
-      seen = transform(models, params, xq, draw_keys(items, key, draws=max(1, spec.eot)))
+      seen = transform(models, params, xq, draw_keys(items, key, draws=max(1, spec.eot)),
+                       consts)
     else:
-      seen = transform(models, params, xq, None)[None]
+      seen = transform(models, params, xq, None, consts)[None]
     k, b = seen.shape[:2]
     out = models.backbone_out(consts, seen.reshape((k * b,) + seen.shape[2:]))
     feats = models.normalize(consts, out["pooled"]).reshape(k, b, -1)

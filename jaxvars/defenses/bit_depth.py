@@ -39,7 +39,8 @@ def _validate(config) -> None:
 
 SYSTEMS.register("bit_depth", System(
     label="BitDepth", needs=(),
-    make=lambda config: (lambda models, params, images, keys, b=int(config.systems.bit_depth):
+    make=lambda config: (lambda models, params, images, keys, consts=None,
+                                b=int(config.systems.bit_depth):
                          reduce_bit_depth(images, b)),
     description="colour depth reduced to config.systems.bit_depth bits per channel before the "
                 "backbone; BPDA (identity) backward",

@@ -71,7 +71,8 @@ def _validate(config) -> None:
 
 SYSTEMS.register("jpeg", System(
     label="JPEG", needs=(),
-    make=lambda config: (lambda models, params, images, keys, q=int(config.systems.jpeg_quality):
+    make=lambda config: (lambda models, params, images, keys, consts=None,
+                                q=int(config.systems.jpeg_quality):
                          jpeg_compress(images, q)),
     description="JPEG encode + decode (PIL) before the backbone; BPDA (identity) backward",
     settings=lambda config: {"jpeg_quality": int(config.systems.jpeg_quality)},

@@ -10,10 +10,14 @@ Registered here: ``undefended`` (the plain recommender; its rows are named after
 recommender, e.g. ``vbpr/clean``), ``defended`` (OURS: D(x), paper 3.3),
 ``defended_rand`` (OURS-rand: rand(D(x)) as the paper, or D(rand(x)) with
 ``config.denoiser.rand_order='before'``; padding ``config.denoiser.rand_pad``) and
-``defended_rand_border`` (the same with border-colour padding).
+``defended_rand_border`` (the same with border-colour padding) and ``defended_gated``
+(OURS-gated: D only on the photos the detector flags, the others as uploaded).
 
-A randomised system's transform takes keys [K, B] (K draws of each of B photos) and
-returns [K, B, H, W, 3]; the others take ``keys=None`` and return [B, H, W, 3].
+A transform is ``(models, params, images, keys, consts=None) -> images``: float32 images
+[B, H, W, 3] in [0, 1]; ``consts`` the frozen backbone's constants, with the deployed
+detector threshold under :data:`GATE_THRESHOLD` where the evaluation has calibrated one. A
+randomised system's transform takes keys [K, B] (K draws of each of B photos) and returns
+[K, B, H, W, 3]; the others take ``keys=None`` and return [B, H, W, 3].
 """
 
 from __future__ import annotations
@@ -24,12 +28,16 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxvars.defenses.detector import detection_score
 from jaxvars.registry import Registry
 
 SYSTEMS = Registry("defended system")
 UNDEFENDED = "undefended"
+# consts key of the deployed detector threshold (set by the evaluation from the clean
+# calibration items' scores at config.detector.fpr), read by the gated system.
+GATE_THRESHOLD = "detector_threshold"
 
-Transform = Callable[..., jax.Array]  # (models, params, images [B,H,W,3], keys [B] | None)
+Transform = Callable[..., jax.Array]  # (models, params, images [B,H,W,3], keys | None, consts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +52,7 @@ class System:
     description: one line for the report: what the backbone sees.
     settings: ``config -> dict`` of the settings it runs with (recorded in results.json).
     validate: ``config -> None``, raising ConfigError for a bad setting of its own.
+    gated: reads the deployed detector threshold (``consts[GATE_THRESHOLD]``).
   """
   label: str | None
   make: Callable[..., Transform]
@@ -52,6 +61,7 @@ class System:
   description: str = ""
   settings: Callable[..., dict] = lambda config: {}
   validate: Callable[..., None] = lambda config: None
+  gated: bool = False
 
 
 def draw_keys(items: jax.Array, base: jax.Array, *, draws: int) -> jax.Array:
@@ -67,12 +77,45 @@ def row_name(system: str, recommender_name: str) -> str:
   return recommender_name if system == UNDEFENDED else system
 
 
-def _undefended(models, params, images, keys):
+def _undefended(models, params, images, keys, consts=None):
   return images
 
 
-def _defended(models, params, images, keys):
+def _defended(models, params, images, keys, consts=None):
   return models.denoise(params, images)
+
+
+def gated_denoise(models, params, consts, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """OURS-gated: D(x) where the detector flags x (score ||z(x) - z(D(x))|| above the deployed
+  threshold), x itself elsewhere.
+
+  Args:
+    models, params: the composed models and their parameters (denoiser, detector).
+    consts: the backbone's constants with the threshold under :data:`GATE_THRESHOLD`.
+    images: float32 [B, H, W, 3] in [0, 1].
+
+  Returns:
+    (images float32 [B, H, W, 3], flagged bool [B]). The gate itself has no gradient: a
+    white-box attacker differentiates through the branch each photo takes (and evades the
+    gate with the detector-aware penalty, :mod:`jaxvars.attacks.whitebox`).
+
+  Raises:
+    ValueError: ``consts`` without a threshold (only an evaluation that calibrated the
+      detector can run this system).
+  """
+  if consts is None or GATE_THRESHOLD not in consts:
+    raise ValueError(f"the gated system needs the deployed detector threshold in "
+                     f"consts[{GATE_THRESHOLD!r}] (set by the evaluation from the calibration "
+                     f"items)")
+  denoised = models.denoise(params, images)
+  z = models.embed(params, consts, jnp.concatenate([images, denoised]))
+  b = images.shape[0]
+  flagged = detection_score(z[:b], z[b:]) > consts[GATE_THRESHOLD]
+  return jnp.where(flagged[:, None, None, None], denoised, images), flagged
+
+
+def _gated(models, params, images, keys, consts=None):
+  return gated_denoise(models, params, consts, images)[0]
 
 
 def make_rand_system(config, *, pad: str | None = None) -> Transform:
@@ -81,7 +124,7 @@ def make_rand_system(config, *, pad: str | None = None) -> Transform:
   order = config.denoiser.get("rand_order", "after")
   pad = pad or config.denoiser.rand_pad
 
-  def transform(models, params, images, keys):
+  def transform(models, params, images, keys, consts=None):
     if order == "after":  # D once, then K random resize + pads of its output.
       denoised = models.denoise(params, images)
       return jax.vmap(lambda ks: models.rand(denoised, ks, pad=pad))(keys)
@@ -108,3 +151,9 @@ SYSTEMS.register("defended_rand_border", System(
     settings=lambda config: {"rand_order": config.denoiser.get("rand_order", "after"),
                              "rand_pad": "border",
                              "rand_min_scale": config.denoiser.rand_min_scale}))
+SYSTEMS.register("defended_gated", System(
+    label="OURS-gated", make=lambda config: _gated, needs=("denoiser", "detector"),
+    gated=True,
+    description="D only on the photos the detector flags at the deployed threshold (the others "
+                "as uploaded), so clean photos mostly reach the backbone unchanged",
+    settings=lambda config: {"detector_fpr": float(config.detector.fpr)}))

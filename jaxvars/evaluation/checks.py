@@ -14,7 +14,8 @@ from jaxvars import rng
 from jaxvars.conditions import CLEAN
 from jaxvars.evaluation import bootstrap
 from jaxvars.evaluation.detection import detection_metrics, roc_auc
-from jaxvars.evaluation.fidelity import psnr, ssim
+from jaxvars.defenses.systems import gated_denoise
+from jaxvars.evaluation.fidelity import psnr, psnr_of_mse, ssim
 from jaxvars.features import batched_map
 from jaxvars.pixels import to_float, to_uint8
 
@@ -96,12 +97,21 @@ class Fidelity:
   detection items: PSNR (dB) and SSIM of D(x) against the clean photo, the PSNR of the
   input itself (what the attack did), and the L2 distance of D(x)'s normalised backbone
   features from the clean photo's. ``results``: {condition: {metric: mean, 'ci95':
-  {metric: [lo, hi]}, 'items'}}."""
+  {metric: [lo, hi]}, 'items'}}.
+
+  With ``gated`` (consts hold the deployed threshold; the gated system,
+  :func:`jaxvars.defenses.systems.gated_denoise`) also what OURS-gated passes on:
+  'gated_unchanged', the share of photos it leaves as uploaded (not flagged), and
+  'gated_psnr', the PSNR (dB) of its output against the clean photo from the mean squared
+  error over the items (a photo left unchanged has error 0, so a per-photo mean of PSNRs
+  would be infinite).
+  """
 
   METRICS = ("psnr", "ssim", "psnr_input", "feature_l2")
 
-  def __init__(self, models, params, consts, data, holdout, config, *, batch: int = 64):
-    self.holdout, self.clean, self.batch = holdout, data.images[holdout], batch
+  def __init__(self, models, params, consts, data, holdout, config, *, batch: int = 64,
+               gated: bool = False):
+    self.holdout, self.clean, self.batch, self.gated = holdout, data.images[holdout], batch, gated
     e = config.eval
     self.kw = dict(resamples=int(e.bootstrap_resamples), seed=int(e.bootstrap_seed))
     self.results = {}
@@ -111,8 +121,13 @@ class Fidelity:
       x, clean = to_float(x_u8), to_float(clean_u8)
       d = models.denoise(params, x)
       f_d, f_c = models.features(consts, d), models.features(consts, clean)
-      return jnp.stack([psnr(d, clean), ssim(d, clean), psnr(x, clean),
-                        jnp.linalg.norm(f_d - f_c, axis=-1)], axis=-1)
+      cols = [psnr(d, clean), ssim(d, clean), psnr(x, clean),
+              jnp.linalg.norm(f_d - f_c, axis=-1)]
+      if gated:
+        g, flagged = gated_denoise(models, params, consts, x)
+        cols += [1.0 - flagged.astype(jnp.float32),
+                 jnp.mean(jnp.square(g - clean), axis=(1, 2, 3))]
+      return jnp.stack(cols, axis=-1)
 
     self._measure = measure
 
@@ -122,6 +137,13 @@ class Fidelity:
                         for a, b in _chunks(seen, self.clean, self.batch)])
     out = {n: float(m[:, k].mean()) for k, n in enumerate(self.METRICS)}
     out["ci95"] = {n: bootstrap.mean_ci(m[:, k], **self.kw) for k, n in enumerate(self.METRICS)}
+    if self.gated:
+      k = len(self.METRICS)
+      pooled_psnr = lambda mse: float(psnr_of_mse(np.mean(mse)))
+      out["gated_unchanged"] = float(m[:, k].mean())
+      out["gated_psnr"] = pooled_psnr(m[:, k + 1])
+      out["ci95"]["gated_unchanged"] = bootstrap.mean_ci(m[:, k], **self.kw)
+      out["ci95"]["gated_psnr"] = bootstrap.statistic_ci(pooled_psnr, m[:, k + 1], **self.kw)
     out["items"] = int(len(m))
     self.results[cond] = out
 

@@ -20,11 +20,16 @@ SSIM_RADIUS = 5  # int(3.5 * sigma + 0.5): an 11 x 11 window.
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 
 
+def psnr_of_mse(mse):
+  """PSNR (dB) of a mean squared error of pixels in [0, 1]: 10 log10(1 / mse), capped at
+  100 dB (mse 1e-10 and below, e.g. identical images)."""
+  return jnp.minimum(10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10)), 100.0)
+
+
 def psnr(images: jax.Array, reference: jax.Array) -> jax.Array:
   """PSNR (dB) [B] of float images [B, H, W, C] in [0, 1] against ``reference`` (same shape);
   capped at 100 dB for identical images."""
-  mse = jnp.mean(jnp.square(images - reference), axis=(1, 2, 3))
-  return jnp.minimum(10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10)), 100.0)
+  return psnr_of_mse(jnp.mean(jnp.square(images - reference), axis=(1, 2, 3)))
 
 
 def _gaussian_window() -> np.ndarray:

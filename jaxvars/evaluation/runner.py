@@ -19,6 +19,8 @@ import numpy as np
 from jaxvars.attacks.catalogue import cached_attack_catalogue
 from jaxvars.conditions import CLEAN, parse_condition, parse_row_key, row_key
 from jaxvars.defenses import SYSTEMS, UNDEFENDED, row_name
+from jaxvars.defenses.systems import GATE_THRESHOLD
+from jaxvars.errors import ConfigError
 from jaxvars.evaluation import adaptive, checks, summary
 from jaxvars.evaluation.ranking import (candidate_matrix, candidate_scores, mostpop_scores,
                                         positive_ranks)
@@ -113,9 +115,16 @@ def evaluate_all(*, models, params, consts, data, mesh, config, eval_items: np.n
   conditions = [(CLEAN, None)] + [(spec.condition, spec) for spec in specs]
   names = [row_name(s, rec.name) for s in systems]
   attack, artifacts, clean_feats = {}, {}, {}
+  gated = [s for s in systems if SYSTEMS.get(s).gated]
   det = checks.Detection(models, params, consts, data, mesh, config, holdout, calibration,
-                         timing, artifacts) if detect and len(conditions) > 1 else None
-  fid = checks.Fidelity(models, params, consts, data, holdout, config) if fidelity else None
+                         timing, artifacts) if detect and (len(conditions) > 1 or gated) else None
+  if gated:
+    if det is None:
+      raise ConfigError(f"systems {gated} gate on the detector, which this evaluation does not "
+                        f"calibrate (a trained detector is needed)")
+    consts = {**consts, GATE_THRESHOLD: jnp.float32(det.threshold)}
+  fid = checks.Fidelity(models, params, consts, data, holdout, config,
+                        gated=bool(gated)) if fidelity else None
   # One attacked catalogue in memory at a time (a cached one is memory-mapped).
   for cond, spec in conditions:
     if spec is None:

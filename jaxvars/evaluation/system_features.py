@@ -63,9 +63,10 @@ def _systems_pass(params, consts, batch, *, names, models, config, seed, draws):
     system = SYSTEMS.get(name)
     transform = system.make(config)
     if not system.randomized:
-      out[name] = models.features(consts, transform(models, params, x, None))
+      out[name] = models.features(consts, transform(models, params, x, None, consts))
       continue
-    seen = transform(models, params, x, draw_keys(batch["items"], seed=seed, draws=draws))
+    seen = transform(models, params, x, draw_keys(batch["items"], seed=seed, draws=draws),
+                     consts)
     k, b = seen.shape[:2]
     feats = models.features(consts, seen.reshape((k * b,) + seen.shape[2:]))
     out[name] = feats.reshape(k, b, -1).transpose(1, 0, 2)  # [B, K, F]: batch first.

@@ -58,10 +58,17 @@ def noise_table(results: dict) -> list[str]:
 
 def fidelity_table(results: dict) -> list[str]:
   """How close D(x) is to the clean photo (PSNR, SSIM; L2 of normalised backbone features),
-  for clean and attacked inputs, with the attacked input's own PSNR for reference."""
+  for clean and attacked inputs, with the attacked input's own PSNR for reference; where the
+  run evaluated the gated system, also the share of photos it passes unchanged and the PSNR
+  of its output (from the mean squared error over the items)."""
   fid = results.get("fidelity", {})
+  gated = any("gated_psnr" in row for row in fid.values())
   rows = [[cond, cell(row, "psnr"), cell(row, "ssim"), cell(row, "psnr_input"),
-           cell(row, "feature_l2"), row["items"]] for cond, row in fid.items()]
-  header = ["input x", "PSNR(D(x), clean) dB", "SSIM(D(x), clean)", "PSNR(x, clean) dB",
-            "feature L2(D(x), clean)", "items"]
+           cell(row, "feature_l2")]
+          + ([cell(row, "gated_unchanged"), cell(row, "gated_psnr")] if gated else [])
+          + [row["items"]] for cond, row in fid.items()]
+  header = (["input x", "PSNR(D(x), clean) dB", "SSIM(D(x), clean)", "PSNR(x, clean) dB",
+             "feature L2(D(x), clean)"]
+            + (["OURS-gated: share unchanged", "OURS-gated: PSNR(output, clean) dB"] if gated
+               else []) + ["items"])
   return md_table(header, rows) if rows else []
