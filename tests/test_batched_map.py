@@ -92,3 +92,39 @@ def test_an_attacked_catalogue_does_not_depend_on_concurrent_batches(monkeypatch
   assert np.abs(out[1][0].astype(int) - images).max() > 0  # The attack did move pixels.
   for name, f in out[1][1].items():
     np.testing.assert_array_equal(out[2][1][name], f, err_msg=name)
+
+
+def test_systems_with_host_callbacks_run_one_batch_at_a_time(monkeypatch):
+  """JPEG's codec is a host callback: on a one-device CPU mesh its features come from a
+  pass of one batch at a time, the other systems from the concurrent pass, and every
+  system's features equal those of the single pass (one batch at a time) bit for bit."""
+  from conftest import tiny_models
+
+  import ml_collections
+
+  from jaxvars.defenses import SYSTEMS
+  from jaxvars.evaluation.system_features import systems_features
+
+  assert SYSTEMS.get("jpeg").host_callback and not SYSTEMS.get("defended").host_callback
+  models, params, consts, images, _, _ = tiny_models()
+  mesh = sharding.make_mesh(1)
+  config = ml_collections.ConfigDict({"systems": {"jpeg_quality": 75, "bit_depth": 5}})
+  names = ("undefended", "defended", "jpeg", "bit_depth")
+  calls = []
+  original = features.batched_map
+
+  def spy(fn, inputs, **kwargs):
+    calls.append((kwargs["desc"], kwargs.get("workers")))
+    return original(fn, inputs, **kwargs)
+
+  monkeypatch.setattr("jaxvars.evaluation.system_features.batched_map", spy)
+  out = {}
+  for workers in (1, 2):
+    monkeypatch.setattr(features, "CPU_CONCURRENT_BATCHES", workers)
+    out[workers] = systems_features(names, models=models, params=params, consts=consts,
+                                    images=images, mesh=mesh, batch_size=8, config=config,
+                                    seed=0)
+  assert calls == [("undefended/defended/jpeg/bit_depth features", 1),
+                   ("undefended/defended/bit_depth features", None), ("jpeg features", 1)]
+  for name in names:
+    np.testing.assert_array_equal(out[2][name], out[1][name], err_msg=name)

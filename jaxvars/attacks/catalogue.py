@@ -25,6 +25,7 @@ from jaxvars.attacks.objectives import OBJECTIVES
 from jaxvars.attacks.spec import METHODS, AttackSpec
 from jaxvars.attacks.whitebox import attack_loss
 from jaxvars.data import splits
+from jaxvars.defenses.systems import SYSTEMS
 from jaxvars.features import batched_map
 from jaxvars.pixels import to_float, to_uint8
 
@@ -126,7 +127,9 @@ def attack_catalogue(spec: AttackSpec, *, models, params, consts, data, mesh, ba
   out = batched_map(craft, {"images": data.images[attacked], "items": attacked, **inputs},
                     batch_size=batch_size, mesh=mesh,
                     desc=f"{spec.condition} attack" + (f" on {spec.through}" if spec.through
-                                                       else ""))
+                                                       else ""),
+                    workers=1 if spec.through and SYSTEMS.get(spec.through).host_callback
+                    else None)  # One batch at a time through host callbacks (System doc).
   elapsed = time.perf_counter() - t
   catalogue = np.array(data.images) if items is not None else out["adv"]
   if items is not None:
@@ -153,7 +156,6 @@ def cached_attack_catalogue(spec: AttackSpec, *, cache_dir: str | None, **kwargs
   images = kwargs["data"].images
   settings = None
   if spec.through is not None and kwargs.get("config") is not None:
-    from jaxvars.defenses.systems import SYSTEMS
     settings = SYSTEMS.get(spec.through).settings(kwargs["config"])
   settings = dict(settings or {}, constants={k: np.asarray(v).tolist() for k, v in
                                              (kwargs.get("constants") or {}).items()})

@@ -76,4 +76,4 @@ SYSTEMS.register("jpeg", System(
                          jpeg_compress(images, q)),
     description="JPEG encode + decode (PIL) before the backbone; BPDA (identity) backward",
     settings=lambda config: {"jpeg_quality": int(config.systems.jpeg_quality)},
-    validate=_validate))
+    validate=_validate, host_callback=True))

@@ -53,6 +53,10 @@ class System:
     settings: ``config -> dict`` of the settings it runs with (recorded in results.json).
     validate: ``config -> None``, raising ConfigError for a bad setting of its own.
     gated: reads the deployed detector threshold (``consts[GATE_THRESHOLD]``).
+    host_callback: runs host (Python) code inside the jitted program (``jax.pure_callback``).
+      Such programs run one batch at a time (``features.batched_map``): two at once on a
+      CPU can park both callbacks on XLA's thread pool, each waiting for the pool, and hang
+      (seen on H&M with JPEG's codec, 2 cores).
   """
   label: str | None
   make: Callable[..., Transform]
@@ -62,6 +66,7 @@ class System:
   settings: Callable[..., dict] = lambda config: {}
   validate: Callable[..., None] = lambda config: None
   gated: bool = False
+  host_callback: bool = False
 
 
 def draw_keys(items: jax.Array, base: jax.Array, *, draws: int) -> jax.Array:

@@ -11,7 +11,7 @@ import numpy as np
 from jaxvars import rng, sharding
 from jaxvars.defenses import SYSTEMS
 from jaxvars.defenses import systems as systems_lib
-from jaxvars.features import batched_map
+from jaxvars.features import batched_map, concurrent_batches
 from jaxvars.pixels import to_float
 
 
@@ -40,16 +40,28 @@ def systems_features(system_names, *, models, params, consts, images: np.ndarray
   frozen = ml_collections.FrozenConfigDict(config)
   params, consts = jax.device_put((params, consts), sharding.replicated(mesh))
 
-  def fn(batch):
-    return _systems_pass(params, consts, batch, names=tuple(system_names), models=models,
-                         config=frozen, seed=int(seed), draws=int(draws))
-
   items = np.arange(len(images), dtype=np.int32) if items is None else np.asarray(items,
                                                                                  np.int32)
-  out = batched_map(fn, {"images": images, "items": items}, batch_size=batch_size, mesh=mesh,
-                    desc=f"{'/'.join(system_names)} features")
-  return {name: np.transpose(f, (1, 0, 2)) if systems[name].randomized else f
-          for name, f in out.items()}
+  # Systems with host callbacks (JPEG's codec) must not run two batches at once (see
+  # System.host_callback): where batched_map would, they get a pass of their own, one batch
+  # at a time, and the others keep the concurrent one (they share nothing with them).
+  groups = [tuple(system_names)]
+  if concurrent_batches(mesh) > 1 and any(systems[n].host_callback for n in system_names):
+    groups = [tuple(n for n in system_names if not systems[n].host_callback),
+              tuple(n for n in system_names if systems[n].host_callback)]
+  out = {}
+  for group in (g for g in groups if g):
+    serial = any(systems[n].host_callback for n in group)
+
+    def fn(batch, group=group):
+      return _systems_pass(params, consts, batch, names=group, models=models,
+                           config=frozen, seed=int(seed), draws=int(draws))
+
+    out.update(batched_map(fn, {"images": images, "items": items}, batch_size=batch_size,
+                           mesh=mesh, desc=f"{'/'.join(group)} features",
+                           workers=1 if serial else None))
+  return {name: np.transpose(out[name], (1, 0, 2)) if systems[name].randomized else out[name]
+          for name in system_names}
 
 
 @functools.partial(jax.jit, static_argnames=("names", "models", "config", "seed", "draws"))
