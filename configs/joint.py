@@ -308,6 +308,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       st.denoiser_fgsm.epochs = 4
       dt.holdout_items = 1000
       dt.calibration_items = 1000
+      # The hour on 2 cores (backbone issue): the paper's section 4 (every photo attacked,
+      # five systems ranked on three catalogues) takes about 48 minutes of it at 96 px, so the
+      # attacks beyond the paper run on a documented subset, as the adaptive- and
+      # targeted-attack issues allow: 256 held-out items (the robustness section is scored on
+      # the ~265 users they belong to, not on all 887), 50 targets, 2 draws of rand. README
+      # "Measured on H&M" gives the 1,000-item / 100-target / 4-draw evaluation and its command.
+      e.max_items = 256
+      e.rand_draws = 2
+      tg.num_targets = 50
   if full:
     a.eval_eps = (2, 4, 8, 16, 32, 64)  # Figure 6 / Table 4.
     # The paper trains the defence at one eps and claims transfer across the sweep; training

@@ -16,7 +16,8 @@ from jaxvars.attacks.objectives.demote import mean_score
 from jaxvars.attacks.spec import AttackSpec
 from jaxvars.attacks.whitebox import attack_loss
 from jaxvars.evaluation import adaptive
-from jaxvars.evaluation.runner import _robust
+from jaxvars.evaluation.runner import _comparisons, _robust, _tables
+from jaxvars.report import robustness
 
 
 def test_demote_and_all_user_bpr_match_numpy():
@@ -127,3 +128,49 @@ def test_worst_case_counts_a_hit_only_under_every_attack():
   assert robust["d"]["HR@10"] == 0.25  # Only user 2 is in the top 10 under both attacks at 8.
   assert set(robust["d"]["attacks"]) == {"pgd@8", "fgsm@8"}
   assert robust["d"]["unseen"]["HR@10"] == 0.5
+
+
+def test_item_subset_rows_are_scored_on_the_users_whose_item_was_attacked():
+  # Six users; the subset attack perturbed the held-out items of users 0, 1, 2 only.
+  data = type("D", (), {"num_items": 40, "test_items": np.array([5, 6, 7, 8, 9, 10])})()
+  subset = adaptive.attack_items(data, 3, seed=0)
+  attacked = adaptive.attacked_users(data.test_items, subset)
+  assert attacked.sum() == 3 and set(data.test_items[attacked]) == set(subset)
+  assert adaptive.attacked_users(data.test_items, np.arange(40)) is None
+  assert adaptive.attacked_users(data.test_items, None) is None
+  attacked = np.array([True, True, True, False, False, False])
+  unseen = np.array([True, False, True, True, False, False])
+  config = ml_collections.ConfigDict({"eval": {"ks": (10,), "bootstrap_resamples": 50,
+                                               "bootstrap_seed": 0}, "ablation": {"eps": 8.0}})
+  ranks = {"d/clean": np.array([0, 0, 0, 0, 0, 20]), "d/pgd@8": np.array([0, 15, 0, 0, 0, 20]),
+           "d/pgd-wb@8": np.array([30, 0, 0, 0, 0, 0])}  # Users 3-5: not attacked white-box.
+  partial = {"d/pgd-wb@8"}
+  tables = _tables(ranks, config, unseen, partial=partial, attacked=attacked)
+  assert tables["ranking"]["d/pgd@8"]["HR@10"] == 4 / 6  # A transfer row: every user.
+  assert tables["ranking"]["d/pgd-wb@8"]["HR@10"] == 2 / 3  # Not 5 / 6 over all six.
+  assert tables["ranking"]["d/pgd-wb@8"]["users"] == 3
+  assert tables["ranking_unseen"]["d/pgd-wb@8"]["users"] == 2  # Users 0 and 2.
+  assert tables["ranking_seen"]["d/pgd-wb@8"]["HR@10"] == 1.0  # User 1 only.
+  assert tables["ranking_attacked"]["d/pgd@8"]["HR@10"] == 2 / 3
+  assert tables["ranking_attacked"]["d/clean"]["users"] == 3
+  robust = _robust(ranks, ["d"], config, unseen, attacked=attacked)
+  assert robust["d"]["HR@10"] == 1 / 3 and robust["d"]["users"] == 3  # Only user 2 survives.
+  assert robust["d"]["unseen"]["HR@10"] == 0.5  # Users 0 and 2.
+  comps = _comparisons(ranks, ["d"], ["clean", "pgd@8", "pgd-wb@8"], config, unseen,
+                       partial=partial, attacked=attacked)
+  assert comps["d/pgd-wb@8 - d/clean"]["all"]["HR@10"]["diff"] == pytest.approx(-1 / 3)
+  assert comps["d/pgd@8 - d/clean"]["all"]["HR@10"]["diff"] == pytest.approx(-1 / 6)
+
+
+def test_robustness_section_reads_the_attacked_users_rows():
+  row = lambda v: {"HR@10": v, "ci95": {"HR@10": [v - 0.1, v + 0.1]}}
+  results = {"ranking": {"d/clean": row(0.9), "d/pgd@8": row(0.8), "d/pgd-wb@8": row(0.5)},
+             "ranking_attacked": {"d/clean": row(0.7), "d/pgd@8": row(0.6),
+                                  "d/pgd-wb@8": row(0.5)},
+             "robust": {"d": row(0.4)}, "attack": {}}
+  table = "\n".join(robustness.worst_case_table(results, 8.0))
+  assert "0.6000 [0.5000, 0.7000]" in table and "0.7000 [0.6000, 0.8000]" in table
+  assert "0.8000 [" not in table and "0.9000 [" not in table
+  del results["ranking_attacked"]  # Every held-out item attacked: all users' rows.
+  table = "\n".join(robustness.worst_case_table(results, 8.0))
+  assert "0.8000 [0.7000, 0.9000]" in table and "0.9000 [0.8000, 1.0000]" in table

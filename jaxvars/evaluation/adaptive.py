@@ -54,6 +54,16 @@ def attack_items(data, max_items: int, seed: int) -> np.ndarray | None:
   return np.sort(np.concatenate([tests, extra])).astype(np.int32)
 
 
+def attacked_users(test_items: np.ndarray, items: np.ndarray | None) -> np.ndarray | None:
+  """Boolean mask [U] of the users whose held-out item ``test_items[u]`` is among the
+  attacked ``items`` (int [n]), or None where every user's is (``items`` None or a superset
+  of the held-out items)."""
+  if items is None:
+    return None
+  mask = np.isin(np.asarray(test_items), items)
+  return None if mask.all() else mask
+
+
 def extra_attacks(config, systems, *, detector: bool) -> list[ExtraAttack]:
   """The extra attacks of ``config.attack.adaptive`` for the evaluated ``systems``."""
   ad = config.attack.get("adaptive")

@@ -49,21 +49,41 @@ def _ranks(recommender, rec_params, feats: np.ndarray, cands: np.ndarray,
   return positive_ranks(scores[:, 0], scores[:, 1:])
 
 
-def _tables(ranks: dict, config, unseen: np.ndarray) -> dict:
+def _users(key_or_keys, partial: set, attacked: np.ndarray | None, group: np.ndarray | None):
+  """The user mask a row (or a pair of rows) is scored on: ``group`` (None = all users),
+  narrowed to the ``attacked`` users where a row is an item-subset attack's (``partial``)."""
+  keys = (key_or_keys,) if isinstance(key_or_keys, str) else key_or_keys
+  if attacked is None or not any(k in partial for k in keys):
+    return group
+  return attacked if group is None else group & attacked
+
+
+def _tables(ranks: dict, config, unseen: np.ndarray, *, partial: set = frozenset(),
+            attacked: np.ndarray | None = None) -> dict:
+  """{'ranking', 'ranking_unseen', 'ranking_seen'} (+ 'ranking_attacked', every row on the
+  ``attacked`` users, where given): one row summary per rank array. Rows in ``partial``
+  (item-subset attacks) are scored on the ``attacked`` users only."""
   ks, e = tuple(config.eval.ks), config.eval
   kw = dict(resamples=int(e.bootstrap_resamples), seed=int(e.bootstrap_seed))
   out = {"ranking": {}, "ranking_unseen": {}, "ranking_seen": {}}
+  if attacked is not None:
+    out["ranking_attacked"] = {}
   for key, r in ranks.items():
-    out["ranking"][key] = summary.row_summary(r, ks, **kw)
-    out["ranking_unseen"][key] = summary.row_summary(r, ks, users=unseen, **kw)
-    out["ranking_seen"][key] = summary.row_summary(r, ks, users=~unseen, **kw)
+    for section, group in (("ranking", None), ("ranking_unseen", unseen),
+                           ("ranking_seen", ~unseen)):
+      out[section][key] = summary.row_summary(
+          r, ks, users=_users(key, partial, attacked, group), **kw)
+    if attacked is not None:
+      out["ranking_attacked"][key] = summary.row_summary(r, ks, users=attacked, **kw)
   return out
 
 
 def _comparisons(ranks: dict, systems: list[str], conditions: list[str], config,
-                 unseen: np.ndarray) -> dict:
+                 unseen: np.ndarray, *, partial: set = frozenset(),
+                 attacked: np.ndarray | None = None) -> dict:
   """Paired differences, all users and unseen users: every system under every attack vs
-  itself on clean photos; every other system vs the undefended one under each condition."""
+  itself on clean photos; every other system vs the undefended one under each condition.
+  A pair with an item-subset attack's row (``partial``) is paired on the ``attacked`` users."""
   ks, e = tuple(config.eval.ks), config.eval
   kw = dict(resamples=int(e.bootstrap_resamples), seed=int(e.bootstrap_seed))
   pairs = []
@@ -79,8 +99,10 @@ def _comparisons(ranks: dict, systems: list[str], conditions: list[str], config,
   for a, b in pairs:
     if a in ranks and b in ranks:
       out[f"{a} - {b}"] = {
-          "all": summary.comparison(ranks[a], ranks[b], ks, **kw),
-          "unseen": summary.comparison(ranks[a], ranks[b], ks, users=unseen, **kw)}
+          "all": summary.comparison(ranks[a], ranks[b], ks,
+                                    users=_users((a, b), partial, attacked, None), **kw),
+          "unseen": summary.comparison(ranks[a], ranks[b], ks,
+                                       users=_users((a, b), partial, attacked, unseen), **kw)}
   return out
 
 
@@ -100,7 +122,9 @@ def evaluate_all(*, models, params, consts, data, mesh, config, eval_items: np.n
     mostpop: add the most-popular baseline on clean data.
 
   Returns:
-    {'ranking', 'ranking_unseen', 'ranking_seen', 'comparisons', 'detection',
+    {'ranking', 'ranking_unseen', 'ranking_seen', ('ranking_attacked': every row on the
+    users whose held-out item the item-subset attacks perturbed, where ``eval.max_items``
+    leaves some unattacked), 'comparisons', 'detection',
     'detection_noise', 'fidelity', 'attack', 'systems', 'timing', 'artifacts'}.
   """
   bs, e = config.attack.batch_size, config.eval
@@ -152,11 +176,17 @@ def evaluate_all(*, models, params, consts, data, mesh, config, eval_items: np.n
       fid.condition(cond, images)
     del images
   extras = adaptive.extra_attacks(config, systems, detector=det is not None)
+  subset = adaptive.attack_items(data, int(e.max_items), int(config.attack.seed))
+  attacked = adaptive.attacked_users(data.test_items, subset) if extras else None
+  partial = set()  # Rows of the item-subset attacks (scored on `attacked` users where given).
   if extras:
     t = time.perf_counter()
+    before = set(ranks)
     _extra_conditions(extras, ranks, attack, clean_feats, models=models, params=params,
                       consts=consts, data=data, mesh=mesh, config=config, det=det,
-                      cache_dir=cache_dir, cands=cands, names=dict(zip(systems, names)))
+                      cache_dir=cache_dir, cands=cands, names=dict(zip(systems, names)),
+                      subset=subset)
+    partial = set(ranks) - before
     timing["adaptive_s"] = time.perf_counter() - t
   targeted = {}
   if (config.get("targeted") and config.targeted.num_targets and UNDEFENDED in systems
@@ -179,11 +209,15 @@ def evaluate_all(*, models, params, consts, data, mesh, config, eval_items: np.n
   order = [row_key(s, c) for s in ["mostpop"] + [
       n for s_ in names for n in (s_, f"{s_}+gate")] for c in conds]
   ranks = {k: ranks[k] for k in order if k in ranks}
-  out = _tables(ranks, config, unseen)
-  out["comparisons"] = _comparisons(ranks, names, conds, config, unseen)
-  out["robust"] = _robust(ranks, names, config, unseen)
+  out = _tables(ranks, config, unseen, partial=partial, attacked=attacked)
+  out["comparisons"] = _comparisons(ranks, names, conds, config, unseen, partial=partial,
+                                    attacked=attacked)
+  out["robust"] = _robust(ranks, names, config, unseen, attacked=attacked)
   out["users"] = {"all": int(len(unseen)), "unseen": int(unseen.sum()),
                   "seen": int((~unseen).sum())}
+  if attacked is not None:
+    out["users"]["attacked"] = int(attacked.sum())
+    artifacts["attacked_users"] = attacked
   artifacts.update({f"ranks/{k}": np.asarray(v, np.int16) for k, v in ranks.items()})
   artifacts["unseen_users"] = unseen
   out.update({"detection": det.results if det else {},
@@ -195,12 +229,12 @@ def evaluate_all(*, models, params, consts, data, mesh, config, eval_items: np.n
 
 
 def _extra_conditions(extras, ranks: dict, attack: dict, clean_feats: dict, *, models, params,
-                      consts, data, mesh, config, det, cache_dir, cands, names: dict) -> None:
-  """Runs :mod:`jaxvars.evaluation.adaptive`'s attacks on the item subset and adds their rows
-  (and gated rows, pass rates) to ``ranks`` and ``attack``."""
+                      consts, data, mesh, config, det, cache_dir, cands, names: dict,
+                      subset: np.ndarray | None) -> None:
+  """Runs :mod:`jaxvars.evaluation.adaptive`'s attacks on the item ``subset`` (None: every
+  item) and adds their rows (and gated rows, pass rates) to ``ranks`` and ``attack``."""
   e, bs = config.eval, config.attack.batch_size
   rec = models.recommender
-  subset = adaptive.attack_items(data, int(e.max_items), int(config.attack.seed))
   idx = np.arange(data.num_items, dtype=np.int32) if subset is None else subset
   for extra in extras:
     images, stats = adaptive.craft(
@@ -228,26 +262,31 @@ def _extra_conditions(extras, ranks: dict, attack: dict, clean_feats: dict, *, m
     del images, attacked, feats
 
 
-def _robust(ranks: dict, names: list[str], config, unseen: np.ndarray) -> dict:
+def _robust(ranks: dict, names: list[str], config, unseen: np.ndarray, *,
+            attacked: np.ndarray | None = None) -> dict:
   """The worst case per system (AutoAttack-style robust accuracy): a user counts as a hit
   only if the held-out item stays in the top N under every attack at the report's eps
   (``config.ablation.eps``; rejected uploads, the '+gate' rows, not counted as attacks of
-  the ungated system). {row name: {metrics, 'ci95', 'users', 'attacks', 'unseen': {...}}}."""
+  the ungated system), over the ``attacked`` users (bool [U]: those whose held-out item
+  every attack perturbed; None = all users).
+  {row name: {metrics, 'ci95', 'users', 'attacks', 'unseen': {...}}}."""
   ks, e = tuple(config.eval.ks), config.eval
   kw = dict(resamples=int(e.bootstrap_resamples), seed=int(e.bootstrap_seed))
   eps = float(config.ablation.get("eps", 8.0))
+  users = attacked
   out = {}
   for name in names:
-    attacked = {k: r for k, r in ranks.items() if parse_row_key(k)[0] == name
-                and parse_condition(parse_row_key(k)[1])[1] == eps}
-    if not attacked:
+    rows = {k: r for k, r in ranks.items() if parse_row_key(k)[0] == name
+            and parse_condition(parse_row_key(k)[1])[1] == eps}
+    if not rows:
       continue
-    shapes = {np.shape(r) for r in attacked.values()}
+    shapes = {np.shape(r) for r in rows.values()}
     if len(shapes) != 1:  # Deterministic and randomised rows cannot be paired draw by draw.
       continue
-    worst = np.max(np.stack(list(attacked.values())), axis=0)
-    row = summary.row_summary(worst, ks, **kw)
-    row["attacks"] = [parse_row_key(k)[1] for k in attacked]
-    row["unseen"] = summary.row_summary(worst, ks, users=unseen, **kw)
+    worst = np.max(np.stack(list(rows.values())), axis=0)
+    row = summary.row_summary(worst, ks, users=users, **kw)
+    row["attacks"] = [parse_row_key(k)[1] for k in rows]
+    row["unseen"] = summary.row_summary(
+        worst, ks, users=unseen if users is None else unseen & users, **kw)
     out[name] = row
   return out

@@ -127,7 +127,11 @@ def write_report(workdir: str) -> str:
               "user as a hit only if the held-out item stays in the top 10 under every attack "
               "the system was evaluated on (AutoAttack-style). Attacks beyond the paper's "
               "transfer FGSM/PGD perturb a subset of the items (held-out items first): "
-              f"{sorted(i for i in items if i)} items.", ""]
+              f"{sorted(i for i in items if i)} items."
+              + (f" That subset leaves some users' held-out item unattacked, so every number "
+                 f"in this section (clean and transfer rows too) is on the "
+                 f"{users['attacked']} of {users.get('all')} users whose held-out item it "
+                 "contains (`config.eval.max_items`)." if "attacked" in users else ""), ""]
     lines += robustness.worst_case_table(results, eps) + [""]
     adaptive = cfg.get("attack", {}).get("adaptive", {})
     gated = robustness.gated_table(results)
