@@ -162,6 +162,50 @@ def test_item_subset_rows_are_scored_on_the_users_whose_item_was_attacked():
   assert comps["d/pgd@8 - d/clean"]["all"]["HR@10"]["diff"] == pytest.approx(-1 / 6)
 
 
+def test_more_steps_check_compares_every_users_rank_and_reads_mixed_results():
+  """Carlini's more-steps check: the '-2xsteps' pair (only it) also carries the held-out
+  item's paired mean rank, on the attacked users; the report flags the defence as helped
+  only when HR@10 rises without the mean rank falling further."""
+  config = ml_collections.ConfigDict({"eval": {"ks": (10,), "bootstrap_resamples": 200,
+                                               "bootstrap_seed": 0}, "ablation": {"eps": 8.0}})
+  unseen = np.array([True, False, True, False, True])
+  attacked = np.array([True, True, True, True, False])
+  # Twice the steps lifts user 0 into the top 10 and pushes users 1-3 far down.
+  ranks = {"d/clean": np.array([0, 0, 0, 0, 0]), "d/pgd-wb@8": np.array([12, 20, 30, 40, 0]),
+           "d/pgd-wb-2xsteps@8": np.array([3, 60, 70, 80, 0])}
+  comps = _comparisons(ranks, ["d"], ["clean", "pgd-wb@8", "pgd-wb-2xsteps@8"], config, unseen,
+                       partial={"d/pgd-wb@8", "d/pgd-wb-2xsteps@8"}, attacked=attacked)
+  steps = comps["d/pgd-wb-2xsteps@8 - d/pgd-wb@8"]
+  assert steps["all"]["mean_rank"]["diff"] == pytest.approx((-9 + 40 + 40 + 40) / 4)
+  assert steps["unseen"]["mean_rank"]["diff"] == pytest.approx((-9 + 40) / 2)  # Users 0, 2.
+  assert steps["all"]["HR@10"]["diff"] == pytest.approx(1 / 4)
+  assert "mean_rank" not in comps["d/pgd-wb@8 - d/clean"]["all"]
+  # A randomised system's [K, U] ranks: each user's rank averaged over the draws first.
+  from jaxvars.evaluation import summary
+  two = summary.rank_comparison(np.array([[2, 4], [4, 8]]), np.array([1, 1]), resamples=10,
+                                seed=0)
+  assert two["diff"] == pytest.approx(((3 - 1) + (6 - 1)) / 2)
+
+  hr = lambda effect: {"diff": 0.03, "ci95": [0.01, 0.05] if effect == "higher" else
+                       [0.0, 0.06], "effect": effect}
+  rank = lambda effect: {"diff": 4.8, "ci95": [2.0, 7.7] if effect == "higher" else
+                         [-1.0, 7.0], "effect": effect}
+  results = {"attack": {"pgd-wb@8@defended": {"loss_curve": [2.0, 85.02]},
+                        "pgd-wb-2xsteps@8@defended": {"loss_curve": [2.0, 85.0, 153.68]}},
+             "systems": {"d": {"system": "defended"}}}
+  key = "d/pgd-wb-2xsteps@8 - d/pgd-wb@8"
+  line = robustness._steps_check(results, key, {"HR@10": hr("higher"),
+                                                "mean_rank": rank("higher")})
+  assert "**mixed**" in line and "+4.80 [+2.00, +7.70]" in line and "85.02 -> 153.7" in line
+  line = robustness._steps_check(results, key, {"HR@10": hr("higher"),
+                                                "mean_rank": rank("none")})
+  assert "**more steps helped the defence**" in line
+  line = robustness._steps_check(results, key, {"HR@10": hr("none"), "mean_rank": rank("higher")})
+  assert "no help to the defence: the longer attack pushes" in line
+  # Results written before the rank comparison existed: HR@10 alone decides.
+  assert "**more steps helped" in robustness._steps_check({}, key, {"HR@10": hr("higher")})
+
+
 def test_robustness_section_reads_the_attacked_users_rows():
   row = lambda v: {"HR@10": v, "ci95": {"HR@10": [v - 0.1, v + 0.1]}}
   results = {"ranking": {"d/clean": row(0.9), "d/pgd@8": row(0.8), "d/pgd-wb@8": row(0.5)},

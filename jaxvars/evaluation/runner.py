@@ -83,26 +83,32 @@ def _comparisons(ranks: dict, systems: list[str], conditions: list[str], config,
                  attacked: np.ndarray | None = None) -> dict:
   """Paired differences, all users and unseen users: every system under every attack vs
   itself on clean photos; every other system vs the undefended one under each condition.
-  A pair with an item-subset attack's row (``partial``) is paired on the ``attacked`` users."""
+  A pair with an item-subset attack's row (``partial``) is paired on the ``attacked`` users.
+  The more-steps sanity pairs ('-2xsteps' vs the same attack) also compare the held-out
+  item's mean rank (``'mean_rank'``, :func:`summary.rank_comparison`)."""
   ks, e = tuple(config.eval.ks), config.eval
   kw = dict(resamples=int(e.bootstrap_resamples), seed=int(e.bootstrap_seed))
-  pairs = []
+  pairs, longer = [], set()
   for s in systems:
     pairs += [(row_key(s, c), row_key(s, CLEAN)) for c in conditions
               if c not in (CLEAN, "no_visual")]
     pairs += [(row_key(f"{s}+gate", c), row_key(s, c)) for c in conditions]
-    pairs += [(row_key(s, c), row_key(s, c.replace("-2xsteps", ""))) for c in conditions
-              if "-2xsteps" in c]
+    steps = [(row_key(s, c), row_key(s, c.replace("-2xsteps", ""))) for c in conditions
+             if "-2xsteps" in c]
+    pairs += steps
+    longer.update(steps)
   for s in systems[1:]:
     pairs += [(row_key(s, c), row_key(systems[0], c)) for c in conditions]
   out = {}
   for a, b in pairs:
     if a in ranks and b in ranks:
-      out[f"{a} - {b}"] = {
-          "all": summary.comparison(ranks[a], ranks[b], ks,
-                                    users=_users((a, b), partial, attacked, None), **kw),
-          "unseen": summary.comparison(ranks[a], ranks[b], ks,
-                                       users=_users((a, b), partial, attacked, unseen), **kw)}
+      out[f"{a} - {b}"] = {}
+      for group, among in (("all", None), ("unseen", unseen)):
+        users = _users((a, b), partial, attacked, among)
+        out[f"{a} - {b}"][group] = summary.comparison(ranks[a], ranks[b], ks, users=users, **kw)
+        if (a, b) in longer:  # Carlini's more-steps check: also every user's rank (report).
+          out[f"{a} - {b}"][group]["mean_rank"] = summary.rank_comparison(
+              ranks[a], ranks[b], users=users, **kw)
   return out
 
 

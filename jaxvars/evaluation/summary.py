@@ -52,3 +52,23 @@ def comparison(ranks_a: np.ndarray, ranks_b: np.ndarray, ks, *, users=None, resa
   b = user_hits(np.asarray(ranks_b)[..., mask] if mask is not None else ranks_b, ks)
   return {m: bootstrap.paired_diff_ci(a[m], b[m], resamples=resamples, seed=seed)
           for m in metrics}
+
+
+def user_mean_ranks(ranks: np.ndarray) -> np.ndarray:
+  """Each user's 0-based rank of the held-out item, float64 [U], of ranks [U] or [K, U]
+  (averaged over the K draws)."""
+  ranks = np.asarray(ranks, np.float64)
+  return ranks if ranks.ndim == 1 else ranks.mean(axis=0)
+
+
+def rank_comparison(ranks_a: np.ndarray, ranks_b: np.ndarray, *, users=None, resamples: int,
+                    seed: int) -> dict:
+  """{'diff', 'ci95', 'effect'}: the held-out item's mean rank under a minus under b, paired
+  over ``users`` (a boolean mask [U]; None = all). Positive: a ranks the held-out items lower
+  down the list (0 = top). Every user's rank counts, not only those near the top: a finer
+  reading than HR@10 of whether one attack is stronger than another."""
+  a, b = user_mean_ranks(ranks_a), user_mean_ranks(ranks_b)
+  if users is not None:
+    mask = np.asarray(users, bool)
+    a, b = a[mask], b[mask]
+  return bootstrap.paired_diff_ci(a, b, resamples=resamples, seed=seed)

@@ -73,6 +73,44 @@ def gated_table(results: dict) -> list[str]:
   return md_table(header, rows) if rows else []
 
 
+def _final_loss(results: dict, row: str):
+  """The attack's mean objective at its last step (its ``loss_curve``), or None."""
+  name, cond = parse_row_key(row)
+  curve = _attack_info(results, name, cond).get("loss_curve") or []
+  return curve[-1] if curve else None
+
+
+def _steps_check(results: dict, key: str, comp: dict) -> str:
+  """Carlini et al.'s more-steps check, one line: HR@10 of twice the steps minus the attack's,
+  paired; the held-out items' mean rank the same way (every user, not only the top 10); the
+  attack's own objective at its last step. HR@10 higher alone flags the defence as helped;
+  HR@10 higher while the mean rank falls further reads as what it is: the longer attack is
+  stronger on average yet lifts some held-out items into the top 10, because the objective it
+  maximises (e.g. paper eq. 3's BPR loss of sampled training triplets, which also raises an
+  item's score for non-buyers) is not HR@10."""
+  hr, rank = comp["HR@10"], comp.get("mean_rank")
+  line = (f"* twice the PGD steps: {key}: HR@10 {hr['diff']:+.4f} "
+          f"[{hr['ci95'][0]:+.4f}, {hr['ci95'][1]:+.4f}]")
+  if rank is not None:
+    line += (f"; the held-out item's mean rank (0 = top) {rank['diff']:+.2f} "
+             f"[{rank['ci95'][0]:+.2f}, {rank['ci95'][1]:+.2f}]")
+  first, second = key.split(" - ")
+  losses = _final_loss(results, first), _final_loss(results, second)
+  if None not in losses:
+    line += f"; the attack's own objective at its last step {losses[1]:.4g} -> {losses[0]:.4g}"
+  stronger = rank is not None and rank["effect"] == "higher"
+  if hr["effect"] != "higher":
+    verdict = "no help to the defence" + (
+        ": the longer attack pushes the held-out items further down" if stronger else "")
+  elif stronger:
+    verdict = ("**mixed**: the longer attack pushes the held-out items further down on "
+               "average but lifts some into the top 10; its objective is not HR@10, and the "
+               "worst case counts each user under whichever attack ranks their item lowest")
+  else:
+    verdict = "**more steps helped the defence**"
+  return f"{line} ({verdict})"
+
+
 def sanity_checks(results: dict, eps: float) -> list[str]:
   """Carlini et al. (2019): larger eps and more steps never help the defended system; a
   large-eps white-box attack reaches about the no-visual level."""
@@ -101,10 +139,7 @@ def sanity_checks(results: dict, eps: float) -> list[str]:
   for key, comp in comps.items():
     first, second = key.split(" - ")
     if "-2xsteps@" in first and "-2xsteps" not in second and not second.endswith("/clean"):
-      d = comp["all"]["HR@10"]
-      out.append(f"* twice the PGD steps: {key}: HR@10 {d['diff']:+.4f} "
-                 f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] "
-                 f"({'**more steps helped the defence**' if d['effect'] == 'higher' else 'no help to the defence'})")
+      out.append(_steps_check(results, key, comp["all"]))
   floor = next((r for k, r in ranking.items() if k.endswith("/no_visual")), None)
   for key, row in ranking.items():
     name, cond = parse_row_key(key)
