@@ -188,6 +188,13 @@ def test_report_tables_equal_results_and_figures_are_pngs(full_run):
   for row in unseen[1:]:
     ours = results["ranking_unseen"][f"{labels[row[1]]}/{row[0]}"]
     assert _num(row[3]) == round(ours["HR@10"], 4) and len(row) == 8  # No paper columns.
+  # Carlini's more-steps check, end to end: the pair carries the paired mean rank, and the
+  # report prints it (its value, from results.json) beside HR@10.
+  steps = results["comparisons"]["defended/pgd-wb-2xsteps@8 - defended/pgd-wb@8"]["all"]
+  assert {"HR@10", "mean_rank"} <= set(steps)
+  assert (f"mean rank (0 = top) {steps['mean_rank']['diff']:+.2f} "
+          f"[{steps['mean_rank']['ci95'][0]:+.2f}, {steps['mean_rank']['ci95'][1]:+.2f}]"
+          in text)
   fidelity = _section_table(text, "Images, fidelity and embeddings")
   assert [r[0] for r in fidelity[1:]] == list(results["fidelity"])
   for row in fidelity[1:]:
