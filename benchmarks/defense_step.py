@@ -7,8 +7,8 @@ kind of input the step crafts (clean, FGSM, PGD), at a preset's shapes on one de
 The stages are the preset's ``config.stages`` (their loss terms and trainable groups) and
 the models its backbone (the preset's weights, e.g. ImageNet EfficientNet-Lite0) and
 denoiser (random weights), with the preset's defence batch, image size and training attack,
-on random photos and a random VBPR. Timings on a 2-core machine vary by up to 1.5x
-between processes: compare checkouts in alternating runs. Every stage is timed on
+on random photos and a random VBPR. Timings on a 2-core machine vary between processes:
+compare checkouts in alternating runs. Every stage is timed on
 each input kind its mix can draw, best of ``--repeats`` after a warm-up (compilation is
 reported apart). ``--repo`` measures another checkout of jaxvars with this same script
 (e.g. an older commit, for a before/after table). Prints a table, writes JSON.

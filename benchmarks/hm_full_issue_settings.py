@@ -1,8 +1,8 @@
-"""``cpu,hm,full`` at the settings it had when the CPU-speed issue measured it (59 min).
+"""``cpu,hm,full`` at the settings it had when the CPU-speed issue took its baseline time.
 
 The CPU-speed issue's target: "the H&M ``cpu,hm,full`` run at least 3x faster than today
-at the same settings". "Today" was commit 3802b06: ``cpu,hm,full`` took 59 minutes from
-scratch on 2 CPU cores (README of that commit). Its settings differ from today's preset
+at the same settings". "Today" was commit 3802b06, whose README gives the time of
+``cpu,hm,full`` from scratch on 2 CPU cores. Its settings differ from today's preset
 (EfficientNet-Lite0 with ImageNet weights, five systems, four rand draws, the adaptive and
 targeted sections, four ablations); this config rebuilds the old ones on top of the
 current preset, field by field (a diff of the two configs' flattened fields):
@@ -18,7 +18,7 @@ What the current code adds at any settings stays on: the out-of-sample split (th
 trains on 70% of the items, the same number of steps), bootstrap intervals, the
 Gaussian-noise and fidelity checks, the report's extra tables.
 
-Usage (the README's "Performance" section gives the measured time)::
+Usage (results/performance.md gives the measured times)::
 
   python -m jaxvars.main --config=benchmarks/hm_full_issue_settings.py --workdir=DIR
 """

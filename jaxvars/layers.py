@@ -3,12 +3,12 @@
 XLA's CPU convolution is pathologically slow in two cases:
 
 * dense convolutions on tiny feature maps: a 3x3 convolution on a 2x2 map (ResNet stage 4
-  at 64 px), batch 32, 512 -> 512 channels, runs at about 2 GFLOP/s, 100x slower than
-  PyTorch, while the same convolution written as ``lax.conv_general_dilated_patches`` +
-  one matrix product is as fast as a GEMM (from 3x3 up XLA's own convolution is the
-  faster of the two);
-* depthwise convolutions (EfficientNet's), at every size: 4-28x slower than the sum over
-  the k x k taps of a shifted slice times the per-channel weights (``shift_add_depthwise``).
+  at 64 px) runs tens of times below the machine's matrix-product speed (and PyTorch's),
+  while the same convolution written as ``lax.conv_general_dilated_patches`` + one matrix
+  product runs at GEMM speed (from 3x3 up XLA's own convolution is the faster of the two);
+* depthwise convolutions (EfficientNet's), at every size: several times slower than the sum
+  over the k x k taps of a shifted slice times the per-channel weights
+  (``shift_add_depthwise``).
 
 ``conv_general_dilated`` below is a drop-in replacement for ``lax.conv_general_dilated``
 that, when the program runs on a CPU, takes the shift-and-add form for depthwise
@@ -34,10 +34,9 @@ import jax.numpy as jnp
 from jax import lax
 
 # Largest output side (max of height and width) that takes the patches + matmul form on
-# CPU. Measured with benchmarks/small_map_conv.py (2 CPU cores, jax 0.10.2, batch 32, 3x3,
-# 256 and 512 channels): at 2x2 outputs the patches form is 6-44x faster than XLA's
-# convolution forward and backward, at 1x1 1.1-2x; from 3x3 up XLA's convolution is the
-# faster (patches: 0.4-0.7x forward, 0.1-0.2x backward).
+# CPU, chosen with benchmarks/small_map_conv.py (3x3 kernels, 256 and 512 channels): at 1x1
+# and 2x2 outputs the patches form beats XLA's convolution forward and backward; from 3x3 up
+# XLA's convolution is the faster, the backward pass by far.
 SMALL_MAP_MAX_SIDE = 2
 # Depthwise convolutions take the shift-and-add form on CPU (False: XLA's convolution; read
 # at trace time, for benchmarks that measure what the fast forms buy).
@@ -307,8 +306,8 @@ _max_pool_taps.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 def max_pool(x, window_shape, strides, padding):
   """``flax.linen.max_pool`` for NHWC maps whose gradient on CPU is a sum over the window's
-  taps (XLA's CPU select-and-scatter, the standard backward, is ~15x slower than the pool
-  itself: 44 ms vs 2.6 ms for ResNet's stem pool, batch 32 at 64 px). Same values and
+  taps (XLA's CPU select-and-scatter, the standard backward, is an order of magnitude slower
+  than the pool itself, e.g. for ResNet's stem pool). Same values and
   gradients (ties go to the first maximal tap, as select-and-scatter does).
 
   Args:

@@ -1,6 +1,6 @@
 """The benchmark scripts still match the library they measure.
 
-They are not run by the suite (minutes each; README "Performance"), so a refactor that
+They are not run by the suite (minutes each; results/performance.md), so a refactor that
 renames a module or a function would otherwise break them silently (one did:
 ``benchmarks/throughput.py`` imported ``jaxvars.steps`` long after it was gone). Every
 ``from jaxvars... import name`` / ``from configs... import name`` / ``import jaxvars...`` of

@@ -1,8 +1,8 @@
 """Trustworthy runs: no silent stale results, damaged files named, nothing lost on resume,
-metrics a person can watch, and the README's ablation command (issue 12).
+metrics a person can watch, and the manual's ablation command (issue 12).
 
 The slow tests run the command-line program on the tiny preset: a changed setting on a
-finished workdir, kill -9 at three points then resume, and the README's own command.
+finished workdir, kill -9 at three points then resume, and the manual's own command.
 """
 
 import json
@@ -266,18 +266,20 @@ def _with_same_seconds(want, got):
 
 
 def _readme_command(marker: str) -> list[str]:
-  """The README's ``python -m jaxvars.main`` command line containing ``marker``."""
-  text = (REPO / "README.md").read_text()
-  for line in text.splitlines():
-    line = line.strip().strip("`")
-    if line.startswith("python -m jaxvars.main") and marker in line:
-      return shlex.split(line)
-  raise AssertionError(f"README.md has no `python -m jaxvars.main ... {marker}` command")
+  """The ``python -m jaxvars.main`` command line containing ``marker`` in README.md or the
+  manual (docs/*.md)."""
+  pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+  for page in pages:
+    for line in page.read_text().splitlines():
+      line = line.strip().strip("`")
+      if line.startswith("python -m jaxvars.main") and marker in line:
+        return shlex.split(line)
+  raise AssertionError(f"README.md and docs/ have no `python -m jaxvars.main ... {marker}` command")
 
 
 @pytest.mark.slow
 def test_readme_ablation_command_at_tiny_size(tmp_path):
-  """The README's "add your own ablation" command, with the preset swapped for tiny and the
+  """The manual's "add your own ablation" command (docs/running.md), with the preset swapped for tiny and the
   workdir for a temporary one."""
   args = _readme_command("ablation.extra=")
   workdir = tmp_path / "run"

@@ -74,10 +74,10 @@ def pgd(loss_fn: Callable[..., jax.Array], images: jax.Array, *, eps: float,
   ``x_{t+1} = Proj(x_t + alpha * sign(grad loss(x_t)))`` with ``jax.lax.fori_loop``.
 
   On a CPU backend the loop is unrolled (``unroll=None``): XLA's CPU runtime computes the
-  input gradient of a convolution inside a while loop 2-20x slower than the same
-  gradient outside one (3x3 and 9x9 kernels, 16-256 channels; PGD-5 through the CPU
-  preset's denoiser 5x slower; ``benchmarks/xla_cpu_conv_in_loop_repro.py``). Unrolling
-  gives the same iterates and compiles faster there.
+  input gradient of a convolution inside a while loop several times slower than the same
+  gradient outside one (``benchmarks/xla_cpu_conv_in_loop_repro.py``), which PGD through
+  the CPU preset's denoiser feels. Unrolling gives the same iterates and compiles faster
+  there.
 
   Args:
     loss_fn: images -> scalar, or [B] per-image losses, to maximise; with ``loss_key``,

@@ -3,7 +3,7 @@ and the stage 2/3/4 feature maps.
 
 Parameter names follow torchvision's (``conv1``, ``bn1``, ``layer1_0/conv1``,
 ``layer1_0/downsample_conv`` ...) so pretrained weights can be mapped one to one
-(:mod:`jaxvars.models.pretrained`).
+(:mod:`jaxvars.backbones.resnet_import`).
 
 Two styles, to match the two sources of pretrained weights:
 

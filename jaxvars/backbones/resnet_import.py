@@ -8,7 +8,7 @@ Sources:
 * a Keras ``ResNet50``/``ResNet101`` weights file ``.h5`` (Keras 2 layout, as
   ``model.save_weights`` or ``keras.applications`` write it, with or without a top-level
   ``model_weights`` group); the model is built in 'keras' style (v1 blocks, conv biases,
-  caffe preprocessing: see ``backbones/resnet.py``).
+  caffe preprocessing: see ``jaxvars/backbones/resnet.py``).
 
 Conversion walks *our* model's expected tree, so a wrong or truncated file stops at the
 first missing or mismatched tensor, named with its expected shape. Convolution kernels

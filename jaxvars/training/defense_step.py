@@ -91,8 +91,8 @@ def defense_objective(params, consts, batch, x_adv, is_adv, *, models, weights: 
   x = to_float(batch["images"])
   b = x.shape[0]
   # D runs on x and x_adv even when they are equal (a clean step): choosing one pass with
-  # lax.cond made the step 4x slower or worse on CPU (XLA's convolutions inside a
-  # conditional, like inside loops; README "Performance").
+  # lax.cond made the step several times slower on CPU (XLA's CPU convolutions are slow
+  # inside a conditional, as inside loops).
   denoised = models.denoise(params, jnp.concatenate([x, x_adv]))
   d_clean, d_adv = denoised[:b], denoised[b:]
   # The frozen backbone sees only what a term needs, in two passes: the inputs (no
