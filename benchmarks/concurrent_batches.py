@@ -25,7 +25,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from jaxvars import sharding  # noqa: E402
+from jaxvars import provenance, sharding  # noqa: E402
 from jaxvars.attacks import pgd  # noqa: E402
 from jaxvars.attacks.objectives.feature import feature_distance  # noqa: E402
 from jaxvars.backbones import build_backbone  # noqa: E402
@@ -97,7 +97,7 @@ def main(argv):
             + ("" if same else "  OUTPUT DIFFERS"), flush=True)
   result = {"jax": jax.__version__, "platform": jax.devices()[0].platform,
             "cpu_count": os.cpu_count(), "arch": _ARCH.value, "image_size": size, "batch": b,
-            "batches": _BATCHES.value, "rows": rows}
+            "batches": _BATCHES.value, "rows": rows, "provenance": provenance.describe()}
   with open(_OUT.value, "w") as f:
     json.dump(result, f, indent=2)
   print(f"written {_OUT.value}")

@@ -135,6 +135,11 @@ def main(argv):
          "denoiser_channels": dn.channels,
          "backbone_init": "random" if _RANDOM_BACKBONE.value else config.backbone.init, "jaxvars": os.path.dirname(jaxvars.__file__),
          "jax": jax.__version__, "rows": rows}
+  try:  # --repo may name a checkout from before jaxvars.provenance.
+    from jaxvars import provenance  # noqa: PLC0415
+    out["provenance"] = provenance.describe()
+  except ImportError:
+    pass
   with open(_OUT.value, "w") as f:
     json.dump(out, f, indent=1)
   print(f"wrote {_OUT.value}")

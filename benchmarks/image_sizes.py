@@ -21,6 +21,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from jaxvars import provenance  # noqa: E402
 from jaxvars.attacks import pgd  # noqa: E402
 from jaxvars.attacks.objectives.feature import feature_distance  # noqa: E402
 from jaxvars.backbones import build_backbone  # noqa: E402
@@ -74,7 +75,7 @@ def main(argv):
     print(f"{_ARCH.value:20} {size:4d} {row['feature_images_per_s']:15.1f} "
           f"{row['pgd_images_per_s']:13.1f} {row['denoiser_images_per_s']:15.1f}", flush=True)
   out = {"jax": jax.__version__, "platform": jax.devices()[0].platform,
-         "cpu_count": os.cpu_count(), "rows": rows}
+         "cpu_count": os.cpu_count(), "rows": rows, "provenance": provenance.describe()}
   with open(_OUT.value, "w") as f:
     json.dump(out, f, indent=2)
   print(f"written {_OUT.value}")

@@ -32,7 +32,7 @@ from PIL import Image, ImageFilter
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from jaxvars import losses  # noqa: E402
+from jaxvars import losses, provenance  # noqa: E402
 from jaxvars.backbones import PERCEPTUAL_MAPS, load_backbone  # noqa: E402
 from jaxvars.data.images import load_image  # noqa: E402
 
@@ -92,7 +92,8 @@ def main(argv):
           + f" | {r['perceptual_over_content']:,.0f} |")
   with open(_OUT.value, "w") as f:
     json.dump({"arch": _ARCH.value, "init": _INIT.value, "size": _SIZE.value,
-               "photos": len(files), "clean_energy": energy, "changes": rows}, f, indent=2)
+               "photos": len(files), "clean_energy": energy, "changes": rows,
+               "provenance": provenance.describe()}, f, indent=2)
   print(f"written to {_OUT.value}")
 
 

@@ -84,7 +84,7 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # peers_torch.
 
-from jaxvars import layers  # noqa: E402
+from jaxvars import layers, provenance  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", "peers.json", "JSON output path.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved timed repetitions (minimum reported).")
@@ -756,6 +756,7 @@ def main(argv):
     result["wall_seconds"][name] = time.perf_counter() - t
     print(f"    part ({name}): {result['wall_seconds'][name]:.0f} s")
   result["wall_seconds"]["total"] = time.perf_counter() - t_all
+  result["provenance"] = provenance.describe()
   with open(_OUT.value, "w") as f:
     json.dump(result, f, indent=2, default=_json_default)
   print(f"\nwritten {_OUT.value} ({result['wall_seconds']['total']:.0f} s)")

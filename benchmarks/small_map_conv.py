@@ -23,7 +23,7 @@ from jax import lax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from jaxvars import layers  # noqa: E402
+from jaxvars import layers, provenance  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", "small_map_conv.json", "JSON output path.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions (minimum reported).")
@@ -107,7 +107,8 @@ def main(argv):
         f"shift-and-add is NOT faster at: {[(r['case'], r['side']) for r in slow]}")
   out = {"jax": jax.__version__, "platform": jax.devices()[0].platform,
          "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
-         "largest_side_patches_faster": best, "rows": rows}
+         "largest_side_patches_faster": best, "rows": rows,
+         "provenance": provenance.describe()}
   with open(_OUT.value, "w") as f:
     json.dump(out, f, indent=2)
   print(f"written {_OUT.value}")
