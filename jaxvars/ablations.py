@@ -83,8 +83,11 @@ def run_ablations(exp, consts: dict, rec_params, workdir: str, *, train: bool) -
     sub = os.path.join(workdir, "ablations", name)
     os.makedirs(sub, exist_ok=True)
     logging.info("ablation %s: %s", name, ", ".join(overrides))
+    # The variant's first stage starts from the main run's recommender (its record's identity
+    # is among the variant's stage inputs: jaxvars.training.records).
     ab = dataclasses.replace(exp, config=cfg, workdir=sub, timing={}, models=dataclasses.replace(
-        exp.models, detector_encoder=bool(cfg.detector.train_encoder)))
+        exp.models, detector_encoder=bool(cfg.detector.train_encoder)),
+        recommender_workdir=exp.recommender_workdir or workdir)
     params = with_detector_encoder(dict(exp.params, recommender=rec_params),
                                    consts["backbone"], cfg)
     history, adopted = None, []

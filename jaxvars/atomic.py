@@ -1,27 +1,148 @@
-"""Atomic file writes: every result, cache and figure is written to a temporary name in the
+"""Atomic file writes: every result, cache and figure is written to a temporary file in the
 same directory and renamed when complete, so an interrupted run never leaves a
-half-written file that looks finished."""
+half-written file that looks finished.
+
+Temporary files are created exclusively (``tempfile.mkstemp``: ``O_CREAT | O_EXCL``, a
+random name, ``<name>.<random>.tmp[<suffix>]``), never opened by a fixed name, so a symlink
+planted where a temporary file will be (another user of a shared workdir) is never written
+through. :func:`write_json`, :func:`write_text`, :func:`write_npz` and :func:`write_npy`
+write through the file descriptor they created; :func:`atomic_path` (for writers that take
+a path) refuses to rename a temporary file that became a link or another user's file while
+being written. The rename replaces a link at the final name itself, not its target. Files
+get the mode a plain ``open(path, 'w')`` would give them (0666 less the umask).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import stat
+import tempfile
 
 import numpy as np
+
+from jaxvars.errors import DiskFullError, JaxvarsError
+
+
+class UnsafeFileError(JaxvarsError, OSError):
+  """A temporary file was replaced (e.g. by a symlink) while it was being written."""
+
+
+def _umask() -> int:
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  mask = os.umask(0o022)  # Not thread-safe: only where /proc is missing, once at import.
+  os.umask(mask)
+  return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def _create_temporary(path: str, suffix: str) -> tuple[int, str]:
+  """(fd, name) of a new empty file next to ``path``, created exclusively, mode as above."""
+  path = os.fspath(path)
+  folder, name = os.path.split(path)
+  fd, tmp = tempfile.mkstemp(dir=folder or ".", prefix=f"{name}.", suffix=f".tmp{suffix}")
+  try:
+    os.fchmod(fd, _FILE_MODE)
+  except OSError:
+    pass  # A file system without modes: keep mkstemp's 0600.
+  return fd, tmp
+
+
+def _still_ours(fd: int, tmp: str) -> bool:
+  """Whether ``tmp`` is still a regular file (not a link) of our owner, given the mode of
+  :data:`_FILE_MODE`. Its inode may differ from the one created: some writers (safetensors)
+  replace the file they are given with one of their own (mode 0600)."""
+  try:
+    other = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+  except OSError:
+    return False
+  try:
+    now, mine = os.fstat(other), os.fstat(fd)
+    ours = stat.S_ISREG(now.st_mode) and now.st_uid == mine.st_uid
+    if ours and (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
+      with contextlib.suppress(OSError):
+        os.fchmod(other, _FILE_MODE)
+    return ours
+  finally:
+    os.close(other)
+
+
+def _discard(tmp: str) -> None:
+  with contextlib.suppress(OSError):
+    os.remove(tmp)  # A link put there is removed itself, not its target.
+
+
+def _full(path: str, e: BaseException) -> DiskFullError | None:
+  """The DiskFullError naming ``path`` for a write that failed for lack of space, else None."""
+  if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+    full = DiskFullError(f"{path}: no space left on device ({e.strerror}); the file was not "
+                         "written and no file was left half-written (its temporary file was "
+                         "removed); free some space and run the same command again")
+    full.errno = e.errno
+    return full
+  return None
 
 
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = ""):
-  """Yields a temporary path next to ``path`` (ending in ``suffix``, for writers that add
-  an extension); renames it to ``path`` when the block succeeds, removes it otherwise."""
-  tmp = f"{path}.tmp{suffix}"
+  """Yields the name of a new, empty temporary file next to ``path`` (ending in
+  ``suffix``, for writers that add an extension: ``np.save`` adds '.npy' unless the name
+  ends so); renames it to ``path`` when the block succeeds, removes it otherwise.
+
+  Raises:
+    UnsafeFileError: the temporary file became a link or another user's file while the
+      block wrote it; nothing is renamed.
+    OSError: the directory of ``path`` cannot be written.
+  """
+  fd, tmp = _create_temporary(path, suffix)
   try:
     yield tmp
+    if not _still_ours(fd, tmp):
+      raise UnsafeFileError(f"{tmp}: the temporary file of {path} was replaced while it was "
+                            "written (another user of this directory?); not installed")
     os.replace(tmp, path)
+  except BaseException as e:
+    _discard(tmp)
+    full = _full(path, e)
+    if full is not None:
+      raise full from None
+    raise
   finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "wb", **open_kwargs):
+  """Yields a file object open for writing on a new temporary file next to ``path``
+  (``mode``: 'w' or 'wb', with ``open``'s keyword arguments); renames it to ``path`` when
+  the block succeeds, removes it otherwise. Nothing is opened by name.
+
+  Raises:
+    OSError: the directory of ``path`` cannot be written.
+  """
+  if mode not in ("w", "wb"):
+    raise ValueError(f"mode={mode!r} is not 'w' or 'wb'")
+  fd, tmp = _create_temporary(path, "")
+  try:
+    with os.fdopen(fd, mode, **open_kwargs) as f:
+      yield f
+    os.replace(tmp, path)
+  except BaseException as e:
+    _discard(tmp)
+    full = _full(path, e)
+    if full is not None:
+      raise full from None
+    raise
 
 
 def _json_default(x):
@@ -38,24 +159,24 @@ def _json_default(x):
 
 def write_json(path: str, obj) -> None:
   """Writes ``obj`` as indented JSON (numpy scalars and arrays become numbers and lists)."""
-  with atomic_path(path) as tmp, open(tmp, "w") as f:
+  with atomic_file(path, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=False, default=_json_default)
     f.write("\n")
 
 
 def write_text(path: str, text: str) -> None:
   """Writes a text file."""
-  with atomic_path(path) as tmp, open(tmp, "w") as f:
+  with atomic_file(path, "w") as f:
     f.write(text)
 
 
 def write_npz(path: str, arrays: dict, *, compressed: bool = True) -> None:
-  """Writes a dict of arrays as ``.npz``."""
-  with atomic_path(path, ".npz") as tmp:
-    (np.savez_compressed if compressed else np.savez)(tmp, **arrays)
+  """Writes a dict of arrays as ``.npz`` (at ``path`` exactly: no extension is added)."""
+  with atomic_file(path, "wb") as f:
+    (np.savez_compressed if compressed else np.savez)(f, **arrays)
 
 
 def write_npy(path: str, array: np.ndarray) -> None:
-  """Writes one array as ``.npy`` (memory-mappable)."""
-  with atomic_path(path, ".npy") as tmp:
-    np.save(tmp, array)
+  """Writes one array as ``.npy`` (memory-mappable; at ``path`` exactly)."""
+  with atomic_file(path, "wb") as f:
+    np.save(f, array)

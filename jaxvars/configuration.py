@@ -51,6 +51,16 @@ def positive(config, path: str, *, allow_zero: bool = False, integer: bool = Fal
     raise ConfigError(f"config.{path}={value!r} must be {need}")
 
 
+MAX_SEED = 2 ** 63 - 1  # jax.random.key takes a signed 64-bit seed; numpy any int >= 0.
+
+
+def seed(config, path: str) -> None:
+  """Raises ConfigError unless ``config.<path>`` is an integer seed in [0, 2**63 - 1]."""
+  value = _get(config, path)
+  if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+    raise ConfigError(f"config.{path}={value!r} must be an integer seed in [0, 2**63 - 1]")
+
+
 def _budgets(config, path: str, *, allow_empty: bool = True) -> None:
   values = tuple(_get(config, path) or ())
   if not values and not allow_empty:
@@ -67,6 +77,7 @@ def _budgets(config, path: str, *, allow_empty: bool = True) -> None:
 def _top(config) -> None:
   from jaxvars.training.records import RESUME_MODES
   positive(config, "num_devices", allow_zero=True, integer=True)
+  seed(config, "seed")
   if "resume" in config:
     one_of(config, "resume", RESUME_MODES)
 
@@ -84,11 +95,22 @@ def _data(config) -> None:
     positive(config, path, integer=True)
   if config.data.image_size < 16:
     raise ConfigError(f"config.data.image_size={config.data.image_size} is too small; use >= 16")
+  if config.data.min_user_interactions < 2:
+    raise ConfigError(f"config.data.min_user_interactions={config.data.min_user_interactions} "
+                      "must be >= 2: leave-one-out holds one item of each user out and trains on "
+                      "the rest")
   positive(config, "data.min_rating", allow_zero=True)
+  seed(config, "data.split_seed")
   if config.data.name == "synthetic":
-    for path in ("data.synthetic.num_users", "data.synthetic.num_items",
-                 "data.synthetic.mean_interactions"):
-      positive(config, path)
+    from jaxvars.data.synthetic import MIN_ITEMS
+    for path in ("data.synthetic.num_users", "data.synthetic.num_items"):
+      positive(config, path, integer=True)
+    positive(config, "data.synthetic.mean_interactions")
+    seed(config, "data.synthetic.seed")
+    if config.data.synthetic.num_items < MIN_ITEMS:
+      raise ConfigError(f"config.data.synthetic.num_items={config.data.synthetic.num_items} must "
+                        f"be >= {MIN_ITEMS} (every user buys at least 5 items and leaves at least "
+                        "101 untouched, for the evaluation negatives)")
 
 
 def _backbone(config) -> None:
@@ -143,6 +165,8 @@ def _attack(config) -> None:
     positive(config, path, integer=True)
   positive(config, "attack.pgd_alpha")
   positive(config, "attack.pgd_alpha_ratio", allow_zero=True)
+  if "seed" in a:
+    seed(config, "attack.seed")
   ad = a.get("adaptive")
   if ad is not None:
     from jaxvars.defenses import SYSTEMS
@@ -268,7 +292,7 @@ def _eval(config) -> None:
   positive(config, "eval.rand_draws", integer=True)
   positive(config, "eval.max_items", allow_zero=True, integer=True)
   positive(config, "eval.bootstrap_resamples", integer=True)
-  positive(config, "eval.bootstrap_seed", allow_zero=True, integer=True)
+  seed(config, "eval.bootstrap_seed")
   positive(config, "eval.every_epochs", allow_zero=True, integer=True)
   ks = tuple(config.eval.ks)
   if not ks or any((not isinstance(k, int)) or isinstance(k, bool) or k <= 0 for k in ks):

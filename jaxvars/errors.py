@@ -22,5 +22,14 @@ class NonFiniteLossError(JaxvarsError, FloatingPointError):
   """Training produced a NaN or infinite loss."""
 
 
+class DivergingLossError(NonFiniteLossError):
+  """Training produced a finite loss far above where the stage started (as good as infinite:
+  :data:`jaxvars.training.common.DIVERGENCE_FACTOR`); handled like a non-finite one."""
+
+
+class DiskFullError(JaxvarsError, OSError):
+  """A write failed for lack of space (ENOSPC, EDQUOT); nothing was left half-written."""
+
+
 class CheckpointError(JaxvarsError, RuntimeError):
   """No usable checkpoint where one is needed."""

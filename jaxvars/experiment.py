@@ -9,6 +9,7 @@ components (``backbones``, ``recommenders``, ``attacks``, ``defenses``, ``data``
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import jax
@@ -18,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from jaxvars import configuration, sharding
-from jaxvars.backbones import load_backbone
+from jaxvars.backbones import load_backbone, weights
 from jaxvars.data import pipeline
 from jaxvars.defenses.denoiser import Denoiser
 from jaxvars.defenses.detector import ProjectionHead
@@ -43,6 +44,10 @@ class Experiment:
     pool: the other items (defence training). calibration: clean items of the pool that
       set the detection threshold.
     timing: seconds of each phase so far.
+    inputs: fingerprints of what the stages train on (:func:`input_fingerprints`: data,
+      split, backbone weights), recorded with every stage (:mod:`jaxvars.training.records`).
+    recommender_workdir: the workdir whose recommender the defence stages start from (an
+      ablation variant's: the main run's); None = ``workdir``.
   """
   config: ml_collections.ConfigDict
   data: pipeline.RecData
@@ -57,6 +62,8 @@ class Experiment:
   calibration: np.ndarray
   timing: dict
   workdir: str | None = None
+  inputs: dict = dataclasses.field(default_factory=dict)
+  recommender_workdir: str | None = None
 
 
 def build(config: ml_collections.ConfigDict, workdir: str | None) -> Experiment:
@@ -100,10 +107,50 @@ def build(config: ml_collections.ConfigDict, workdir: str | None) -> Experiment:
                   rand_pad=dn.rand_pad, detector_encoder=bool(config.detector.train_encoder))
   eval_items, holdout, pool, calibration = item_split(config, data.num_items)
   repl = sharding.replicated(mesh)
+  inputs, _ = input_fingerprints(config, data=data)
   return Experiment(config, data, mesh, models, jax.device_put(backbone_vars, repl),
                     jax.device_put(params, repl),
                     max(1, -(-len(data.train_users) // config.recommender.batch_size)),
-                    eval_items, holdout, pool, calibration, timing, workdir)
+                    eval_items, holdout, pool, calibration, timing, workdir, inputs=inputs)
+
+
+def input_fingerprints(config, workdir: str | None = None, data=None) -> tuple[dict, set]:
+  """Fingerprints of what every stage of a run trains on (a record's ``inputs``,
+  :mod:`jaxvars.training.records`), computed without preparing or loading anything:
+
+  * ``data:<file>``: the source content the prepared tables are named after (the sha256 of
+    each CSV, the content fingerprint of ``images/``; :func:`jaxvars.data.pipeline.
+    _source_files`, whose photo hashes are remembered per stat in the tfds directory), none
+    for generated data (its settings are config fields);
+  * ``split.npz``: :func:`records.split_fingerprint` of ``data``'s split, else of
+    ``<workdir>/split.npz``;
+  * ``weights``: :func:`jaxvars.backbones.weights.content_fingerprint` (None: random).
+
+  Returns:
+    (inputs, pending): ``pending`` holds ``'split.npz'`` where neither ``data`` nor a
+    readable ``<workdir>/split.npz`` gives the split yet (it is made by
+    :func:`jaxvars.data.pipeline.load`).
+
+  Raises:
+    ConfigError, DataError: an unknown data.name, a missing manual directory, or
+      ``pretrained:imagenet`` weights not installed (as loading them would).
+  """
+  from jaxvars.training import records
+  inputs = {records.DATA_PREFIX + name: digest
+            for name, digest in sorted(pipeline._source_files(config.data).items())}
+  pending = set()
+  if data is not None:
+    inputs[records.SPLIT_KEY] = records.split_fingerprint(
+        {k: getattr(data, k) for k in records.SPLIT_ARRAYS})
+  else:
+    split = records.read_split_fingerprint(os.path.join(workdir, pipeline.SPLIT_FILE)) if (
+        workdir) else None
+    if split is None:
+      pending.add(records.SPLIT_KEY)
+    inputs[records.SPLIT_KEY] = split
+  inputs[records.WEIGHTS_KEY] = weights.content_fingerprint(config.backbone.init,
+                                                            config.backbone.arch)
+  return inputs, pending
 
 
 def with_detector_encoder(params: dict, backbone_vars: dict, config) -> dict:

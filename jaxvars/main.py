@@ -3,7 +3,7 @@
   python -m jaxvars.main --config=configs/joint.py:cpu --workdir=/tmp/jaxvars [--mode=train]
 
 Flags: ``--config`` (an ml_collections config file; any field can be overridden,
-e.g. ``--config.vbpr.factors=32``), ``--workdir`` (split, checkpoints,
+e.g. ``--config.recommender.factors=32``), ``--workdir`` (split, checkpoints,
 results.json), ``--mode``: ``train`` (train, resuming from the latest
 checkpoint, then evaluate), ``evaluate`` (restore the latest checkpoint and
 recompute the metrics) or ``report`` (only rewrite ``report.md`` and its figures from
@@ -12,12 +12,14 @@ by writing the report too while ``config.eval.report`` is true. A config whose `
 runs self-supervised pretraining of the backbone instead.
 """
 
+import errno
 import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxvars import locking
 from jaxvars.errors import JaxvarsError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. "
@@ -48,6 +50,15 @@ def _one_line(error: BaseException, argv) -> str:
     return "--config: " + text[text.index("[Errno"):]
   errors = re.findall(r"(?:^|\s)\w*Error: (.*?)(?=\s\w*Error: |$)", text)
   return (errors[-1] if errors else text).strip()
+
+
+def disk_full_message(e: OSError) -> str:
+  """The one line for a write that failed for lack of space (ENOSPC, EDQUOT)."""
+  where = f" writing {e.filename}" if e.filename else ""
+  return (f"no space left on device{where} ({e.strerror or e}); results, records and "
+          "checkpoints are written under temporary names and renamed only when complete, so "
+          "none was left half-written: free some space and run the same command again to "
+          "resume")
 
 
 def parse_flags(argv):
@@ -81,7 +92,9 @@ def main(argv):
   from jaxvars import report, run, run_pretrain  # Imported here so that --help is fast.
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  held = None  # The workdir's lock (jaxvars.locking), for the whole run.
   try:
+    held = locking.lock_run(_WORKDIR.value, _CONFIG.value, mode=_MODE.value)
     if task == "pretrain":
       if _MODE.value != "train":
         raise JaxvarsError("configs/pretrain.py runs with --mode=train only (it evaluates "
@@ -98,6 +111,14 @@ def main(argv):
     logging.error("%s", e)
     print(f"jaxvars: error: {e}", file=sys.stderr)
     sys.exit(2)
+  except OSError as e:  # A full disk under a writer other than jaxvars.atomic (Orbax, tfds).
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+      raise
+    print(f"jaxvars: error: {disk_full_message(e)}", file=sys.stderr)
+    sys.exit(2)
+  finally:
+    if held is not None:
+      held.release()
 
 
 if __name__ == "__main__":

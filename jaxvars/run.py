@@ -18,14 +18,15 @@ import jax
 import ml_collections
 from absl import logging
 
-from jaxvars import atomic, configuration
+from jaxvars import atomic, configuration, provenance
 from jaxvars.attacks.spec import attack_spec
 from jaxvars.defenses import SYSTEMS
 from jaxvars.errors import CheckpointError, ConfigError
 from jaxvars.evaluation.ranking import (candidate_matrix, candidate_scores, evaluate_scores,
                                         format_ranking_table)
 from jaxvars.evaluation.runner import evaluate_all
-from jaxvars.experiment import Experiment, backbone_summary, build, make_consts
+from jaxvars.experiment import (Experiment, backbone_summary, build, input_fingerprints,
+                                make_consts)
 from jaxvars.metrics import MetricWriter
 from jaxvars.overrides import ablation_variants
 from jaxvars.training import defense, records, recommender as rec_training
@@ -154,26 +155,86 @@ def _writable(workdir: str) -> None:
                       "directory you can write") from None
 
 
-def expected_stages(config) -> dict:
-  """{stage: the config fields that shape it} for the recommender and every defence stage
-  (:mod:`jaxvars.training.records`)."""
+def expected_stages(config, workdir: str | None = None, inputs: dict | None = None, *,
+                    recommender_workdir: str | None = None) -> dict:
+  """{stage: {'fields': the config fields that shape it, 'inputs': what it trains on}} for
+  the recommender and every defence stage, in training order
+  (:mod:`jaxvars.training.records`). ``inputs``: the run's data, split and weights
+  fingerprints (:func:`jaxvars.experiment.input_fingerprints`); a defence stage's also
+  name the stage of ``workdir`` it starts from as its record holds it now."""
   names = defense.stage_names(config)
-  out = {records.RECOMMENDER: records.stage_fields(config, records.RECOMMENDER)}
-  out.update({name: records.stage_fields(config, name, names[:k + 1])
-              for k, name in enumerate(names)})
+  base = inputs or {}
+  out = {records.RECOMMENDER: {"fields": records.stage_fields(config, records.RECOMMENDER),
+                               "inputs": dict(base)}}
+  for k, name in enumerate(names):
+    out[name] = {"fields": records.stage_fields(config, name, names[:k + 1]),
+                 "inputs": records.stage_inputs(base, workdir or "", name, names[:k + 1],
+                                                recommender_workdir)}
   return out
 
 
-def check_stages(config, workdir: str) -> None:
-  """Stops (or, with ``config.resume='retrain_changed'``, retrains) stages of ``workdir``
-  (and of its ablations) trained with other settings; see ``records.check_workdir``."""
+def check_stages(config, workdir: str, inputs: dict, *, pending=(), resume: str | None = None,
+                 remove: bool = True, warn: bool = True) -> list[str]:
+  """Stops (or, with ``config.resume='retrain_changed'``, retrains) the stages of ``workdir``
+  and of its ablation variants trained with other settings or on other inputs: every
+  difference of every directory is found first (:func:`records.changes`), then the run
+  stops with all of them, or the changed stages are removed.
+
+  Args:
+    inputs, pending: :func:`jaxvars.experiment.input_fingerprints` (``pending``: inputs
+      not known yet, left out).
+    resume: overrides ``config.resume`` (``'error'`` for ``--mode=evaluate``).
+    remove: with ``retrain_changed``, remove the changed stages now; False (the check
+      before the data and weights are loaded) only finds them, so that nothing is deleted
+      before the run knows it can go on.
+    warn: warn about records without inputs (once per run).
+
+  Returns:
+    The changed stages ('joint', or 'ablations/<variant>/joint').
+
+  Raises:
+    ConfigError: a stage differs and the resume mode is 'error'.
+  """
   from jaxvars.overrides import ablation_variants, apply_overrides
-  records.check_workdir(workdir, expected_stages(config), resume=config.resume)
+  resume = config.resume if resume is None else resume
+  changed, unrecorded = records.changes(workdir, expected_stages(config, workdir, inputs),
+                                        pending=pending)
+  rec_changed = records.RECOMMENDER in changed
   for name, overrides in ablation_variants(config).items():
     cfg = apply_overrides(config, overrides, where=f"config.ablation.variants.{name}")
-    records.check_workdir(os.path.join(workdir, "ablations", name),
-                          {k: v for k, v in expected_stages(cfg).items()
-                           if k != records.RECOMMENDER}, resume=config.resume)
+    sub = os.path.join(workdir, "ablations", name)
+    expected = {k: v for k, v in expected_stages(cfg, sub, inputs,
+                                                 recommender_workdir=workdir).items()
+                if k != records.RECOMMENDER}
+    more, old = records.changes(sub, expected, pending=pending, upstream_changed=rec_changed,
+                                label=f"ablations/{name}/")
+    changed.update(more)
+    unrecorded += old
+  if warn:
+    records.warn_unrecorded(workdir, unrecorded)
+  return records.refuse_or_remove(workdir, changed, resume=resume, remove=remove,
+                                  split_misfit=bool(changed) and resume == "error"
+                                  and _split_misfit(config, workdir))
+
+
+def _split_misfit(config, workdir: str) -> bool:
+  """Whether the data pipeline refuses ``<workdir>/split.npz`` for ``config.data`` (made with
+  other data settings or from other CSV files); False where it fits or is absent."""
+  from jaxvars.data import pipeline
+  from jaxvars.errors import DataError
+  try:
+    pipeline._check_stored_split(config.data, workdir,
+                                 pipeline._split_source(pipeline._source_files(config.data)))
+  except (ConfigError, DataError):
+    return True
+  return False
+
+
+def _check_inputs(config, workdir: str, exp: Experiment, pending, *, resume=None) -> None:
+  """The second look, once ``exp`` is built (data and weights loaded, the split made): the
+  inputs that were pending, and the removal of the stages that retrain."""
+  if pending or (resume or config.resume) == "retrain_changed":
+    check_stages(config, workdir, exp.inputs, resume=resume, warn=False)
 
 
 def training_section(config, rec_history, rec_steps, stage_history) -> dict:
@@ -204,8 +265,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _writable(workdir)
   _check_layout(workdir)
   configuration.validate(config)
-  check_stages(config, workdir)
+  inputs, pending = input_fingerprints(config, workdir)
+  check_stages(config, workdir, inputs, pending=pending, remove=False)  # Before any work.
   exp = build(config, workdir)
+  _check_inputs(config, workdir, exp, pending)
   atomic.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   logging.info("data: %s", json.dumps(exp.data.summary()))
   logging.info("mesh: %d %s device(s)", exp.mesh.size, jax.devices()[0].platform)
@@ -231,6 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                      train=True)
     results["timing"]["total_s"] = time.perf_counter() - t_start
     results["config"] = config.to_dict()
+    results["provenance"] = provenance.describe()
     write_eval_scalars(writer, results)
   finally:
     writer.close()
@@ -246,7 +310,7 @@ def _write_interim(results: dict, config, workdir: str, seconds: float) -> None:
   crash or a kill there loses none of them. The file says so under ``'incomplete'``; the
   finished run's results.json replaces it."""
   interim = dict(results, timing=dict(results["timing"], total_s=seconds),
-                 config=config.to_dict())
+                 config=config.to_dict(), provenance=provenance.describe())
   interim[INCOMPLETE_KEY] = ("the ablation study had not finished when this file was written; "
                              "run the same command again to resume it")
   atomic.write_json(os.path.join(workdir, RESULTS_FILE), interim)
@@ -279,16 +343,21 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     CheckpointError: no checkpoint in ``workdir``, or one of another model shape.
     ConfigError: stages trained with other settings than ``config``'s, or a workdir that
       cannot be written.
+    DataError: ``<workdir>/results.json`` is damaged (named before any work).
   """
   from jaxvars import ablations
+  from jaxvars.report.writer import read_results
   t_start = time.perf_counter()
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise CheckpointError(f"{workdir}/checkpoints does not exist; run with --mode=train first")
   _writable(workdir)
   _check_layout(workdir)
+  previous = read_results(os.path.join(workdir, RESULTS_FILE))  # Damaged: named before any work.
   configuration.validate(config)
-  records.check_workdir(workdir, expected_stages(config), resume="error")
+  inputs, pending = input_fingerprints(config, workdir)
+  check_stages(config, workdir, inputs, pending=pending, resume="error")
   exp = build(config, workdir)
+  _check_inputs(config, workdir, exp, pending, resume="error")
   rec_state, backbone_vars, step = rec_training.restore(exp, workdir)
   params = defense.restore_stages(exp, dict(exp.params, recommender=rec_state.params), workdir)
   exp.backbone_vars = backbone_vars
@@ -302,10 +371,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                  train=False)
   fresh["timing"]["total_s"] = time.perf_counter() - t_start
   path = os.path.join(workdir, RESULTS_FILE)
-  results = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      results = json.load(f)
+  results = previous or {}
+  if previous is not None:
     # An interim file (a run stopped during its ablation study) has no ablations to compare.
     same = all(without_timing(results.get(k)) == without_timing(fresh.get(k))
                for k in ("ranking", "detection", "ablations") if k in results)
@@ -322,6 +389,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results["training"] = training_section(config, *_recorded_history(exp, workdir))
   results["restored_recommender_step"] = int(step)
   results.setdefault("config", config.to_dict())
+  results["evaluate_provenance"] = provenance.describe()
   finish(results, workdir)
   return results
 

@@ -39,7 +39,7 @@ def test_torchvision_weights_match_torch(arch, fmt, tmp_path):
   assert model.style == "torchvision"
   _compare(net, model, variables)
   # Converted once: the Orbax cache is read back to identical arrays.
-  assert os.path.isdir(path + f".jaxvars-{arch}")
+  assert os.path.isdir(weights.cache_path(path, arch))  # <file>.jaxvars-<arch>-<sha256>
   _, again = weights.load_pretrained(path, arch=arch, backbone_config=_RESNET)
   for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(again)):
     np.testing.assert_array_equal(a, b)

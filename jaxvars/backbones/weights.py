@@ -5,23 +5,31 @@
   ``.safetensors`` file (no torch needed) -> {name: float32 numpy array}.
 * :func:`read_keras_h5`: a Keras 2 weights file -> {layer: {weight: array}}.
 * :func:`load_pretrained`: the registered backbone's module and its converted variables,
-  converted once and cached with Orbax next to the file (``<file>.jaxvars-<arch>``; under
-  ``~/.cache/jaxvars`` where that directory is read-only), or read from an Orbax directory
-  given directly.
+  converted once and cached with Orbax next to the file (``<file>.jaxvars-<arch>-<sha256 of
+  the file, 16 digits>``; under ``~/.cache/jaxvars`` where that directory is read-only), or
+  read from an Orbax directory given directly. The cache is keyed by the file's content, so
+  weights replaced at the same path are converted afresh.
+* :func:`file_sha256` / :func:`content_fingerprint`: the content hash of a weights file (read
+  in chunks, remembered per size/mtime/ctime/inode in ``<cache dir>/<file>.jaxvars-sha256.json``
+  so an unchanged file is not read again each run), what the stage records of
+  :mod:`jaxvars.training.records` hold as ``weights``.
 * :func:`write_safetensors`: the reverse of the reader, for moving weights to a machine
   without torch (``python -m jaxvars.convert``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxvars import checkpointing
+from jaxvars import atomic, checkpointing
 from jaxvars.backbones.base import BACKBONES
 from jaxvars.errors import ConfigError, DataError
 
@@ -125,16 +133,137 @@ def resolve_source(source: str, arch: str) -> str:
   return entry.imagenet_weights()
 
 
-def cache_path(source: str, arch: str, suffix: str = "", *, user_cache: bool = False) -> str:
-  """Where the converted weights of ``source`` are cached: ``<source>.jaxvars-<arch><suffix>``
-  next to it, or under ``$XDG_CACHE_HOME/jaxvars`` (default ``~/.cache/jaxvars``) for a
-  package's file (``user_cache``) or where the source's directory is read-only."""
-  name = f"{os.path.basename(source)}.jaxvars-{arch}{suffix}"
+def cache_dir(source: str, *, user_cache: bool = False) -> str:
+  """The directory of ``source``'s caches: next to it, or ``$XDG_CACHE_HOME/jaxvars``
+  (default ``~/.cache/jaxvars``) for a package's file (``user_cache``) or where the source's
+  directory is read-only."""
   parent = os.path.dirname(os.path.abspath(source))
   if not user_cache and os.access(parent, os.W_OK):
-    return os.path.join(parent, name)
+    return parent
   home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(home, "jaxvars", name)
+  return os.path.join(home, "jaxvars")
+
+
+_CHUNK = 1 << 20
+_SHA_MEMO: dict[str, tuple[list, str]] = {}  # abspath -> (stat key, sha256): this process.
+SHA_MEMO_SUFFIX = ".jaxvars-sha256.json"
+
+
+# A hash is remembered only for a file last changed this long before it was read: a change
+# within the same coarse timestamp tick as the stat would not change the stat ("racy git").
+_RACY_NS = 1_000_000_000
+
+
+def _stat_key(path: str) -> list:
+  st = os.stat(path)
+  return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _settled(key: list, now_ns: int) -> bool:
+  """Whether a file whose :func:`_stat_key` is ``key`` was last changed long enough before
+  ``now_ns`` for that stat to identify its content."""
+  return now_ns - max(key[1], key[2]) > _RACY_NS
+
+
+def file_sha256(path: str, *, memo_dir: str | None = None) -> str:
+  """sha256 (hex) of a file's bytes, read in 1 MiB chunks.
+
+  Remembered while the file's size, mtime, ctime and inode stay the same: in this process,
+  and with ``memo_dir`` also across runs in ``<memo_dir>/<file name>.jaxvars-sha256.json``
+  (best effort: an unwritable directory only costs reading the file again). Replacing the
+  file (a copy, ``os.replace``, an edit) changes its ctime or inode, so it is hashed again;
+  a file changed less than a second before it is read is not remembered (a second change
+  within the same timestamp tick would leave its stat as it was).
+
+  Raises:
+    OSError: the file cannot be read.
+  """
+  path = os.path.abspath(path)
+  key = _stat_key(path)
+  known = _SHA_MEMO.get(path)
+  if known is not None and known[0] == key:
+    return known[1]
+  memo = os.path.join(memo_dir, os.path.basename(path) + SHA_MEMO_SUFFIX) if memo_dir else None
+  if memo is not None:
+    try:
+      with open(memo) as f:
+        entry = json.load(f)
+      if (isinstance(entry, dict) and entry.get("path") == path and entry.get("stat") == key
+          and isinstance(entry.get("sha256"), str)):
+        _SHA_MEMO[path] = (key, entry["sha256"])
+        return entry["sha256"]
+    except (OSError, ValueError):
+      pass
+  started = time.time_ns()
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(_CHUNK), b""):
+      h.update(chunk)
+  digest = h.hexdigest()
+  if _stat_key(path) != key or not _settled(key, started):
+    return digest  # Changed while being read, or too recently to trust its stat.
+  _SHA_MEMO[path] = (key, digest)
+  if memo is not None:
+    try:
+      os.makedirs(memo_dir, exist_ok=True)
+      atomic.write_json(memo, {"path": path, "stat": key, "sha256": digest})
+    except OSError as e:
+      logging.debug("cannot remember the sha256 of %s in %s (%s)", path, memo, e)
+  return digest
+
+
+def tree_sha256(path: str) -> str:
+  """sha256 (hex) of a directory tree's sorted (relative path, file sha256) pairs (an Orbax
+  directory of weights); each file's hash is remembered in this process (:func:`file_sha256`).
+
+  Raises:
+    OSError: a file cannot be read.
+  """
+  lines = []
+  for root, dirs, files in os.walk(path):
+    dirs.sort()
+    for name in sorted(files):
+      full = os.path.join(root, name)
+      lines.append(f"{os.path.relpath(full, path)}\t{file_sha256(full)}")
+  return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def content_fingerprint(init: str, arch: str) -> str | None:
+  """The content hash of the weights ``config.backbone.init`` loads: the sha256 of the
+  weights file (``'pretrained:<file>'``, ``'pretrained:imagenet'``: the package's file),
+  :func:`tree_sha256` of an Orbax directory (``'pretrained:<dir>'``,
+  ``'self_supervised:<workdir>'``), None for ``'random'`` (the seed makes those) or a
+  source that does not exist (:func:`load_pretrained` names it).
+
+  Raises:
+    ConfigError, DataError: ``'pretrained:imagenet'`` where no package provides the weights
+      (see :func:`resolve_source`).
+  """
+  kind, _, path = init.partition(":")
+  if kind == "self_supervised":
+    path, kind = os.path.join(path, "backbone"), "pretrained"
+  if kind != "pretrained":
+    return None
+  from_package = path == IMAGENET
+  source = resolve_source(path, arch)
+  if os.path.isdir(source):
+    return tree_sha256(source)
+  if not os.path.isfile(source):
+    return None
+  return file_sha256(source, memo_dir=cache_dir(source, user_cache=from_package))
+
+
+def cache_path(source: str, arch: str, suffix: str = "", *, user_cache: bool = False,
+               digest: str | None = None) -> str:
+  """Where the converted weights of ``source`` are cached:
+  ``<cache dir>/<file name>.jaxvars-<arch><suffix>-<sha256, 16 digits>`` (:func:`cache_dir`),
+  keyed by the file's content (``digest``: its :func:`file_sha256`, computed if None), so
+  other weights at the same path never read an old conversion."""
+  directory = cache_dir(source, user_cache=user_cache)
+  if digest is None:
+    digest = file_sha256(source, memo_dir=directory)
+  return os.path.join(directory,
+                      f"{os.path.basename(source)}.jaxvars-{arch}{suffix}-{digest[:16]}")
 
 
 def load_pretrained(source: str, *, arch: str, backbone_config):
@@ -163,6 +292,8 @@ def load_pretrained(source: str, *, arch: str, backbone_config):
     return model, checkpointing.load_tree(source, like)
   if entry.convert is None:
     raise ConfigError(f"backbone {arch!r} has no weight import; pass an Orbax directory")
+  if not os.path.isfile(source):
+    raise DataError(f"{source}: pretrained weights file is missing")
   cache = cache_path(source, arch, entry.cache_suffix(backbone_config), user_cache=from_package)
   if os.path.isdir(cache):
     return model, checkpointing.load_tree(cache, like)

@@ -35,8 +35,15 @@ CSV files are UTF-8 (a byte-order mark is allowed), comma-separated, with a
 header row and at least one data row; every row has the header's number of
 fields. Values are checked before any table is written (:meth:`check_sources`):
 ``rating`` must be a finite number (an empty cell, 'nan' or 'inf' is an error
-naming the line), ``timestamp`` a number (seconds) or an ISO date/time, or
-empty (= unknown, stored as -1), ``t_dat`` a YYYY-MM-DD date, ids non-empty.
+naming the line), ``timestamp`` a number (seconds; negative = before 1970; within the
+int64 range) or an ISO date/time, or empty (= unknown, stored as -1), ``t_dat`` a
+YYYY-MM-DD date, ids non-empty. A header names each column once; ``items.csv`` and
+``articles.csv`` hold one row per item (a repeated id is an error naming both lines).
+
+Item ids name photos (:meth:`_VarsBuilder.image_paths`): an id whose photo would lie
+outside the dataset folder (an absolute path, '..' leading out of ``images/``, a link to
+a place outside the dataset folder and its ``images/``) is an error naming the CSV file,
+line and id, before any table is written.
 """
 
 from __future__ import annotations
@@ -103,6 +110,7 @@ class _VarsBuilder(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "First release."}
   CSV_FILES: tuple[str, ...] = ()  # CSV files of the manual directory (fingerprinted).
   INTERACTIONS_CSV: str | None = None  # The one of CSV_FILES the interactions table reads.
+  ITEM_COLUMN: str | None = None  # INTERACTIONS_CSV's item id column (names the photo).
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
@@ -161,6 +169,39 @@ class _VarsBuilder(tfds.core.GeneratorBasedBuilder):
     """The manual directory of the hm and folder builders."""
     return self.builder_config.source["manual_dir"]
 
+  def _image_relpaths(self, item_id: str) -> tuple[str, ...]:
+    """The names under ``images/`` the photo of ``item_id`` may have, preferred first."""
+    raise NotImplementedError
+
+  def image_paths(self, item_ids: Sequence[str]) -> dict[str, str]:
+    """{item id: path of its photo under ``<manual_dir>/images``}: the first of
+    :meth:`_image_relpaths` that exists, else the first (reported as missing when read).
+
+    Raises:
+      DataError: naming the interactions CSV, the line and the id of the first id whose
+        photo would lie outside the dataset folder (see :func:`resolve_inside`).
+    """
+    image_dir = os.path.join(self._dir(), "images")
+    bases = _real_bases(self._dir(), image_dir)
+    out = {}
+    for item in item_ids:
+      first = None
+      try:
+        for rel in self._image_relpaths(item):
+          path = resolve_inside(image_dir, rel, bases)
+          first = first or path
+          if os.path.exists(path):
+            first = path
+            break
+      except OutsideError as e:
+        csv_path = os.path.join(self._dir(), self.INTERACTIONS_CSV)
+        line = csv_line(csv_path, self.ITEM_COLUMN, item)
+        raise DataError(f"{csv_path}{f':{line}' if line else ''}: {self.ITEM_COLUMN} {item!r} "
+                        f"names a photo outside the dataset folder ({e}); an id must name a file "
+                        f"inside {image_dir}") from None
+      out[item] = first
+    return out
+
   # Subclass API -------------------------------------------------------------
   def check_sources(self) -> None:
     """Reads and checks every source CSV file; writes nothing.
@@ -187,6 +228,63 @@ def _group_by_user(rows) -> Iterator[tuple[str, list, list, list]]:
     g[2].append(rating)
   for user in sorted(grouped):
     yield (user, *grouped[user])
+
+
+class OutsideError(ValueError):
+  """A photo's name that resolves outside the dataset folder (the message says how)."""
+
+
+def _real_bases(manual_dir: str, image_dir: str) -> tuple[str, ...]:
+  """The real paths a photo may resolve into: the dataset folder and its ``images/`` (which
+  may be a link to another disk)."""
+  return tuple(dict.fromkeys(os.path.realpath(d) for d in (manual_dir, image_dir)))
+
+
+def resolve_inside(image_dir: str, relative: str, bases: Sequence[str] | None = None) -> str:
+  """``<image_dir>/<relative>`` if it lies inside ``image_dir`` by name and, links resolved
+  (``os.path.realpath``), inside one of ``bases`` (default: ``image_dir``'s real path).
+
+  Returns:
+    the joined path (not resolved; it need not exist).
+
+  Raises:
+    OutsideError: ``relative`` is absolute, holds a NUL byte, leads out of ``image_dir``
+      by '..', or names (or passes through) a link to a place outside ``bases``.
+  """
+  if "\0" in relative:
+    raise OutsideError("it holds a NUL byte")
+  if os.path.isabs(relative):
+    raise OutsideError("it is an absolute path")
+  top = os.path.abspath(image_dir)
+  path = os.path.join(image_dir, relative)
+  lexical = os.path.normpath(os.path.join(top, relative))
+  if os.path.commonpath([top, lexical]) != top:
+    raise OutsideError(f"it leads to {lexical}")
+  real = os.path.realpath(path)
+  bases = tuple(bases) if bases else (os.path.realpath(image_dir),)
+  if not any(os.path.commonpath([b, real]) == b for b in bases):
+    raise OutsideError(f"{path} is, or passes through, a link to {real}")
+  return path
+
+
+def csv_line(path: str, column: str, value: str) -> int | None:
+  """The line where the first row of the CSV file ``path`` whose ``column`` (stripped) is
+  ``value`` starts; None if there is none or the file cannot be read."""
+  try:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+      reader = csv.reader(f)
+      header = [h.strip() for h in next(reader, [])]
+      if column not in header:
+        return None
+      k = header.index(column)
+      start = reader.line_num + 1
+      for row in reader:
+        if len(row) > k and row[k].strip() == value:
+          return start
+        start = reader.line_num + 1
+  except (OSError, UnicodeDecodeError, csv.Error):
+    return None
+  return None
 
 
 def file_sha256(path: str) -> str | None:
@@ -264,8 +362,8 @@ def directory_fingerprint(path: str) -> str | None:
 
 def directory_sha256(path: str) -> str | None:
   """A content fingerprint of a directory tree: sha256 of its sorted (relative path, sha256
-  of the file's bytes) for every file (reads every file: about 2 s for H&M's 17,033
-  photos, 147 MB, on 2 cores).
+  of the file's bytes) for every file (reads every file: seconds for a catalogue of
+  photos such as H&M's).
 
   Returns:
     hex digest, or None if ``path`` is not a directory.
@@ -297,14 +395,22 @@ def _utf8_error(path: str) -> DataError:
   return DataError(f"{path}: is not UTF-8; save the file as UTF-8")
 
 
+def _show(value: str, limit: int = 40) -> str:
+  """repr of a CSV value for a message, shortened to about ``limit`` characters."""
+  return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value)} chars)"
+
+
 def read_csv_columns(path: str, required: Sequence[str], optional: Sequence[str] = (), *,
                      converters: Mapping[str, Callable[[str], object]] | None = None,
-                     nonempty: Sequence[str] = ()) -> dict[str, list]:
+                     nonempty: Sequence[str] = (), unique: str | None = None) -> dict[str, list]:
   """Reads the named columns of a CSV file, checking every row.
 
   The file must be UTF-8 (a leading byte-order mark is skipped), start with a
-  header and hold at least one row; every non-blank row must have the header's
-  number of fields. Values are stripped of surrounding spaces.
+  header naming each column once and hold at least one row; every non-blank row must
+  have the header's number of fields. Values are stripped of surrounding spaces. A problem
+  is reported at the line where its row starts (a row whose quoted field runs over several
+  lines, e.g. from an unbalanced quote, is named by its first line, and the message says
+  where it ends).
 
   Args:
     path: the CSV file.
@@ -313,6 +419,7 @@ def read_csv_columns(path: str, required: Sequence[str], optional: Sequence[str]
     converters: column -> function of the stripped string; it raises ValueError
       whose message completes "<column> '<value>' ..." (e.g. "is not a number").
     nonempty: columns whose value must not be empty.
+    unique: a column whose values must all differ (an id of a one-row-per-id file).
 
   Returns:
     dict column -> list (str, or the converter's values) for every required
@@ -320,8 +427,9 @@ def read_csv_columns(path: str, required: Sequence[str], optional: Sequence[str]
 
   Raises:
     DataError: naming ``path`` (and line) if it is missing, not UTF-8, empty, has
-      no rows, lacks a required column, has a row with another number of fields
-      than the header, or a value that is empty or its converter rejects.
+      no rows, lacks a required column or names a column twice, has a row with another
+      number of fields than the header, or a value that is empty, repeats a ``unique``
+      value or its converter rejects.
   """
   converters = converters or {}
   try:
@@ -331,6 +439,7 @@ def read_csv_columns(path: str, required: Sequence[str], optional: Sequence[str]
   except OSError as e:
     raise DataError(f"{path}: cannot read the file ({e.strerror or e})") from None
   expected = (f"{','.join(required)}" + "".join(f"[,{c}]" for c in optional))
+  start = 1  # The line where the row being read starts.
   try:
     with f:
       reader = csv.reader(f)
@@ -339,6 +448,11 @@ def read_csv_columns(path: str, required: Sequence[str], optional: Sequence[str]
         raise DataError(f"{path} has no rows (the file is empty); expected a header "
                         f"{expected} and at least one row")
       header = [h.strip() for h in header]
+      twice = sorted({h for h in header if h and header.count(h) > 1})
+      if twice:
+        where = [k + 1 for k, h in enumerate(header) if h == twice[0]]
+        raise DataError(f"{path}:1: the header names column {twice[0]!r} more than once (columns "
+                        f"{', '.join(map(str, where))}); name each column once")
       missing = [c for c in required if c not in header]
       if missing:
         raise DataError(f"{path}: missing column(s) {missing}; expected columns {list(required)}"
@@ -350,49 +464,72 @@ def read_csv_columns(path: str, required: Sequence[str], optional: Sequence[str]
       columns = {c: [] for c in wanted}
       appends = [columns[c].append for c in wanted]
       width = len(header)
+      seen = {}  # unique's value -> its line.
+      start = reader.line_num + 1  # The line where the next row starts.
       for row in reader:
+        line, start = start, reader.line_num + 1
+        # A row running over several lines: a quoted field holds line breaks.
+        spans = (f" (this row runs on to line {reader.line_num}: is a quote '\"' on line {line} "
+                 "left unclosed?)") if reader.line_num > line else ""
         if not row:
           continue
         if len(row) != width:
-          hint = "; quote fields that contain a comma" if len(row) > width else ""
-          raise DataError(f"{path}:{reader.line_num}: {len(row)} fields, expected {width} as in "
-                          f"the header{hint}")
+          hint = "; quote fields that contain a comma" if len(row) > width and not spans else ""
+          raise DataError(f"{path}:{line}: {len(row)} fields, expected {width} as in "
+                          f"the header{hint}{spans}")
         for (c, k, convert, needed), append in zip(checks, appends):
           value = row[k].strip()
           if needed and not value:
-            raise DataError(f"{path}:{reader.line_num}: {c} is empty")
+            raise DataError(f"{path}:{line}: {c} is empty{spans}")
+          if c == unique:
+            if value in seen:
+              raise DataError(f"{path}:{line}: {c} {value!r} repeats line {seen[value]}; "
+                              f"expected one row per {c}")
+            seen[value] = line
           if convert is not None:
             try:
               value = convert(value)
             except ValueError as e:
-              raise DataError(f"{path}:{reader.line_num}: {c} {value!r} {e}") from None
+              raise DataError(f"{path}:{line}: {c} {_show(value)} {e}{spans}") from None
           append(value)
   except UnicodeDecodeError:
     raise _utf8_error(path) from None
   except csv.Error as e:
-    raise DataError(f"{path}:{reader.line_num}: cannot parse the CSV row ({e})") from None
+    raise DataError(f"{path}:{start}: cannot parse the CSV row starting there ({e})") from None
   if not columns[wanted[0]]:
     raise DataError(f"{path} has no rows (only a header); expected at least one row of "
                     f"{expected}")
   return columns
 
 
+MISSING_TIMESTAMP = -1  # A stored timestamp of -1 means unknown (an empty cell).
+_MAX_TIMESTAMP = 2 ** 63 - 1  # Stored as int64.
+
+
 def parse_timestamp(value: str) -> int:
-  """Seconds since 1970 of a number or an ISO date/time (UTC if no zone); '' -> -1.
+  """Seconds since 1970 of a number or an ISO date/time (UTC if no zone); '' -> -1 (unknown).
+
+  Negative values are dates before 1970 and valid; exactly -1 (the value stored for an empty
+  cell, i.e. 1969-12-31 23:59:59 UTC) reads as unknown. Only the order of timestamps is used,
+  so any unit (seconds, milliseconds, ...) works if the whole file uses it.
 
   Raises:
-    ValueError: "is neither a number nor an ISO date/time" (also for NaN, infinity).
+    ValueError: "is neither a number nor an ISO date/time" (also for NaN, infinity), or
+      "is out of range" for a number outside the int64 range (|t| >= 2**63).
   """
   if value == "":
-    return -1
+    return MISSING_TIMESTAMP
   try:
     number = float(value)
   except ValueError:
     pass
   else:
-    if math.isfinite(number):
-      return int(number)
-    raise ValueError("is neither a number nor an ISO date/time")
+    if not math.isfinite(number):
+      raise ValueError("is neither a number nor an ISO date/time")
+    if abs(number) >= 2.0 ** 63:
+      raise ValueError(f"is out of range: a number timestamp must lie within +-{_MAX_TIMESTAMP} "
+                       "(a 64-bit integer of seconds since 1970, or of a smaller unit)")
+    return int(number)
   try:
     dt = datetime.datetime.fromisoformat(value)
   except ValueError:
@@ -497,6 +634,7 @@ class HMFashion(_VarsBuilder):
   BUILDER_CONFIGS = []
   CSV_FILES = ("transactions_train.csv", "articles.csv")
   INTERACTIONS_CSV = "transactions_train.csv"
+  ITEM_COLUMN = "article_id"
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Download the Kaggle competition 'h-and-m-personalized-fashion-recommendations' and pass "
       "its directory (transactions_train.csv, articles.csv, images/) as data.manual_dir.")
@@ -512,12 +650,16 @@ class HMFashion(_VarsBuilder):
     path = os.path.join(self._dir(), "articles.csv")
     if not os.path.exists(path):
       return {}
-    cols = read_csv_columns(path, ("article_id", "product_type_name"), nonempty=("article_id",))
+    cols = read_csv_columns(path, ("article_id", "product_type_name"), nonempty=("article_id",),
+                            unique="article_id")
     return dict(zip(cols["article_id"], cols["product_type_name"]))
 
   def check_sources(self):
-    self._transactions()
+    self.image_paths(sorted(set(self._transactions()["article_id"])))
     self._categories()
+
+  def _image_relpaths(self, item_id):
+    return (os.path.join(item_id[:3], item_id + ".jpg"),)
 
   def read_interactions(self):
     cols = self._transactions()
@@ -526,11 +668,10 @@ class HMFashion(_VarsBuilder):
     yield from _group_by_user(rows)
 
   def item_sources(self):
-    base = self._dir()
     items = sorted(set(self._transactions(("article_id",))["article_id"]))
     categories = self._categories()
-    return [(a, categories.get(a, ""), os.path.join(base, "images", a[:3], a + ".jpg"))
-            for a in items]
+    paths = self.image_paths(items)
+    return [(a, categories.get(a, ""), paths[a]) for a in items]
 
 
 class FolderDataset(_VarsBuilder):
@@ -539,6 +680,7 @@ class FolderDataset(_VarsBuilder):
   BUILDER_CONFIGS = []
   CSV_FILES = ("interactions.csv", "items.csv")
   INTERACTIONS_CSV = "interactions.csv"
+  ITEM_COLUMN = "item_id"
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Pass a directory with interactions.csv (user_id,item_id[,timestamp][,rating]), "
       "images/<item_id>.jpg|jpeg|png and optionally items.csv (item_id,category) as "
@@ -556,12 +698,16 @@ class FolderDataset(_VarsBuilder):
     path = os.path.join(self._dir(), "items.csv")
     if not os.path.exists(path):
       return {}
-    cols = read_csv_columns(path, ("item_id", "category"), nonempty=("item_id",))
+    cols = read_csv_columns(path, ("item_id", "category"), nonempty=("item_id",),
+                            unique="item_id")
     return dict(zip(cols["item_id"], cols["category"]))
 
   def check_sources(self):
-    self._interactions()
+    self.image_paths(sorted(set(self._interactions()["item_id"])))
     self._categories()
+
+  def _image_relpaths(self, item_id):
+    return tuple(item_id + ext for ext in _IMAGE_EXTENSIONS)
 
   def read_interactions(self):
     cols = self._interactions()
@@ -571,19 +717,10 @@ class FolderDataset(_VarsBuilder):
     yield from _group_by_user(zip(cols["user_id"], cols["item_id"], stamps, ratings))
 
   def item_sources(self):
-    base = self._dir()
     items = sorted(set(self._interactions(("item_id",), ())["item_id"]))
     categories = self._categories()
-    image_dir = os.path.join(base, "images")
-    out = []
-    for item in items:
-      path = os.path.join(image_dir, item + ".jpg")  # Reported as missing if none exists.
-      for ext in _IMAGE_EXTENSIONS:
-        if os.path.exists(os.path.join(image_dir, item + ext)):
-          path = os.path.join(image_dir, item + ext)
-          break
-      out.append((item, categories.get(item, ""), path))
-    return out
+    paths = self.image_paths(items)  # <id>.jpg is reported as missing if none exists.
+    return [(item, categories.get(item, ""), paths[item]) for item in items]
 
 
 BUILDERS = {"synthetic": SyntheticFashion, "hm": HMFashion, "folder": FolderDataset}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import glob
 import hashlib
 import json
@@ -34,8 +35,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from jaxvars import atomic, locking
 from jaxvars.data import builders, splits
-from jaxvars.errors import ConfigError, DataError
+from jaxvars.errors import ConfigError, DataError, JaxvarsError
 from jaxvars.progress import progress
 
 SPLIT_FILE = "split.npz"
@@ -180,7 +182,16 @@ def _builder(data_config, table: str, files: dict | None = None) -> tfds.core.Da
   cls = _builder_class(data_config)
   config = builders.VarsConfig(table=table, image_size=int(data_config.image_size),
                                source=_source(data_config, table, files))
-  return cls(config=config, data_dir=data_config.tfds_dir or None, file_format="array_record")
+  try:
+    return cls(config=config, data_dir=data_config.tfds_dir or None, file_format="array_record")
+  except Exception as e:  # pylint: disable=broad-except  (a damaged dataset_info.json, ...)
+    directory = os.path.join(_tfds_root(data_config), cls.name, config.name)
+    if not os.path.isdir(directory):
+      raise
+    text = " ".join(str(e).split())[:200]
+    raise DataError(f"{directory}: the prepared {table} table cannot be opened "
+                    f"({type(e).__name__}: {text}); delete that directory and rerun to prepare "
+                    "it again") from None
 
 
 def _short(files: dict) -> str:
@@ -201,21 +212,51 @@ def _remove_incomplete(builder) -> None:
 
 
 def _run_cleanly(builder, fn) -> None:
-  """Runs ``fn()``; on failure removes half-written output, raises the first DataError.
+  """Runs ``fn()``; on failure removes half-written output, raises the first JaxvarsError.
 
-  The first :class:`DataError` in the exception chain (tfds wraps errors raised
-  while generating examples) is raised in place of the wrapper.
+  The first :class:`JaxvarsError` in the exception chain (tfds wraps errors raised
+  while generating examples) is raised in place of the wrapper; a full disk or a directory
+  that cannot be written becomes a :class:`DataError` naming the table's directory.
   """
   try:
     fn()
   except BaseException as e:
     _remove_incomplete(builder)
     cause = e
-    while cause is not None and not isinstance(cause, DataError):
+    while cause is not None and not isinstance(cause, JaxvarsError):
       cause = cause.__cause__ or cause.__context__
     if cause is not None and cause is not e:
       raise cause from None
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+      raise DataError(f"{builder.data_dir}: cannot write the prepared table there "
+                      f"({e.strerror or e}{': ' + str(e.filename) if e.filename else ''}); its "
+                      "partly written files were removed; free some space or choose another "
+                      "config.data.tfds_dir, then rerun") from None
     raise
+
+
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _check_writable(root: str, data_config) -> None:
+  """Raises DataError naming ``config.data.tfds_dir`` unless tables can be written in ``root``."""
+  try:
+    os.makedirs(root, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=root, prefix=".jaxvars_write_check.")
+    os.close(fd)
+    os.unlink(probe)
+  except OSError as e:
+    raise DataError(f"config.data.tfds_dir={data_config.tfds_dir!r} ({root}): cannot write the "
+                    f"prepared tables there ({e.strerror or e}); choose a writable directory "
+                    "(or, with tfds_dir '', set $TFDS_DATA_DIR)") from None
+
+
+def _damaged_table(builder, e: BaseException) -> DataError:
+  """The DataError of a prepared table that cannot be read back (truncated, corrupted)."""
+  text = " ".join(str(e).split())[:200]
+  return DataError(f"{builder.data_dir}: the prepared {builder.builder_config.table} table is "
+                   f"damaged ({type(e).__name__}: {text}); delete that directory and rerun to "
+                   "prepare it again")
 
 
 def _is_prepared(builder) -> bool:
@@ -293,6 +334,22 @@ def _prepare_tables(data_config, files: dict) -> dict:
   if not pending:
     return built
   root = _tfds_root(data_config)
+  _check_writable(root, data_config)
+  # One preparation per table at a time (a second run waits, then reuses the table).
+  with locking.preparing(root, [(b.name, b.builder_config.name) for b in pending]):
+    built = {t: _builder(data_config, t, files) for t in ("interactions", "images")}
+    pending = [b for b in built.values() if not _is_prepared(b)]
+    if pending:
+      _prepare_pending(data_config, files, root, built, pending)
+    else:
+      logging.info("another run prepared %s meanwhile; reusing it",
+                   ", ".join(f"{b.name}/{b.builder_config.name}" for b in built.values()))
+  return built
+
+
+def _prepare_pending(data_config, files: dict, root: str, built: dict, pending: list) -> None:
+  """The body of :func:`_prepare_tables` under its preparation locks: checks the sources,
+  prepares each table of ``pending`` and records the source in the tfds directory's index."""
   if files:
     key = _index_key(data_config)
     last = _read_index(root).get(key)
@@ -314,31 +371,66 @@ def _prepare_tables(data_config, files: dict) -> dict:
         "files": files, "prepared": datetime.datetime.now().isoformat(timespec="seconds"),
         "configs": {t: f"{b.name}/{b.builder_config.name}" for t, b in built.items()}},
         merge=True)
-  return built
 
 
 def _read_tables(data_config, files: dict):
+  """Reads the prepared tables back.
+
+  Raises:
+    DataError: naming a table's directory when it cannot be read (truncated, corrupted).
+  """
   built = _prepare_tables(data_config, files)
-  inter = built["interactions"].as_data_source(split="train")
-  imgs = built["images"].as_data_source(split="train")
   users, items, stamps, ratings = [], [], [], []
-  for k in progress(range(len(inter)), desc="read interactions", total=len(inter)):
-    r = inter[k]
-    n = len(r["item_ids"])
-    users.extend([r["user_id"].decode()] * n)
-    items.extend(x.decode() for x in r["item_ids"])
-    stamps.append(r["timestamps"])
-    ratings.append(r["ratings"])
-  stamps = np.concatenate(stamps) if stamps else np.zeros(0, np.int64)
-  ratings = np.concatenate(ratings) if ratings else np.zeros(0, np.float32)
   image_index = {}
   categories = {}
-  for k in progress(range(len(imgs)), desc="index images", total=len(imgs)):
-    r = imgs[k]
-    item = r["item_id"].decode()
-    image_index[item] = k
-    categories[item] = r["category"].decode()
+  builder = built["interactions"]
+  try:
+    inter = builder.as_data_source(split="train")
+    for k in progress(range(len(inter)), desc="read interactions", total=len(inter)):
+      r = inter[k]
+      n = len(r["item_ids"])
+      if not len(r["timestamps"]) == len(r["ratings"]) == n:
+        raise ValueError(f"example {k} holds {n} items, {len(r['timestamps'])} timestamps")
+      users.extend([r["user_id"].decode()] * n)
+      items.extend(x.decode() for x in r["item_ids"])
+      stamps.append(r["timestamps"])
+      ratings.append(r["ratings"])
+    builder = built["images"]
+    imgs = builder.as_data_source(split="train")
+    for k in progress(range(len(imgs)), desc="index images", total=len(imgs)):
+      r = imgs[k]
+      item = r["item_id"].decode()
+      image_index[item] = k
+      categories[item] = r["category"].decode()
+  except JaxvarsError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (anything a damaged table raises)
+    raise _damaged_table(builder, e) from None
+  imgs = _CheckedImages(imgs, builder)
+  stamps = np.concatenate(stamps) if stamps else np.zeros(0, np.int64)
+  ratings = np.concatenate(ratings) if ratings else np.zeros(0, np.float32)
   return np.array(users), np.array(items), stamps, ratings, imgs, image_index, categories
+
+
+class _CheckedImages:
+  """The images table's data source; a record that cannot be read is a named DataError."""
+
+  def __init__(self, source, builder):
+    self._source, self._builder = source, builder
+    self._shape = (builder.builder_config.image_size,) * 2 + (3,)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, k: int) -> dict:
+    try:
+      r = self._source[k]
+      image = np.asarray(r["image"])
+      if image.shape != self._shape or image.dtype != np.uint8:
+        raise ValueError(f"example {k} holds a {image.dtype} image of shape {image.shape}")
+    except Exception as e:  # pylint: disable=broad-except
+      raise _damaged_table(self._builder, e) from None
+    return r
 
 
 def _fingerprint(data_config) -> str:
@@ -387,7 +479,8 @@ def load(data_config: ml_collections.ConfigDict, workdir: str | None = None) -> 
   kept_users, u = np.unique(u, return_inverse=True)
   kept_items, i = np.unique(i, return_inverse=True)
   user_ids, item_ids = user_names[kept_users], item_names[kept_items]
-  has_timestamps = bool(len(t)) and bool((t >= 0).all())
+  missing_stamps = int((t == builders.MISSING_TIMESTAMP).sum())
+  has_timestamps = bool(len(t)) and not missing_stamps
 
   split = _load_or_make_split(data_config, workdir, u, i, t, user_ids, item_ids, has_timestamps,
                               split_source)
@@ -478,9 +571,17 @@ def _load_or_make_split(data_config, workdir, u, i, t, user_ids, item_ids, has_t
                       "use a fresh --workdir")
     return {k: z[k] for k in ("train_users", "train_items", "test_items", "eval_negatives")}
   if data_config.split == "time" and not has_timestamps:
-    raise ConfigError(f"config.data.split='time' but dataset {data_config.name!r} has interactions "
-                      "without timestamps; use 'random'")
+    missing = int((t == builders.MISSING_TIMESTAMP).sum())
+    raise ConfigError(f"config.data.split='time' but dataset {data_config.name!r} has {missing} "
+                      f"of {len(t)} interactions without timestamps (an empty timestamp cell or "
+                      "-1); fill them in or use 'random'")
   rng = np.random.default_rng(int(data_config.split_seed))
+  counts = np.bincount(u, minlength=len(user_ids))
+  if counts.min(initial=2) < 2:
+    raise ConfigError(f"config.data.min_user_interactions={data_config.min_user_interactions} "
+                      f"keeps user {str(user_ids[int(np.argmin(counts))])!r} with "
+                      f"{int(counts.min())} distinct item; leave-one-out holds one item out and "
+                      "trains on the rest, so it needs >= 2")
   train_u, train_i, test = splits.leave_one_out(u, i, t, len(user_ids), mode=data_config.split,
                                                 rng=rng)
   try:
@@ -492,8 +593,8 @@ def _load_or_make_split(data_config, workdir, u, i, t, user_ids, item_ids, has_t
            "eval_negatives": negatives}
   if path:
     os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, fingerprint=np.array(fingerprint), user_ids=user_ids, item_ids=item_ids,
-             source=np.array(json.dumps(split_source, sort_keys=True)), **split)
-    os.replace(tmp, path)
+    atomic.write_npz(path, dict(fingerprint=np.array(fingerprint), user_ids=user_ids,
+                                item_ids=item_ids,
+                                source=np.array(json.dumps(split_source, sort_keys=True)),
+                                **split), compressed=False)
   return split

@@ -18,12 +18,13 @@ def binarize(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray,
 
   Args:
     users, items: [N] int, raw rows (repeats allowed).
-    timestamps: [N] int64; -1 where unknown.
+    timestamps: [N] int64; -1 where unknown (other negative values are dates before 1970).
     ratings: [N] float or None; rows with ``rating < min_rating`` are dropped.
 
   Returns:
     (users, items, timestamps): [M] arrays, one row per distinct pair, sorted by
-    (user, item); the timestamp is the latest one of the pair's rows.
+    (user, item); the timestamp is the latest known one of the pair's rows (-1 only where
+    none of them has one).
   """
   users = np.asarray(users, np.int64)
   items = np.asarray(items, np.int64)
@@ -31,7 +32,8 @@ def binarize(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray,
   if ratings is not None:
     keep = np.asarray(ratings) >= min_rating
     users, items, timestamps = users[keep], items[keep], timestamps[keep]
-  order = np.lexsort((timestamps, items, users))  # Last row of each pair = latest timestamp.
+  known_first = np.where(timestamps == -1, np.iinfo(np.int64).min, timestamps)  # -1: unknown.
+  order = np.lexsort((known_first, items, users))  # Last row of each pair = latest timestamp.
   users, items, timestamps = users[order], items[order], timestamps[order]
   last = np.ones(len(users), bool)
   if len(users):
@@ -72,12 +74,12 @@ def leave_one_out(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, 
                      "needs at least 2")
   noise = rng.random(len(users))
   if mode == "random":
-    key = noise
+    keys = (noise, users)
   elif mode == "time":
-    key = timestamps.astype(np.float64) + 0.5 * noise  # Integer stamps: noise only breaks ties.
+    keys = (noise, np.asarray(timestamps, np.int64), users)  # The noise only breaks ties.
   else:
     raise ValueError(f"leave-one-out mode {mode!r} is not 'random' or 'time'")
-  order = np.lexsort((key, users))
+  order = np.lexsort(keys)
   last = np.ones(len(users), bool)
   last[:-1] = users[order][1:] != users[order][:-1]
   held = order[last]  # One row per user, in user order.

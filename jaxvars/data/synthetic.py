@@ -19,6 +19,9 @@ import dataclasses
 import numpy as np
 from PIL import Image, ImageDraw
 
+from jaxvars.errors import ConfigError
+
+MIN_ITEMS = 5 + 101  # Every user buys >= 5 items and leaves >= 101 untouched (100 negatives).
 SHAPES = ("tshirt", "trousers", "dress", "skirt", "bag", "shoe")
 COLOURS = {
     "black": (25, 25, 28), "white": (250, 250, 246), "red": (200, 30, 40),
@@ -64,11 +67,17 @@ def generate_catalogue(*, num_users: int, num_items: int, mean_interactions: flo
   """Draws item attributes and user purchases (see module docstring).
 
   Raises:
-    ValueError: if ``num_items`` is too small for users to have at least 5 purchases
-      and 100 untouched items to sample evaluation negatives from.
+    ConfigError: naming ``config.data.synthetic.*`` if ``num_items`` is too small for users
+      to have at least 5 purchases and 101 untouched items (:data:`MIN_ITEMS`), or
+      ``num_users`` is not a positive integer.
   """
-  if num_items < 5 + 101:
-    raise ValueError(f"synthetic num_items={num_items} must be at least 106")
+  if isinstance(num_items, bool) or not isinstance(num_items, (int, np.integer)) or (
+      num_items < MIN_ITEMS):
+    raise ConfigError(f"config.data.synthetic.num_items={num_items!r} must be an integer >= "
+                      f"{MIN_ITEMS} (every user buys at least 5 items and leaves at least 101 "
+                      "untouched, for the evaluation negatives)")
+  if isinstance(num_users, bool) or not isinstance(num_users, (int, np.integer)) or num_users < 1:
+    raise ConfigError(f"config.data.synthetic.num_users={num_users!r} must be an integer >= 1")
   rng = np.random.default_rng(seed)
   shape = rng.integers(0, len(SHAPES), num_items)
   colour = rng.integers(0, len(COLOURS), num_items)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 
 import numpy as np
 
 from jaxvars import atomic
 from jaxvars.conditions import condition_key
-from jaxvars.errors import JaxvarsError
+from jaxvars.errors import DataError, JaxvarsError
 from jaxvars.report import (checks_tables, claims, figures, robustness, tables,
                             targeted_tables)
 
@@ -17,21 +18,63 @@ REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
 
 
-def _load(workdir: str) -> tuple[dict, dict]:
-  path = os.path.join(workdir, "results.json")
+def read_results(path: str) -> dict | None:
+  """A run's results.json, or None where it does not exist.
+
+  Raises:
+    DataError: naming ``path`` when it cannot be read, is not valid JSON (e.g. truncated)
+      or holds no JSON object.
+  """
   try:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
       results = json.load(f)
   except FileNotFoundError:
+    return None
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    what = "is not valid JSON" if isinstance(e, json.JSONDecodeError) else "cannot be read"
+    raise DataError(f"{path} {what} ({e}; truncated?); delete it (--mode=evaluate writes it "
+                    "again from the checkpoints and the stages' records) or restore it") from None
+  if not isinstance(results, dict):
+    raise DataError(f"{path} holds a JSON {type(results).__name__}, not the object of a results "
+                    "file; delete it (--mode=evaluate writes it again) or restore it")
+  return results
+
+
+def read_artifacts(path: str) -> dict:
+  """The arrays of a run's artifacts.npz ({} where it does not exist), loaded with
+  ``allow_pickle=False``: jaxvars writes only plain arrays, and unpickling a file can run code.
+
+  Raises:
+    DataError: naming ``path`` when it is not a readable .npz of plain arrays (truncated,
+      or holding pickled objects).
+  """
+  if not os.path.exists(path):
+    return {}
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      return {k: z[k] for k in z.files}
+  except ValueError as e:
+    if "pickle" in str(e):
+      raise DataError(f"{path} holds pickled (object) arrays, which jaxvars never writes and "
+                      "does not load (unpickling can run code); delete it (--mode=evaluate writes "
+                      "it again)") from None
+    raise DataError(f"{path} is not a readable .npz file ({e}); delete it (--mode=evaluate "
+                    "writes it again)") from None
+  except (OSError, EOFError, zipfile.BadZipFile) as e:
+    raise DataError(f"{path} is not a readable .npz file ({type(e).__name__}: {e}); delete it "
+                    "(--mode=evaluate writes it again)") from None
+
+
+def _load(workdir: str) -> tuple[dict, dict]:
+  path = os.path.join(workdir, "results.json")
+  results = read_results(path)
+  if results is None:
     raise JaxvarsError(f"{path} does not exist; run python -m jaxvars.main --workdir={workdir} "
-                       "first") from None
-  except json.JSONDecodeError as e:
-    raise JaxvarsError(f"{path} is not valid JSON ({e})") from None
+                       "first")
   if "ranking" not in results:
     raise JaxvarsError(f"{path} has no 'ranking' section; it is not a results file of "
                        "configs/joint.py")
-  art_path = os.path.join(workdir, "artifacts.npz")
-  return results, (dict(np.load(art_path)) if os.path.exists(art_path) else {})
+  return results, read_artifacts(os.path.join(workdir, "artifacts.npz"))
 
 
 def _header(workdir: str, results: dict) -> list[str]:

@@ -84,6 +84,8 @@ def train_defense(exp, consts: dict, params: dict, workdir: str, *, writer=None)
     steps_per_epoch, total = stage_plan(exp, stage)
     directory = os.path.join(workdir, "checkpoints", name)
     fields = records.stage_fields(config, name, names[:s_index + 1])
+    inputs = records.stage_inputs(exp.inputs, workdir, name, names[:s_index + 1],
+                                  exp.recommender_workdir)
     mgr = checkpointing.manager(directory, max_to_keep=config.checkpoint.max_to_keep)
     start, tree = checkpointing.resume(mgr, {"state": _stage_state(exp, params, stage)})
     state = tree["state"]
@@ -102,7 +104,7 @@ def train_defense(exp, consts: dict, params: dict, workdir: str, *, writer=None)
                                 temperature=config.detector.temperature)
     stage_key = jax.random.fold_in(jax.random.key(config.seed), 1000 + s_index)
     bar = progress(range(start, total), desc=f"stage {name}", total=total, initial=start)
-    order, written = None, len(epoch_metrics)
+    order, written, first_loss = None, len(epoch_metrics), None
     for step in bar:
       epoch, k = divmod(step, steps_per_epoch)
       if order is None or order[0] != epoch:
@@ -124,9 +126,11 @@ def train_defense(exp, consts: dict, params: dict, workdir: str, *, writer=None)
       if last_of_epoch or (step + 1) % config.defense.checkpoint_every_steps == 0:
         got = [jax.tree.map(float, g) for g in jax.device_get(epoch_metrics)]
         epoch_metrics = got
+        if first_loss is None:  # The divergence bound's reference: where this run started.
+          first_loss = got[0]["loss"]
         check_finite([g["loss"] for g in got], where=f"stage {name!r}",
                      advice=f"lower config.stages.{name}.lr (now {stage.lr})",
-                     latest_checkpoint=mgr.latest_step())
+                     latest_checkpoint=mgr.latest_step(), reference=first_loss)
         if writer is not None:  # epoch_metrics holds this epoch's steps from its first one.
           for j in range(written, len(got)):
             writer.scalars(name, epoch * steps_per_epoch + j + 1, _scalars(got[j]))
@@ -142,7 +146,7 @@ def train_defense(exp, consts: dict, params: dict, workdir: str, *, writer=None)
           epoch_metrics, written = [], 0
         recorded = elapsed0 + time.perf_counter() - t
         records.save(directory, fields=fields, history=history, done=step + 1 == total,
-                     seconds=recorded)
+                     seconds=recorded, inputs=inputs)
         if epoch_metrics:  # Mid-epoch: keep this epoch's steps for a resumed run's row.
           record_partial(directory, step + 1, epoch_metrics)
         checkpointing.save(mgr, step + 1, {"state": state})
@@ -242,16 +246,20 @@ def adopt_stages(src_exp, src_params: dict, src_workdir: str, exp, workdir: str,
     existing = records.load(directory)
     if existing is not None and not existing.get("adopted_from"):
       break  # Trained here (an older version's ablation): keep it and what follows it.
-    if existing is None:
+    if existing is None or not records.has_checkpoints(directory):
+      # The record first: checkpoints without a record are refused (records.changes), while
+      # a record whose checkpoint a kill prevented is completed here on the next run.
+      records.save(directory, fields=records.stage_fields(exp.config, name, names[:i + 1]),
+                   history=src_record.get("history", []), seconds=0.0, done=True,
+                   adopted_from=os.path.abspath(src_dir),
+                   inputs=records.stage_inputs(exp.inputs, workdir, name, names[:i + 1],
+                                               exp.recommender_workdir))
       total = stage_plan(exp, stage)[1]
       mgr = checkpointing.manager(directory, max_to_keep=exp.config.checkpoint.max_to_keep)
       try:
         checkpointing.save(mgr, total, {"state": _stage_state(exp, convert(src_params), stage)})
       finally:
         mgr.close()
-      records.save(directory, fields=records.stage_fields(exp.config, name, names[:i + 1]),
-                   history=src_record.get("history", []), seconds=0.0, done=True,
-                   adopted_from=os.path.abspath(src_dir))
       logging.info("stage %s: adopted from %s (same settings; not trained again)", name, src_dir)
     adopted.append(name)
   return adopted

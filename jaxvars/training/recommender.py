@@ -182,7 +182,7 @@ def train_recommender(exp, consts: dict, workdir: str, *, on_epoch_end=None, wri
   n_steps = 0
   bar = progress(range(start_epoch, rc.epochs), desc=f"{exp.models.recommender.label} epochs",
                  total=rc.epochs, initial=start_epoch)
-  triplets = None
+  triplets, first_loss = None, None
   for epoch in bar:
     if triplets is None:
       triplets = epoch_triplets(exp.data, positive_keys, seed=config.seed, epoch=epoch,
@@ -193,9 +193,12 @@ def train_recommender(exp, consts: dict, workdir: str, *, on_epoch_end=None, wri
     triplets = (epoch_triplets(exp.data, positive_keys, seed=config.seed, epoch=epoch + 1,
                                batch_size=rc.batch_size) if epoch + 1 < rc.epochs else None)
     metrics = jax.device_get(metrics)
+    if first_loss is None:  # The divergence bound's reference: where this run started.
+      first_loss = float(np.asarray(metrics["loss"]).reshape(-1)[0])
     check_finite(metrics["loss"], where=f"recommender (epoch {epoch + 1})",
                  advice=f"lower config.recommender.lr (now {rc.lr}) or "
-                        "config.recommender.init_scale", latest_checkpoint=mgr.latest_step())
+                        "config.recommender.init_scale", latest_checkpoint=mgr.latest_step(),
+                 reference=first_loss)
     row = {k: float(np.mean(v)) for k, v in metrics.items()}
     row["epoch"] = epoch + 1
     if on_epoch_end is not None:
@@ -213,7 +216,7 @@ def train_recommender(exp, consts: dict, workdir: str, *, on_epoch_end=None, wri
     if (epoch + 1) % config.checkpoint.every_epochs == 0 or epoch + 1 == rc.epochs:
       recorded = seconds + time.perf_counter() - t0
       records.save(directory, fields=fields, history=history, done=epoch + 1 == rc.epochs,
-                   seconds=recorded)
+                   seconds=recorded, inputs=exp.inputs)
       checkpointing.save(mgr, int(state.step), {"recommender": state,
                                                 "backbone": exp.backbone_vars})
   mgr.close()

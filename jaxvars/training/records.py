@@ -4,18 +4,32 @@ every stage's Orbax checkpoints (``<checkpoints>/<stage>/jaxvars_stage.json``).
 * ``fields``: the config fields the stage depends on (its own and every upstream stage's),
   so that a rerun with other settings in the same workdir is caught instead of silently
   restoring the old stage (:func:`check_workdir`).
+* ``inputs``: fingerprints of what the stage was trained on (:func:`stage_inputs`): the
+  source content of the prepared data tables (``data:<file>``: the sha256 of each CSV and
+  the content fingerprint of ``images/`` that :mod:`jaxvars.data.pipeline` names its tables
+  after), the split (``split.npz``: :func:`split_fingerprint` of its arrays), the backbone
+  weights (``weights``: sha256 of the weights file, :func:`jaxvars.backbones.weights.
+  content_fingerprint`; None for random weights) and, for a defence stage, the stage it
+  starts from (``upstream:<stage>``: :func:`identity` of that stage's record). A changed
+  input is a stated difference exactly like a changed field.
 * ``history`` and ``seconds``: the stage's per-epoch metrics and training time over every
   run that trained it, so a resumed or restored stage loses none of them.
 
-Writes are atomic.
+Records written before ``inputs`` existed (jaxvars before issue 33) are accepted with a
+warning naming the stages whose inputs cannot be checked (:func:`changes` lists them as
+``unrecorded``), not silently and not refused: such a workdir keeps resuming, and a stage
+that trains again records its inputs from then on. Writes are atomic.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import zipfile
 
+import numpy as np
 from absl import logging
 
 from jaxvars import atomic
@@ -24,6 +38,13 @@ from jaxvars.errors import CheckpointError, ConfigError
 RECORD = "jaxvars_stage.json"
 RESUME_MODES = ("error", "retrain_changed")  # config.resume
 RECOMMENDER = "recommender"
+SPLIT_KEY = "split.npz"  # Key of the split's fingerprint in a record's inputs.
+WEIGHTS_KEY = "weights"
+DATA_PREFIX = "data:"
+UPSTREAM_PREFIX = "upstream:"
+# The arrays of split.npz that shape training and evaluation (jaxvars.data.pipeline).
+SPLIT_ARRAYS = ("user_ids", "item_ids", "train_users", "train_items", "test_items",
+                "eval_negatives")
 
 # Config fields (dotted prefixes) each kind of stage depends on.
 _UPSTREAM = ("seed", "data.", "backbone.arch", "backbone.width", "backbone.small_stem",
@@ -79,6 +100,74 @@ def shaping_fields(config, stage: str, stages) -> dict:
   return {k: v for k, v in fields.items() if k not in drop}
 
 
+# ---- Inputs: what a stage was trained on -------------------------------------------------
+
+def split_fingerprint(arrays) -> str:
+  """sha256 (hex, 16 digits) of a split's :data:`SPLIT_ARRAYS` (``arrays``: a mapping such
+  as split.npz's or a :class:`jaxvars.data.pipeline.RecData`'s attributes). Ids are hashed
+  as text and indices as int64, so the split made again from the same data (same seed) has
+  the same fingerprint whatever the bytes of its file (zip timestamps) or dtypes.
+
+  Raises:
+    KeyError: an array is missing.
+  """
+  h = hashlib.sha256()
+  for key in SPLIT_ARRAYS:
+    value = np.asarray(arrays[key])
+    h.update(f"{key}{list(value.shape)}".encode())
+    if value.dtype.kind in "USO":
+      h.update("\n".join(map(str, value.ravel().tolist())).encode("utf-8", "surrogateescape"))
+    else:
+      h.update(np.ascontiguousarray(value, np.int64).tobytes())
+  return h.hexdigest()[:16]
+
+
+def read_split_fingerprint(path: str) -> str | None:
+  """:func:`split_fingerprint` of the split.npz at ``path``; None where it is absent or
+  unreadable (the data pipeline names a damaged one when it reads it)."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      return split_fingerprint({k: z[k] for k in SPLIT_ARRAYS})
+  except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError):
+    return None
+
+
+def identity(record: dict | None) -> str | None:
+  """A stage's identity for the stages trained on top of it: sha256 (16 hex digits) of its
+  record's fields, inputs and history (not its wall-clock seconds or a partial epoch), so a
+  stage trained again, on anything else or to other losses, has another identity, while a
+  resumed one keeps it. None for no record."""
+  if record is None:
+    return None
+  body = {k: record.get(k) for k in ("fields", "inputs", "history")}
+  return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def upstream_dir(workdir: str, stages, recommender_workdir: str | None = None) -> str:
+  """The checkpoint directory of the stage the last of ``stages`` (defence stages run up to
+  and including it) starts from: the previous defence stage, or for the first one the
+  recommender of ``recommender_workdir`` (an ablation variant's: the main run's; default
+  ``workdir``)."""
+  if len(stages) > 1:
+    return os.path.join(workdir, "checkpoints", stages[-2])
+  return os.path.join(recommender_workdir or workdir, "checkpoints", RECOMMENDER)
+
+
+def stage_inputs(base: dict, workdir: str, stage: str, stages=(),
+                 recommender_workdir: str | None = None) -> dict:
+  """The inputs a stage of ``workdir`` is trained on: ``base`` (the run's data, split and
+  weights fingerprints: :func:`jaxvars.experiment.input_fingerprints`) and, for a defence
+  stage (``stages``: the defence stages up to and including ``stage``), the identity of the
+  stage it starts from as that stage's record holds it now (see :func:`upstream_dir`)."""
+  inputs = dict(base or {})
+  if stage != RECOMMENDER:
+    up = upstream_dir(workdir, stages, recommender_workdir)
+    inputs[UPSTREAM_PREFIX + os.path.basename(up)] = identity(load(up))
+  return inputs
+
+
 def load(directory: str) -> dict | None:
   """The record in ``directory``, or None.
 
@@ -97,15 +186,21 @@ def load(directory: str) -> dict | None:
 
 
 def save(directory: str, *, fields: dict, history: list, seconds: float, done: bool,
-         adopted_from: str | None = None) -> None:
-  """Writes the record of ``directory`` (atomically); ``adopted_from``: the stage directory
-  whose parameters this one took instead of training (``seconds`` is then 0)."""
+         inputs: dict | None = None, adopted_from: str | None = None) -> None:
+  """Writes the record of ``directory`` (atomically); ``inputs``: what the stage is trained
+  on (:func:`stage_inputs`; None writes none, as before issue 33); ``adopted_from``: the
+  stage directory whose parameters this one took instead of training (``seconds`` is then
+  0)."""
   os.makedirs(directory, exist_ok=True)
   record = {"fields": fields, "history": history, "seconds": seconds, "done": done}
+  if inputs is not None:
+    record["inputs"] = inputs
   if adopted_from:
     record["adopted_from"] = adopted_from
   atomic.write_json(os.path.join(directory, RECORD), record)
 
+
+# ---- Comparing a workdir's records with what this run would train --------------------------
 
 def differences(old: dict, new: dict) -> list[str]:
   """Lines 'config.x: old -> new' of the fields that differ."""
@@ -114,36 +209,148 @@ def differences(old: dict, new: dict) -> list[str]:
           if (k in old) != (k in new) or old.get(k) != new.get(k)]
 
 
-def check_workdir(workdir: str, expected: dict, *, resume: str) -> list[str]:
-  """Compares every stage's record in ``<workdir>/checkpoints`` with the fields this run
-  would train it with (``expected``: {stage: fields}).
+def _short(value) -> str:
+  return "(none)" if value is None else str(value)[:12]
 
-  With ``resume='retrain_changed'`` the checkpoints of every changed stage are removed (it
-  and everything downstream of it then retrain, since downstream fields include upstream
-  ones). Returns the names of the removed stages.
+
+def _input_label(key: str) -> str:
+  if key.startswith(DATA_PREFIX):
+    return f"data {key[len(DATA_PREFIX):]} (sha256)"
+  if key.startswith(UPSTREAM_PREFIX):
+    return f"upstream stage {key[len(UPSTREAM_PREFIX):]} (its record)"
+  if key == SPLIT_KEY:
+    return "split.npz (content)"
+  if key == WEIGHTS_KEY:
+    return "backbone weights (sha256)"
+  return key
+
+
+def input_differences(old: dict, new: dict, pending=()) -> list[str]:
+  """Lines 'data images/ (sha256): 0a1b2c3d4e5f -> 5f4e3d2c1b0a' of the inputs that differ
+  (``pending``: keys not known yet, e.g. the split before it is made, left out)."""
+  return [f"{_input_label(k)}: {_short(old.get(k)) if k in old else '(not recorded)'} -> "
+          f"{_short(new.get(k)) if k in new else '(none)'}"
+          for k in sorted(set(old) | set(new))
+          if k not in pending and ((k in old) != (k in new) or old.get(k) != new.get(k))]
+
+
+def changes(workdir: str, expected: dict, *, pending=(), upstream_changed: bool = False,
+            label: str = "") -> tuple[dict, list]:
+  """Compares the record of every stage of ``<workdir>/checkpoints`` with what this run
+  would train it with.
+
+  Args:
+    expected: {stage: {'fields': ..., 'inputs': ...}} in training order (a stage's
+      upstream comes before it).
+    pending: input keys not known yet (left out of the comparison).
+    upstream_changed: the stage the first of ``expected`` starts from retrains (an ablation
+      variant's: the main run's recommender), so every recorded stage does too.
+    label: prefix of the stage names in the returned dict (e.g. 'ablations/x/').
+
+  Returns:
+    ({label + stage: difference lines} of every stage that must retrain (it differs, or a
+    stage before it does), [label + stage of every record without ``inputs``]: trained by
+    an older jaxvars, whose inputs cannot be checked).
+  """
+  changed, unrecorded = {}, []
+  for stage, want in expected.items():
+    record = load(os.path.join(workdir, "checkpoints", stage))
+    if record is None:
+      if has_checkpoints(os.path.join(workdir, "checkpoints", stage)):  # Its record deleted.
+        changed[label + stage] = [f"its checkpoints have no {RECORD} beside them, so the "
+                                  "settings and inputs they were trained with are unknown"]
+      continue
+    diff = differences(record["fields"], want["fields"])
+    if "inputs" in record:
+      diff += input_differences(record["inputs"], want["inputs"], pending)
+    else:
+      unrecorded.append(label + stage)
+    if not diff and (changed or upstream_changed) and stage != RECOMMENDER:
+      diff = ["the stage it starts from retrains"]
+    if diff:
+      changed[label + stage] = diff
+  return changed, unrecorded
+
+
+def has_checkpoints(directory: str) -> bool:
+  """Whether ``directory`` holds an Orbax checkpoint step (a sub-directory named by digits)."""
+  try:
+    return any(e.is_dir() and e.name.isdigit() for e in os.scandir(directory))
+  except OSError:
+    return False
+
+
+def refuse_or_remove(workdir: str, changed: dict, *, resume: str, remove: bool = True,
+                     split_misfit: bool = False) -> list:
+  """Acts on :func:`changes`: raises with ``resume='error'``; with ``'retrain_changed'``
+  removes each changed stage's directory (``<workdir>/<stage path>/`` under ``checkpoints``,
+  ``ablations/<name>/checkpoints/<stage>`` for a variant's) when ``remove``, else only
+  returns them. Call it with ``remove=True`` only once nothing can stop the run any more
+  (the data and the weights are loaded), so that nothing is deleted before the run knows it
+  can go on.
+
+  Args:
+    split_misfit: the workdir's split.npz does not fit this run's data (other data
+      settings or CSV files): ``retrain_changed`` then needs it deleted too, which the
+      advice says.
+
+  Returns:
+    The changed stage names.
 
   Raises:
-    ConfigError: a stage's fields differ and ``resume='error'``: the message lists the
+    ConfigError: a stage differs and ``resume='error'``: the message lists the
       differences and the two ways forward.
   """
-  changed = {}
-  for stage, fields in expected.items():
-    directory = os.path.join(workdir, "checkpoints", stage)
-    record = load(directory)
-    if record is not None and record["fields"] != fields:
-      changed[stage] = differences(record["fields"], fields)
   if not changed:
     return []
   if resume != "retrain_changed":
-    lines = [f"{stage}: " + "; ".join(diff[:8]) + (f"; ... ({len(diff)} fields)"
+    lines = [f"{stage}: " + "; ".join(diff[:8]) + (f"; ... ({len(diff)} differences)"
                                                    if len(diff) > 8 else "")
              for stage, diff in changed.items()]
+    split = os.path.join(workdir, "split.npz")
+    retrain = ("pass --config.resume=retrain_changed to retrain exactly these stages (and "
+               "everything downstream of them) here")
+    if split_misfit:
+      retrain = (f"delete {split} (made from other data or data settings) and " +
+                 retrain.replace("exactly these stages (and everything downstream of them)",
+                                 "these stages on a new split"))
     raise ConfigError(
-        f"{workdir} holds stages trained with other settings: " + " | ".join(lines) +
-        ". Either use a fresh --workdir, or pass --config.resume=retrain_changed to retrain "
-        "exactly these stages (and everything downstream of them) here")
-  for stage in changed:
-    logging.warning("config.resume=retrain_changed: retraining stage %s (%s)", stage,
-                    "; ".join(changed[stage][:4]))
-    shutil.rmtree(os.path.join(workdir, "checkpoints", stage))
+        f"{workdir} holds stages trained with other settings or on other inputs: " +
+        " | ".join(lines) + f". Either use a fresh --workdir, or {retrain}")
+  if remove:
+    for stage, diff in changed.items():
+      logging.warning("config.resume=retrain_changed: retraining stage %s (%s)", stage,
+                      "; ".join(diff[:4]))
+      shutil.rmtree(stage_path(workdir, stage), ignore_errors=True)
   return list(changed)
+
+
+def stage_path(workdir: str, stage: str) -> str:
+  """The checkpoint directory of a stage named as :func:`changes` names it ('joint', or
+  'ablations/<variant>/joint')."""
+  head, _, name = stage.rpartition("/")
+  return os.path.join(workdir, head, "checkpoints", name) if head else os.path.join(
+      workdir, "checkpoints", name)
+
+
+def warn_unrecorded(workdir: str, unrecorded: list) -> None:
+  """The warning for stages recorded before their inputs were (see the module doc)."""
+  if unrecorded:
+    logging.warning(
+        "%s: stages %s were recorded by an older jaxvars, without the fingerprints of their "
+        "data, split, backbone weights and upstream stage: restored as they are, unchecked; "
+        "use a fresh --workdir to train them on this run's inputs for sure", workdir,
+        ", ".join(unrecorded))
+
+
+def check_workdir(workdir: str, expected: dict, *, resume: str, pending=(),
+                  remove: bool = True) -> list[str]:
+  """:func:`changes` of one directory then :func:`refuse_or_remove` (a warning for records
+  without inputs). Returns the changed (with ``remove``: removed) stage names.
+
+  Raises:
+    ConfigError: a stage differs and ``resume='error'``.
+  """
+  changed, unrecorded = changes(workdir, expected, pending=pending)
+  warn_unrecorded(workdir, unrecorded)
+  return refuse_or_remove(workdir, changed, resume=resume, remove=remove)
