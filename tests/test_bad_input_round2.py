@@ -336,3 +336,24 @@ def test_checkpoints_without_their_record_are_a_stated_problem(tmp_path):
 
 def test_every_new_error_is_a_jaxvars_error():
   assert issubclass(DiskFullError, JaxvarsError) and issubclass(DivergingLossError, JaxvarsError)
+
+
+def test_batch_larger_than_the_training_pairs_wraps_around():
+  """A batch bigger than the training pairs (a tiny dataset, the H&M batch of 1,024) used to
+  be a raw reshape error; every pair now appears, each batch is full, and the ordinary case
+  is unchanged (the first len(pairs) triplets are one permutation)."""
+  import types
+
+  from jaxvars.training.recommender import epoch_triplets
+  users = np.array([0, 0, 1, 1, 2], np.int32)
+  items = np.array([0, 1, 1, 2, 3], np.int32)
+  data = types.SimpleNamespace(train_users=users, train_items=items, num_items=6)
+  keys = np.sort(users.astype(np.int64) * 6 + items)
+  out = epoch_triplets(data, keys, seed=0, epoch=0, batch_size=16)
+  assert out["user"].shape == (1, 16)
+  pairs = set(zip(out["user"].ravel().tolist(), out["pos"].ravel().tolist()))
+  assert pairs == set(zip(users.tolist(), items.tolist()))
+  flat = out["user"].ravel() * 6 + out["pos"].ravel()
+  assert sorted(flat[:5].tolist()) == sorted(keys.tolist())
+  assert np.array_equal(flat[5:10], flat[:5])  # Wrapped around from the start.
+  assert not np.isin(out["user"].ravel() * 6 + out["neg"].ravel(), keys).any()

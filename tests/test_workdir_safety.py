@@ -93,6 +93,20 @@ def test_second_run_through_the_command_line_exits_2_naming_the_holder(tmp_path)
   assert sorted(os.listdir(workdir)) == [".jaxvars.lock"]  # The holder's, left by SIGTERM.
 
 
+def test_report_command_waits_for_no_run_it_would_race(tmp_path):
+  """``python -m jaxvars.report`` rewrites report.md: refused while a run holds the workdir."""
+  workdir = tmp_path / "run"
+  holder = _hold(workdir)
+  try:
+    r = subprocess.run([sys.executable, "-m", "jaxvars.report", f"--workdir={workdir}"],
+                       cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
+  finally:
+    _stop(holder, signal.SIGTERM)
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert f"pid {holder.pid} on host {socket.gethostname()}" in r.stderr
+  assert not (workdir / "report.md").exists()
+
+
 def test_stale_lock_of_a_killed_run_is_taken_over_and_removed_at_the_end(tmp_path, caplog):
   from jaxvars import locking
   workdir = tmp_path / "run"

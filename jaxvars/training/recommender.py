@@ -37,7 +37,8 @@ def make_optimizer(rec_config, steps_per_epoch: int) -> optax.GradientTransforma
 def epoch_triplets(data, positive_keys: np.ndarray, *, seed: int, epoch: int,
                    batch_size: int) -> dict[str, np.ndarray]:
   """All BPR triplets of one epoch: every training pair once (shuffled) with a sampled
-  negative, padded by wrapping around to a whole number of batches.
+  negative, padded by wrapping around to a whole number of batches (more than once where
+  ``batch_size`` exceeds the number of training pairs).
 
   Returns:
     {'user', 'pos', 'neg'}: int32 [steps, batch_size].
@@ -46,7 +47,7 @@ def epoch_triplets(data, positive_keys: np.ndarray, *, seed: int, epoch: int,
   n = len(data.train_users)
   steps_ = -(-n // batch_size)
   order = rng.permutation(n)
-  order = np.concatenate([order, order[:steps_ * batch_size - n]])
+  order = np.resize(order, steps_ * batch_size)  # Wraps around, as often as a batch needs.
   users, pos = data.train_users[order], data.train_items[order]
   neg = splits.sample_train_negatives(users, data.num_items, positive_keys, rng=rng)
   shape = (steps_, batch_size)
