@@ -93,6 +93,16 @@ def _full(path: str, e: BaseException) -> DiskFullError | None:
   return None
 
 
+def _fail(tmp: str, path: str, e: BaseException):
+  """Removes the temporary file of a write to ``path`` that raised ``e``; re-raises ``e``,
+  as a :class:`DiskFullError` naming ``path`` where the disk was full."""
+  _discard(tmp)
+  full = _full(path, e)
+  if full is not None:
+    raise full from None
+  raise e
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = ""):
   """Yields the name of a new, empty temporary file next to ``path`` (ending in
@@ -112,11 +122,7 @@ def atomic_path(path: str, suffix: str = ""):
                             "written (another user of this directory?); not installed")
     os.replace(tmp, path)
   except BaseException as e:
-    _discard(tmp)
-    full = _full(path, e)
-    if full is not None:
-      raise full from None
-    raise
+    _fail(tmp, path, e)
   finally:
     os.close(fd)
 
@@ -138,11 +144,7 @@ def atomic_file(path: str, mode: str = "wb", **open_kwargs):
       yield f
     os.replace(tmp, path)
   except BaseException as e:
-    _discard(tmp)
-    full = _full(path, e)
-    if full is not None:
-      raise full from None
-    raise
+    _fail(tmp, path, e)
 
 
 def _json_default(x):
