@@ -7,7 +7,9 @@ against the positive). Then
 * HR@N = 1 if rank < N else 0,
 * NDCG@N = 1 / log2(rank + 2) if rank < N else 0 (one relevant item, so IDCG = 1),
 
-averaged over users; :func:`hits` gives the per-user values (for bootstrap intervals).
+averaged over users; :func:`hits` gives the per-user values (for bootstrap intervals). The
+metrics are defined in :mod:`jaxvars.evaluation.rank_metrics`; the full-ranking protocol
+(every item the user did not interact with) is :mod:`jaxvars.evaluation.full_ranking`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxvars.evaluation.rank_metrics import SAMPLED_METRICS, per_user
 
 
 def positive_ranks(pos_scores: np.ndarray, neg_scores: np.ndarray) -> np.ndarray:
@@ -34,18 +38,13 @@ def positive_ranks(pos_scores: np.ndarray, neg_scores: np.ndarray) -> np.ndarray
 
 
 def hits(ranks: np.ndarray, ks=(5, 10, 20)) -> dict[str, np.ndarray]:
-  """Per-user HR@N (0/1) and NDCG@N from 0-based ranks [U], for each N in ``ks``.
+  """Per-user HR@N (0/1) and NDCG@N from 0-based ranks [U], for each N in ``ks`` (the
+  sampled protocol's metrics: :func:`jaxvars.evaluation.rank_metrics.per_user`).
 
   Returns:
     {'HR@5': float64 [U], 'NDCG@5': float64 [U], 'HR@10': ...}.
   """
-  ranks = np.asarray(ranks)
-  out = {}
-  for k in ks:
-    hit = ranks < k
-    out[f"HR@{k}"] = hit.astype(np.float64)
-    out[f"NDCG@{k}"] = np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)
-  return out
+  return per_user(ranks, ks, SAMPLED_METRICS)
 
 
 def ranking_metrics(ranks: np.ndarray, ks=(5, 10, 20)) -> dict[str, float]:
