@@ -370,3 +370,198 @@ def test_eps_sanity_check_says_when_it_did_not_run_and_flags_a_violation():
              for line in sanity_checks(ok, 8.0))
   bad = {"ranking": {"vbpr/pgd@8": _row(0.2, 0.17, 0.23), "vbpr/pgd@16": _row(0.3, 0.27, 0.33)}}
   assert any("**violated**" in line for line in sanity_checks(bad, 8.0))
+
+
+# ---- Row and condition records (issue 34): the report reads what a row is from
+# results['rows'] / results['conditions'], never from its name; full-ranking protocol. ----
+
+def _rank_row(hr, width=0.05, **extra):
+  return {"HR@10": hr, "NDCG@10": hr / 2, "MRR": hr / 3,
+          "ci95": {"HR@10": [hr - width, hr + width], "NDCG@10": [hr / 2 - width, hr / 2 + width],
+                   "MRR": [hr / 3 - width, hr / 3 + width]}, "users": 100, **extra}
+
+
+def _pair(diff, lo, hi):
+  effect = "higher" if lo > 0 else "lower" if hi < 0 else "none"
+  return {"all": {"HR@10": {"diff": diff, "ci95": [lo, hi], "effect": effect}},
+          "unseen": {"HR@10": {"diff": diff, "ci95": [lo, hi], "effect": effect}}}
+
+
+def _recorded_results(*, full_disagrees=True) -> dict:
+  """A run with the record sections, its rows and conditions named as jaxvars names them."""
+  wb = "white-box adaptive through defended"
+  conditions = [
+      {"name": "clean", "kind": "clean", "attack": None, "objective": None, "eps": None,
+       "through": None, "threat": "", "threat_model": "", "items": "all", "gated": False,
+       "compare_with": None, "rows": ["mostpop/clean", "vbpr/clean", "defended/clean"]},
+      {"name": "pgd@8", "kind": "transfer", "attack": "pgd", "objective": "bpr", "eps": 8.0,
+       "through": None, "threat": "transfer", "threat_model": "transfer, every system",
+       "items": "all", "gated": False, "compare_with": None,
+       "rows": ["vbpr/pgd@8", "defended/pgd@8"]},
+      {"name": "no_visual", "kind": "floor", "attack": None, "objective": None, "eps": None,
+       "through": None, "threat": "", "threat_model": "", "items": "all", "gated": False,
+       "compare_with": None, "rows": ["vbpr/no_visual"]},
+      {"name": "pgd-wb@8", "kind": "whitebox", "attack": "pgd", "objective": "bpr", "eps": 8.0,
+       "through": "defended", "threat": "white-box: defended", "threat_model": wb,
+       "items": "subset", "gated": False, "compare_with": None, "rows": ["defended/pgd-wb@8"]},
+      {"name": "pgd-wb-det1@8", "kind": "whitebox", "attack": "pgd", "objective": "bpr",
+       "eps": 8.0, "through": "defended", "threat": "white-box: defended, detector-aware",
+       "threat_model": wb + ", detector-aware", "items": "subset", "gated": True,
+       "compare_with": None,
+       "rows": ["defended/pgd-wb-det1@8", "defended+gate/pgd-wb-det1@8"]},
+      {"name": "pgd-wb-2xsteps@8", "kind": "sanity", "attack": "pgd", "objective": "bpr",
+       "eps": 8.0, "through": "defended", "threat": "white-box: defended", "threat_model": wb,
+       "items": "subset", "gated": False, "compare_with": "pgd-wb@8",
+       "rows": ["defended/pgd-wb-2xsteps@8"]},
+      {"name": "pgd-demote-wb@64", "kind": "sanity", "attack": "pgd", "objective": "demote",
+       "eps": 64.0, "through": "defended", "threat": "white-box: defended", "threat_model": wb,
+       "items": "subset", "gated": False, "compare_with": None,
+       "rows": ["defended/pgd-demote-wb@64"]},
+  ]
+  hr = {"mostpop/clean": 0.20, "vbpr/clean": 0.50, "vbpr/pgd@8": 0.10, "vbpr/no_visual": 0.15,
+        "defended/clean": 0.45, "defended/pgd@8": 0.30, "defended/pgd-wb@8": 0.12,
+        "defended/pgd-wb-det1@8": 0.11, "defended+gate/pgd-wb-det1@8": 0.40,
+        "defended/pgd-wb-2xsteps@8": 0.09, "defended/pgd-demote-wb@64": 0.14}
+  rows = {}
+  for c in conditions:
+    for key in c["rows"]:
+      system = key.split("/")[0]
+      rows[key] = {"system": system, "condition": c["name"],
+                   "gate_of": "defended" if system == "defended+gate" else None}
+  rows = {key: rows[key] for key in hr}  # Table order.
+  full_hr = {"vbpr/clean": 0.06, "defended/clean": 0.05, "vbpr/pgd@8": 0.05,
+             "defended/pgd@8": 0.02 if full_disagrees else 0.07}
+  size = {"linf_255": 8.0, "l2": 3.0, "time_s": 10.0}
+  attack = {"pgd@8": {"items_attacked": 500, "threat": "transfer",
+                      "threat_model": "transfer, every system", **size}}
+  for c in conditions[3:]:
+    attack[f"{c['name']}@defended"] = {"items_attacked": 50, "threat": c["threat"], **size,
+                                       "threat_model": c["threat_model"], "systems": ["defended"],
+                                       **({"pass_rate": 0.625} if c["gated"] else {})}
+  return {
+      "data": {"users": 100, "items": 500, "eval_negatives_per_user": 100},
+      "config": {"ablation": {"eps": 8.0}, "eval": {"bootstrap_resamples": 100}},
+      "systems": {"vbpr": {"system": "undefended", "label": "VBPR"},
+                  "defended": {"system": "defended", "label": "OURS"}},
+      "ranking": {key: _rank_row(v) for key, v in hr.items()},
+      "ranking_full": {key: _rank_row(v, 0.01) for key, v in full_hr.items()},
+      "comparisons": {"defended/pgd@8 - defended/clean": _pair(-0.15, -0.2, -0.1),
+                      "defended/pgd@8 - vbpr/pgd@8": _pair(0.2, 0.15, 0.25),
+                      "defended+gate/pgd-wb-det1@8 - defended/pgd-wb-det1@8":
+                          _pair(0.29, 0.2, 0.35),
+                      "defended/pgd-wb-2xsteps@8 - defended/pgd-wb@8": _pair(-0.03, -0.05, -0.01)},
+      "comparisons_full": {"defended/pgd@8 - vbpr/pgd@8": _pair(-0.03, -0.05, 0.01)},
+      "robust": {"vbpr": _rank_row(0.1), "defended": _rank_row(0.08)},
+      "detection": {},
+      "attack": attack,
+      "rows": rows,
+      "conditions": conditions,
+  }
+
+
+# Names a producer could give the same rows: none says what the row is.
+_OPAQUE = {"defended+gate": "gatekeeper", "pgd-wb-2xsteps@8": "longer@8",
+           "pgd-demote-wb@64": "strong@64", "pgd-wb-det1@8": "sneaky@8", "pgd-wb@8": "adapt@8",
+           "no_visual": "blank"}
+
+
+def _rename(text: str) -> str:
+  for old, new in _OPAQUE.items():
+    text = text.replace(old, new)
+  return text
+
+
+def _legacy(results: dict) -> dict:
+  return {k: v for k, v in results.items() if k not in ("rows", "conditions")}
+
+
+def _report_text(tmp_path, results: dict, name: str) -> str:
+  workdir = tmp_path / name
+  workdir.mkdir()
+  (workdir / "results.json").write_text(json.dumps(results))
+  text = open(report.write_report(str(workdir))).read()
+  return "\n".join(line for line in text.splitlines() if not line.startswith("Workdir `"))
+
+
+def test_report_reads_row_kinds_from_the_records_not_the_names(tmp_path, monkeypatch):
+  """Rows and conditions renamed so that no name says what it is (a gated row not ending in
+  '+gate', a floor not named 'no_visual', a more-steps check without '2xsteps', a large-eps
+  white-box check without '-wb'): the report reads their kinds from the records and says
+  the same as for jaxvars's own names, without deriving anything from a name."""
+  from jaxvars.report import robustness, rows
+  named = _recorded_results()
+  opaque = json.loads(_rename(json.dumps(named)))
+  assert "gatekeeper/sneaky@8" in opaque["ranking"] and "+gate" not in json.dumps(opaque)
+  expected = _rename(_report_text(tmp_path, named, "named"))
+
+  def no_parsing(*args, **kwargs):
+    raise AssertionError(f"a name was parsed: {args}")
+  for fn in ("legacy_row", "legacy_condition", "legacy_targeted_budgets", "parse_condition",
+             "parse_row_key"):
+    monkeypatch.setattr(rows, fn, no_parsing)
+  text = _report_text(tmp_path, opaque, "opaque")
+  assert text == expected
+  # The gated row is read as gated: its own table row, labelled after the ungated system.
+  gated = robustness.gated_table(opaque)
+  assert gated[2] == ("| sneaky@8 | OURS | 0.6250 | 0.1100 [0.0600, 0.1600] | "
+                      "0.4000 [0.3500, 0.4500] | 0.4500 [0.4000, 0.5000] |")
+  assert "OURS + gate" not in "\n".join(robustness.worst_case_table(opaque, 8.0))
+  sanity = "\n".join(robustness.sanity_checks(opaque, 8.0))
+  assert "twice the PGD steps: gatekeeper" not in sanity
+  assert "* twice the PGD steps: defended/longer@8 - defended/adapt@8: HR@10 -0.0300" in sanity
+  assert ("* white-box strong@64 on OURS: HR@10 0.1400 [0.0900, 0.1900] vs the no-visual level "
+          "0.1500 [0.1000, 0.2000]") in sanity
+  monkeypatch.undo()
+  # Read from the names instead (an older results.json), the opaque rows are misread.
+  legacy = _report_text(tmp_path, _legacy(opaque), "opaque_legacy")
+  assert legacy != expected and "OURS + gate" not in legacy and "longer@8 -" not in legacy
+
+
+def test_an_older_results_json_gives_the_same_report_from_its_names(tmp_path):
+  """Without the record sections the records are derived from jaxvars's names: the same
+  report as with them (and the committed runs' pages stay as they were:
+  tests/test_results_pages.py)."""
+  from jaxvars.report import rows
+  named = _recorded_results()
+  text = _report_text(tmp_path, named, "records")
+  assert _report_text(tmp_path, _legacy(named), "legacy") == text
+  for part in ("| pgd-wb-det1@8 | OURS | 0.6250 |", "* twice the PGD steps: defended/pgd-wb-2xsteps@8",
+               "* white-box pgd-demote-wb@64 on OURS", "| clean | MostPop |"):
+    assert part in text
+  derived, recorded = rows.records(_legacy(named)), rows.records(named)
+  assert derived.legacy and not recorded.legacy
+  for key in named["ranking"]:
+    assert derived.row(key) == recorded.row(key)
+    a, b = derived.condition_of(key), recorded.condition_of(key)
+    assert (a.name, a.kind, a.eps, a.through, a.gated, a.compare_with, a.family) == (
+        b.name, b.kind, b.eps, b.through, b.gated, b.compare_with, b.family), key
+  # Only the records module parses a name.
+  report_dir = os.path.dirname(rows.__file__)
+  for name in os.listdir(report_dir):
+    if name.endswith(".py") and name != "rows.py":
+      source = open(os.path.join(report_dir, name)).read()
+      assert not re.search(r"parse_row_key|parse_condition|\+gate|2xsteps|no_visual", source), name
+
+
+def test_full_ranking_table_and_where_the_protocols_disagree(tmp_path):
+  results = _recorded_results(full_disagrees=True)
+  text = _report_text(tmp_path, results, "disagree")
+  assert "Krichene & Rendle, KDD 2020" in text and "did not buy in training" in text
+  full = _section_table(text, "Full ranking")
+  assert full[0] == ["condition", "system", "users", "HR@10 (sampled)", "HR@10 (full)",
+                     "NDCG@10 (full)", "MRR (full)"]
+  assert full[4] == ["pgd@8", "OURS", "100", "0.3000 [0.2500, 0.3500]", "0.0200 [0.0100, 0.0300]",
+                     "0.0100 [0.0000, 0.0200]", "0.0067 [-0.0033, 0.0167]"]
+  lines = [line for line in text.splitlines() if "sampled HR@10 ranks" in line]
+  assert lines == [
+      "* pgd@8: sampled HR@10 ranks OURS above VBPR (0.3000 vs 0.1000), the full ranking the "
+      "reverse (0.0200 vs 0.0500); paired, sampled: `defended/pgd@8 - vbpr/pgd@8` +0.2000 "
+      "[+0.1500, +0.2500] (excludes 0); full: `defended/pgd@8 - vbpr/pgd@8` -0.0300 "
+      "[-0.0500, +0.0100] (includes 0)"]
+  assert "order every pair of systems" not in text
+  agree = _report_text(tmp_path, _recorded_results(full_disagrees=False), "agree")
+  assert "sampled HR@10 ranks" not in agree
+  assert ("* The two protocols order every pair of systems under the same condition the same "
+          "way by HR@10 (2 pairs; a tie in either is not a reversal).") in agree
+  del results["ranking_full"]
+  assert "Full ranking" not in _report_text(tmp_path, results, "sampled_only")

@@ -40,6 +40,7 @@ from absl import app, flags
 from jaxvars import atomic
 from jaxvars.errors import JaxvarsError
 from jaxvars.report import checks_tables, robustness, tables, targeted_tables
+from jaxvars.report.rows import records
 
 _ROOT = flags.DEFINE_string("root", ".", "Repository root (README.md, results/).")
 _CHECK = flags.DEFINE_bool("check", False, "Only check that every block is up to date.")
@@ -101,15 +102,17 @@ def provenance(results: dict) -> list[str]:
   return [line]
 
 
-def _find(section: dict, system: str, attack_prefix: str, eps: str = "@8") -> str | None:
-  """The first row of ``system`` whose condition starts with ``attack_prefix`` at ``eps``
-  and is not a detector-aware, longer or restarted variant."""
+def _find(results: dict, section: dict, system: str, eps: float = 8.0):
+  """The first row of ``system`` under a white-box PGD attack on the paper's objective at
+  ``eps`` that is not a detector-aware or sanity-check variant, and its condition record;
+  (None, None) where there is none."""
+  rec = records(results)
   for key in section:
-    name, _, cond = key.partition("/")
-    if (name == system and cond.startswith(attack_prefix) and cond.endswith(eps)
-        and not re.search(r"-(det|s|r)\d", cond)):
-      return key
-  return None
+    c = rec.condition_of(key)
+    if (rec.row(key).system == system and c.kind == "whitebox" and c.attack == "pgd"
+        and c.objective in (None, "bpr") and c.eps == eps and not c.gated):
+      return key, c
+  return None, None
 
 
 # (label, threat model, where to read): the headline rows.
@@ -125,11 +128,11 @@ def _headline_rows(results: dict) -> list[tuple[str, str, dict | None]]:
           ("VBPR, PGD@8", "transfer (paper)", rank.get(f"{plain}/pgd@8")),
           ("OURS (denoiser), clean photos", "-", rank.get("defended/clean")),
           ("OURS, PGD@8", "transfer (paper)", rank.get("defended/pgd@8"))]
-  wb = _find(attacked, "defended", "pgd-wb")
+  wb, _ = _find(results, attacked, "defended")
   rows.append(("OURS, white-box PGD@8 through D", "adaptive", attacked.get(wb) if wb else None))
-  wb = _find(attacked, "defended_rand", "pgd-wb")
-  eot = re.search(r"eot(\d+)", wb or "")
-  rows.append((f"OURS-rand, white-box PGD@8{f' + EOT {eot.group(1)}' if eot else ''}",
+  wb, c = _find(results, attacked, "defended_rand")
+  eot = c.eot if c is not None else None
+  rows.append((f"OURS-rand, white-box PGD@8{f' + EOT {eot}' if eot else ''}",
                "adaptive", attacked.get(wb) if wb else None))
   rows.append(("OURS, worst case over every attack", "worst case", robust.get("defended")))
   return rows
@@ -175,7 +178,7 @@ def hr10(results: dict) -> list[str]:
   """System x {clean, FGSM@8, PGD@8} HR@10 with 95% intervals, all users and unseen users."""
   header = ["system"] + [f"{c}{g}" for g in ("", ", unseen") for c in ("clean", "FGSM@8", "PGD@8")]
   rows = []
-  for name in ["mostpop"] + tables.systems(results):
+  for name in tables.baselines(results) + tables.systems(results):
     cells = [tables.cell(results.get(section, {}).get(f"{name}/{cond}"), "HR@10")
              for section in ("ranking", "ranking_unseen") for cond in ("clean", "fgsm@8", "pgd@8")]
     cells = ["" if c == "NaN" else c for c in cells]

@@ -6,7 +6,8 @@ perturbed (``results['ranking_attacked']``), the clean and transfer rows include
 
 from __future__ import annotations
 
-from jaxvars.conditions import parse_condition, parse_row_key
+from jaxvars.conditions import CLEAN
+from jaxvars.report.rows import records
 from jaxvars.report.tables import cell, fmt, label, md_table, systems
 
 
@@ -26,24 +27,24 @@ def _attack_info(results: dict, system: str, cond: str) -> dict:
 
 def attack_rows(results: dict, eps: float) -> list[str]:
   """Conditions at ``eps`` that some system was ranked under, in order of appearance."""
-  seen = {}
+  seen, rec = {}, records(results)
   for key in results.get("ranking", {}):
-    name, cond = parse_row_key(key)
-    if "+gate" not in name and parse_condition(cond)[1] == eps:
-      seen.setdefault(cond, None)
+    if not rec.row(key).gated and rec.condition_of(key).eps == eps:
+      seen.setdefault(rec.row(key).condition, None)
   return list(seen)
 
 
 def worst_case_table(results: dict, eps: float) -> list[str]:
   """Attack x system: HR@10 (95% interval) of each system under each attack at ``eps``, the
   attack's threat model, and the per-user worst case over every attack (robust HR@10)."""
-  names = [n for n in systems(results) if "+gate" not in n]
+  rec = records(results)
+  names = [n for n in systems(results) if rec.gate_of(n) is None]
   ranking, robust = section_ranking(results), results.get("robust", {})
   rows, legend = [], {}
   for cond in attack_rows(results, eps):
     info = next((_attack_info(results, n, cond) for n in names if f"{n}/{cond}" in ranking), {})
-    short = info.get("threat") or ("transfer" if "-wb" not in cond else "white-box")
-    legend.setdefault(short, info.get("threat_model", ""))
+    short = info.get("threat") or rec.condition(cond).threat
+    legend.setdefault(short, info.get("threat_model", rec.condition(cond).threat_model))
     rows.append([cond] + [cell(ranking.get(f"{n}/{cond}"), "HR@10") if f"{n}/{cond}" in ranking
                           else "" for n in names] + [short, info.get("items_attacked", "")])
   rows.append(["**worst case** (every attack above)"]
@@ -58,16 +59,16 @@ def worst_case_table(results: dict, eps: float) -> list[str]:
 def gated_table(results: dict) -> list[str]:
   """Detector-aware attacks: the share of attacked photos the detector passes, and HR@10
   with and without rejecting the flagged uploads (their items keep the clean photo)."""
-  ranking, rows = section_ranking(results), []
+  ranking, rows, rec = section_ranking(results), [], records(results)
   for key, row in ranking.items():
-    name, cond = parse_row_key(key)
-    if not name.endswith("+gate"):
+    r = rec.row(key)
+    if not r.gated:
       continue
-    base = name.removesuffix("+gate")
+    base, cond = r.gate_of, r.condition
     info = _attack_info(results, base, cond)
     rows.append([cond, label(results, base), fmt(info.get("pass_rate")),
-                 cell(ranking.get(f"{base}/{cond}"), "HR@10"), cell(row, "HR@10"),
-                 cell(ranking.get(f"{base}/clean"), "HR@10")])
+                 cell(ranking.get(rec.find(base, cond)), "HR@10"), cell(row, "HR@10"),
+                 cell(ranking.get(rec.find(base, CLEAN)), "HR@10")])
   header = ["attack", "system", "attacked photos passing the detector",
             "HR@10 (all uploads accepted)", "HR@10 (flagged uploads rejected)", "HR@10 clean"]
   return md_table(header, rows) if rows else []
@@ -75,8 +76,8 @@ def gated_table(results: dict) -> list[str]:
 
 def _final_loss(results: dict, row: str):
   """The attack's mean objective at its last step (its ``loss_curve``), or None."""
-  name, cond = parse_row_key(row)
-  curve = _attack_info(results, name, cond).get("loss_curve") or []
+  r = records(results).row(row)
+  curve = _attack_info(results, r.system, r.condition).get("loss_curve") or []
   return curve[-1] if curve else None
 
 
@@ -111,14 +112,29 @@ def _steps_check(results: dict, key: str, comp: dict) -> str:
   return f"{line} ({verdict})"
 
 
+def steps_pairs(results: dict) -> list[str]:
+  """The comparison keys ``'<row> - <row>'`` of Carlini et al.'s more-steps check: each row of
+  a sanity condition paired with an attack (``compare_with``) against the same system's row
+  under that attack."""
+  rec, out = records(results), []
+  for c in rec.conditions:
+    if c.kind != "sanity" or c.compare_with is None:
+      continue
+    for key in c.rows or [k for k, r in rec.rows.items() if r.condition == c.name]:
+      r = rec.row(key)
+      out.append(f"{key} - {rec.find(r.system, c.compare_with)}")
+  return out
+
+
 def sanity_checks(results: dict, eps: float) -> list[str]:
   """Carlini et al. (2019): larger eps and more steps never help the defended system; a
   large-eps white-box attack reaches about the no-visual level."""
-  ranking, out, compared = section_ranking(results), [], 0
+  ranking, out, compared, rec = section_ranking(results), [], 0, records(results)
   for name in systems(results):
-    sweep = sorted((parse_condition(parse_row_key(k)[1])[1], parse_condition(parse_row_key(k)[1])[0], r)
-                   for k, r in ranking.items() if parse_row_key(k)[0] == name
-                   and parse_condition(parse_row_key(k)[1])[1] is not None)
+    sweep = sorted(((c.eps, c.family, r) for c, r in
+                    ((rec.condition_of(k), r) for k, r in ranking.items()
+                     if rec.row(k).system == name) if c.eps is not None),
+                   key=lambda t: t[:2])
     by_attack = {}
     for e, attack, row in sweep:
       by_attack.setdefault(attack, []).append((e, row))
@@ -135,17 +151,15 @@ def sanity_checks(results: dict, eps: float) -> list[str]:
   elif not compared:
     out.append("* the eps sweep check did not run: every attack was evaluated at one eps "
                "(the `full` preset sweeps eps)")
-  comps = results.get("comparisons", {})
+  comps, steps = results.get("comparisons", {}), set(steps_pairs(results))
   for key, comp in comps.items():
-    first, second = key.split(" - ")
-    if "-2xsteps@" in first and "-2xsteps" not in second and not second.endswith("/clean"):
+    if key in steps:
       out.append(_steps_check(results, key, comp["all"]))
-  floor = next((r for k, r in ranking.items() if k.endswith("/no_visual")), None)
+  floor = rec.floor(ranking)
   for key, row in ranking.items():
-    name, cond = parse_row_key(key)
-    attack, e = parse_condition(cond)
-    if e == 64 and "-wb" in attack and floor is not None:
-      out.append(f"* white-box {cond} on {label(results, name)}: HR@10 {cell(row, 'HR@10')} vs "
+    c, name = rec.condition_of(key), rec.row(key).system
+    if c.kind == "sanity" and c.compare_with is None and floor is not None:
+      out.append(f"* white-box {c.name} on {label(results, name)}: HR@10 {cell(row, 'HR@10')} vs "
                  f"the no-visual level {cell(floor, 'HR@10')} (every item's visual feature set "
                  "to the mean)")
   return out

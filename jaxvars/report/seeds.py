@@ -23,7 +23,7 @@ from absl import app, flags
 
 from jaxvars import atomic
 from jaxvars.errors import JaxvarsError
-from jaxvars.conditions import parse_row_key
+from jaxvars.report.rows import records
 from jaxvars.report.tables import fmt, label, md_table
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Workdirs of runs that differ only in seed.")
@@ -106,8 +106,8 @@ def verdict(effects: dict) -> str:
 
 
 def _row_label(run: dict, row: str) -> str:
-  system, cond = parse_row_key(row)
-  return f"{label(run, system)} {cond}"
+  r = records(run).row(row)
+  return f"{label(run, r.system)} {r.condition}"
 
 
 def markdown(summary: dict, first_run: dict) -> list[str]:
@@ -116,11 +116,12 @@ def markdown(summary: dict, first_run: dict) -> list[str]:
            "Each cell: mean over seeds [min, max over seeds]; 'CI width': the mean width of the "
            "runs' own 95% bootstrap intervals.", ""]
   titles = {"ranking": "All test users", "ranking_unseen": "Out of sample (unseen items)"}
+  rec = records(first_run)
   for section, title in titles.items():
     rows = []
     for row, cells in summary.get(section, {}).items():
-      system, cond = row.split("/", 1)
-      rows.append([cond, label(first_run, system)] + [
+      r = rec.row(row)
+      rows.append([r.condition, label(first_run, r.system)] + [
           f"{fmt(c['mean'])} [{fmt(c['min'])}, {fmt(c['max'])}]" for c in cells.values()] + [
           fmt(cells["HR@10"]["ci_width"])])
     if rows:

@@ -1,7 +1,7 @@
 """The report's tables, as markdown lines, driven by what results.json contains.
 
-Systems, attacks and conditions are read from ``results['ranking']`` (rows
-``<system>/<condition>``, :mod:`jaxvars.conditions`) and labelled from
+Systems, attacks and conditions are read from ``results['ranking']`` and what each row is
+from the row and condition records (:mod:`jaxvars.report.rows`), and labelled from
 ``results['systems']``; the paper's numbers (:mod:`jaxvars.report.paper`) appear where
 this run has the same system and attack.
 """
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 
-from jaxvars.conditions import CLEAN, condition_key, parse_condition, parse_row_key
+from jaxvars.conditions import CLEAN, condition_key
 from jaxvars.report import paper
+from jaxvars.report.rows import records
 
 METRICS = paper.METRICS
 
@@ -41,9 +42,9 @@ def md_table(header, rows) -> list[str]:
 def conditions(results: dict) -> list[str]:
   """Every condition of ``results['ranking']`` (then of ``results['detection']``), in order
   of first appearance."""
-  seen = {}
+  seen, rec = {}, records(results)
   for key in results.get("ranking", {}):
-    seen.setdefault(parse_row_key(key)[1], None)
+    seen.setdefault(rec.row(key).condition, None)
   for cond in results.get("detection", {}):
     seen.setdefault(cond, None)
   return list(seen)
@@ -53,19 +54,19 @@ def attacks(results: dict, *, paper_only: bool = False) -> list[str]:
   """The attack names (e.g. 'fgsm', 'pgd', 'pgd-feature') of the run, in order; with
   ``paper_only`` just the paper's transfer attacks (a method name alone: 'fgsm', 'pgd'), not
   the adaptive and sanity-check ones (which the robustness section reports)."""
-  seen = {}
-  for cond in conditions(results):
-    name, eps = parse_condition(cond)
-    if eps is not None and not (paper_only and "-" in name):
-      seen.setdefault(name, None)
+  seen, rec = {}, records(results)
+  for c in map(rec.condition, conditions(results)):
+    if c.eps is not None and not (paper_only and not c.paper):
+      seen.setdefault(c.family, None)
   return list(seen)
 
 
 def sweep_eps(results: dict, *, paper_only: bool = False) -> list[float]:
   """The attacked eps values of ``results['ranking']``, sorted (``paper_only``: of the paper's
   transfer attacks only, see :func:`attacks`)."""
-  return sorted({eps for name, eps in map(parse_condition, conditions(results))
-                 if eps is not None and not (paper_only and "-" in name)})
+  rec = records(results)
+  return sorted({c.eps for c in map(rec.condition, conditions(results))
+                 if c.eps is not None and not (paper_only and not c.paper)})
 
 
 def report_eps(results: dict) -> float | None:
@@ -80,19 +81,20 @@ def report_eps(results: dict) -> float | None:
 
 def systems(results: dict) -> list[str]:
   """The row names of the evaluated systems (not the most-popular baseline), in order."""
-  seen = {}
-  for key in results.get("ranking", {}):
-    name = parse_row_key(key)[0]
-    if name != "mostpop":
-      seen.setdefault(name, None)
-  return list(seen)
+  return records(results).systems()
+
+
+def baselines(results: dict) -> list[str]:
+  """The row names of the most-popular baseline (scored on clean photos only), in order."""
+  return records(results).systems(baselines=True)
 
 
 def label(results: dict, row_name: str) -> str:
   """The printed name of a system's rows ('OURS-rand'; 'OURS + gate' for the rows of a
   system behind the detector's gate)."""
-  if row_name.endswith("+gate"):
-    return label(results, row_name[:-len("+gate")]) + " + gate"
+  gate_of = records(results).gate_of(row_name)
+  if gate_of is not None:
+    return label(results, gate_of) + " + gate"
   info = results.get("systems", {}).get(row_name)
   return (info or {}).get("label") or paper.DEFAULT_LABELS.get(row_name, row_name)
 
@@ -118,7 +120,7 @@ def main_table(results: dict, eps: float | None, *, section: str = "ranking",
   conds = [(CLEAN, CLEAN)] + ([] if eps is None else [
       (a, condition_key(a, eps)) for a in attacks(results, paper_only=True)])
   for attack, cond in conds:
-    for name in ["mostpop"] * (cond == CLEAN) + systems(results):
+    for name in baselines(results) * (cond == CLEAN) + systems(results):
       row = ranking.get(f"{name}/{cond}")
       if row is None:
         continue

@@ -4,8 +4,9 @@ attacked photos' distances and detection."""
 
 from __future__ import annotations
 
-from jaxvars.conditions import condition_key, parse_condition
+from jaxvars.conditions import condition_key
 from jaxvars.report import paper
+from jaxvars.report.rows import is_paper_defence, records
 from jaxvars.report.tables import fmt, label, md_table
 
 
@@ -29,11 +30,10 @@ def table6(results: dict) -> list[str]:
   interval over targets) of the undefended recommender and of OURS / OURS-rand on the
   attacked photos, by eps, beside the paper's Table 6 (Amazon Men)."""
   t = results.get("targeted", {})
-  eps = sorted({e for e in (parse_condition(k)[1] for k in t.get("attacks", {})
-                            if k.count("@") == 1) if e is not None})
+  eps = records(results).targeted_budgets()
   names = _systems(t)
   undefended = names[0] if names else None
-  defended = [n for n in names if n.startswith("defended")]
+  defended = [n for n in names if is_paper_defence(n)]
   rows = []
   for title, attack in paper.TABLE6_ATTACKS.items():
     for system, is_def in [(undefended, False)] + [(n, True) for n in defended]:

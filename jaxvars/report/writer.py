@@ -11,7 +11,7 @@ import numpy as np
 from jaxvars import atomic
 from jaxvars.conditions import condition_key
 from jaxvars.errors import DataError, JaxvarsError
-from jaxvars.report import (checks_tables, claims, figures, robustness, tables,
+from jaxvars.report import (checks_tables, claims, figures, full_ranking, robustness, tables,
                             targeted_tables)
 
 REPORT_FILE = "report.md"
@@ -152,6 +152,12 @@ def write_report(workdir: str) -> str:
     lines += ["Randomised systems: the table gives the mean over "
               f"{cfg.get('eval', {}).get('rand_draws', 1)} random draws per item; the spread "
               "of the draws:", ""] + spread + [""]
+  full = full_ranking.full_table(results)
+  if full:
+    lines += ["### Full ranking (all items the user did not buy in training)", "",
+              full_ranking.caption(results), ""] + full + [""]
+    lines += ["Where the two protocols order two systems differently (HR@10 under the same "
+              "condition):", ""] + full_ranking.disagreements(results) + [""]
   checked = claims.claims(results, eps)
   if checked:
     lines += ["### What this run shows (paired differences, 95% intervals)", "",
