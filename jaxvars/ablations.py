@@ -13,27 +13,18 @@ import json
 import os
 import time
 
-import numpy as np
 from absl import logging
 
-from jaxvars import atomic
+from jaxvars import workdir as wd
 from jaxvars.errors import NonFiniteLossError
+from jaxvars.evaluate import attack_cache, evaluate_run
 from jaxvars.evaluation import summary
 from jaxvars.experiment import with_detector_encoder
 from jaxvars.overrides import ablation_variants, apply_overrides, without_ablations
-from jaxvars.run import ARTIFACTS_FILE, RESULTS_FILE, attack_cache, evaluate_run
 from jaxvars.training import defense
 
 # The defended systems of the ablation table (paper Table 5: OURS, OURS-rand).
 TABLE5_SYSTEMS = ("defended", "defended_rand")
-
-
-def _ranks(workdir: str) -> dict:
-  path = os.path.join(workdir, ARTIFACTS_FILE)
-  if not os.path.exists(path):
-    return {}
-  with np.load(path) as art:
-    return {k.removeprefix("ranks/"): art[k] for k in art.files if k.startswith("ranks/")}
 
 
 def compare_to_main(config, main: dict, variant: dict) -> dict:
@@ -45,7 +36,8 @@ def compare_to_main(config, main: dict, variant: dict) -> dict:
           for row, r in variant.items() if row in main}
 
 
-def run_ablations(exp, consts: dict, rec_params, workdir: str, *, train: bool) -> dict:
+def run_ablations(exp, consts: dict, rec_params, workdir: str, *, train: bool,
+                  main_ranks: dict) -> dict:
   """Trains (``train=True``; resuming) or restores every ablation variant and evaluates it
   on clean images and on ``config.ablation.attacks`` at ``config.ablation.eps`` with OURS
   and OURS-rand (:data:`TABLE5_SYSTEMS`, where evaluated; the paper's Table 5: transfer attacks only; the adaptive and targeted
@@ -55,7 +47,9 @@ def run_ablations(exp, consts: dict, rec_params, workdir: str, *, train: bool) -
   A variant whose training diverges (a NaN/inf loss: removing a part can do that, as
   ``no_perceptual`` once did) is a finding, not a failure of the run: its row records
   ``'diverged'`` (the error message) and the ablation study goes on with the next variant;
-  ``train=False`` carries that row over from the variant's results.json.
+  ``train=False`` carries that row over from the variant's results.json. ``main_ranks``:
+  the main run's per-user ranks {row: int [U] or [K, U]} (its evaluation's artifacts,
+  :func:`jaxvars.workdir.ranks_of`), which each variant's rows are paired with.
 
   Returns:
     {name: {'overrides', 'ranking', 'ranking_unseen', 'detection', 'fidelity' (PSNR/SSIM of
@@ -80,7 +74,7 @@ def run_ablations(exp, consts: dict, rec_params, workdir: str, *, train: bool) -
       cfg.attack.adaptive.eps = ()
     if "targeted" in cfg:
       cfg.targeted.num_targets = 0
-    sub = os.path.join(workdir, "ablations", name)
+    sub = wd.ablation_dir(workdir, name)
     os.makedirs(sub, exist_ok=True)
     logging.info("ablation %s: %s", name, ", ".join(overrides))
     # The variant's first stage starts from the main run's recommender (its record's identity
@@ -108,19 +102,21 @@ def run_ablations(exp, consts: dict, rec_params, workdir: str, *, train: bool) -
         out[name] = recorded
         continue
       params = defense.restore_stages(ab, params, sub)
-    res = evaluate_run(ab, params, consts, eval_eps=(cfg.ablation.eps,),
-                       methods=tuple(cfg.ablation.attacks), only_trained=True,
-                       cache_dir=attack_cache(exp.config, workdir))
+    res, artifacts = evaluate_run(ab, params, consts, eval_eps=(cfg.ablation.eps,),
+                                  methods=tuple(cfg.ablation.attacks), only_trained=True,
+                                  cache_dir=attack_cache(exp.config, workdir))
+    if artifacts:
+      wd.write_artifacts(sub, artifacts)
     res["timing"]["total_s"] = time.perf_counter() - t
     row = {"overrides": list(overrides), "ranking": res["ranking"],
            "ranking_unseen": res["ranking_unseen"], "detection": res["detection"],
            "fidelity": res.get("fidelity", {}),
-           "comparisons": compare_to_main(cfg, _ranks(workdir), _ranks(sub)),
+           "comparisons": compare_to_main(cfg, main_ranks, wd.ranks_of(artifacts)),
            "timing": res["timing"]}
     if history is not None:
       row["stages"] = history
       row["adopted_stages"] = adopted
-    atomic.write_json(os.path.join(sub, RESULTS_FILE), dict(row, config=cfg.to_dict()))
+    wd.write_results(sub, dict(row, config=cfg.to_dict()))
     out[name] = row
   return out
 
@@ -131,12 +127,12 @@ def _diverged(sub: str, name: str, overrides, message: str, seconds: float, cfg)
   logging.warning("ablation %s diverged; recorded as such, the ablation study goes on: %s",
                   name, message)
   row = {"overrides": list(overrides), "diverged": message, "timing": {"total_s": seconds}}
-  atomic.write_json(os.path.join(sub, RESULTS_FILE), dict(row, config=cfg.to_dict()))
+  wd.write_results(sub, dict(row, config=cfg.to_dict()))
   return row
 
 
 def _recorded_divergence(sub: str) -> dict | None:
-  path = os.path.join(sub, RESULTS_FILE)
+  path = wd.results_path(sub)
   if not os.path.exists(path):
     return None
   with open(path) as f:

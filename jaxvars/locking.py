@@ -33,10 +33,11 @@ from collections.abc import Iterable, Iterator
 
 from absl import logging
 
+from jaxvars import workdir as wd
 from jaxvars.errors import ConfigError, DataError, JaxvarsError
 
-LOCK_FILE = ".jaxvars.lock"
-ABLATIONS_DIR = "ablations"  # <workdir>/ablations/<name>: jaxvars.ablations' sub-workdirs.
+LOCK_FILE = wd.LOCK_FILE
+ABLATIONS_DIR = wd.ABLATIONS_DIR  # <workdir>/ablations/<name>: jaxvars.ablations' sub-workdirs.
 _PREPARE_PREFIX = ".jaxvars-prepare."
 _READ_TRIES = 20  # A holder writes its info just after taking the lock: retry an empty read.
 

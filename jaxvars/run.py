@@ -18,90 +18,18 @@ import jax
 import ml_collections
 from absl import logging
 
-from jaxvars import atomic, configuration, provenance
-from jaxvars.attacks.spec import attack_spec
-from jaxvars.defenses import SYSTEMS
+from jaxvars import ablations, atomic, configuration, provenance, workdir as wd
 from jaxvars.errors import CheckpointError, ConfigError
+from jaxvars.evaluate import evaluate_run
 from jaxvars.evaluation.ranking import (candidate_matrix, candidate_scores, evaluate_scores,
                                         format_ranking_table)
-from jaxvars.evaluation.runner import evaluate_all
-from jaxvars.experiment import (Experiment, backbone_summary, build, input_fingerprints,
+from jaxvars.experiment import (Experiment, build, input_fingerprints,
                                 make_consts)
 from jaxvars.metrics import MetricWriter
 from jaxvars.overrides import ablation_variants
 from jaxvars.training import defense, records, recommender as rec_training
 
-RESULTS_FILE = "results.json"
-ARTIFACTS_FILE = "artifacts.npz"  # Detector scores, embeddings and sample images, for figures.
-_OLD_LAYOUT = os.path.join("checkpoints", "vbpr")  # jaxvars 0.1's recommender checkpoints.
-
-
-def trained_groups(config) -> set[str]:
-  """Parameter groups some defence stage trains."""
-  return {g for name in defense.stage_names(config) for g in config.stages[name].trainable}
-
-
-def detector_trained(config) -> bool:
-  """Whether a stage trains the detector with a (non-zero) contrastive term."""
-  return config.loss.contrastive > 0 and any(
-      "detector" in config.stages[n].trainable and "contrastive" in config.stages[n].terms
-      for n in defense.stage_names(config))
-
-
-def evaluated_systems(config, *, only_trained: bool = False) -> tuple[str, ...]:
-  """``config.systems.evaluate`` without the systems whose parts no stage trained (with
-  ``only_trained``: only the systems that have trained parts, as the ablations need)."""
-  trained = trained_groups(config)
-  return tuple(s for s in config.systems.evaluate
-               if set(SYSTEMS.get(s).needs) <= trained
-               and (SYSTEMS.get(s).needs or not only_trained))
-
-
-def attack_specs(config, *, eval_eps=None, methods=None) -> list:
-  """The evaluated attacks: every eps of ``eval_eps`` (default ``config.attack.eval_eps``),
-  every method of ``methods`` (default ``config.attack.methods``), in that order."""
-  eps_list = config.attack.eval_eps if eval_eps is None else eval_eps
-  methods = tuple(config.attack.methods) if methods is None else methods
-  return [attack_spec(config.attack, m, e) for e in eps_list for m in methods]
-
-
-def attack_cache(config, workdir: str | None) -> str | None:
-  """``<workdir>/attacks`` where attacked catalogues are kept (None: not kept)."""
-  return os.path.join(workdir, "attacks") if workdir and config.attack.cache else None
-
-
-def evaluate_run(exp: Experiment, params: dict, consts: dict, *, eval_eps=None, methods=None,
-                 only_trained: bool = False, cache_dir=-1, cached_time: bool = False) -> dict:
-  """Every system under every condition for the trained ``params``; writes artifacts.npz.
-
-  A defended system is evaluated only when a stage trained its parts, detection only when
-  a stage trained the detector with a contrastive term; ``only_trained`` (the ablations)
-  leaves out the systems without trained parts and the most-popular baseline.
-  ``timing['attack_<condition>_s']`` is the crafting time of each catalogue crafted in this
-  call, and with ``cached_time`` (a training run) also of each one taken from the cache (its
-  recorded crafting time: a run resumed after a kill reports what an uninterrupted one does,
-  as the stages' seconds come from their records).
-  """
-  config = exp.config
-  out = evaluate_all(models=exp.models, params=params, consts=consts, data=exp.data,
-                     mesh=exp.mesh, config=config, eval_items=exp.eval_items,
-                     holdout=exp.holdout, calibration=exp.calibration,
-                     systems=evaluated_systems(config, only_trained=only_trained),
-                     specs=attack_specs(config, eval_eps=eval_eps, methods=methods),
-                     detect=detector_trained(config),
-                     fidelity="denoiser" in trained_groups(config), mostpop=not only_trained,
-                     cache_dir=attack_cache(config, exp.workdir) if cache_dir == -1 else cache_dir)
-  artifacts = out.pop("artifacts")
-  if artifacts and exp.workdir:
-    atomic.write_npz(os.path.join(exp.workdir, ARTIFACTS_FILE), artifacts)
-  timing = dict(exp.timing, **out.pop("timing"))
-  timing.update({f"attack_{k}_s": v["time_s"] for k, v in out["attack"].items()
-                 if cached_time or not v.get("cached")})
-  return {"backbone": backbone_summary(config),
-          "data": dict(exp.data.summary(), defense_holdout_items=int(len(exp.holdout)),
-                       defense_eval_items=int(len(exp.eval_items)),
-                       defense_train_items=int(len(exp.pool))),
-          **out, "timing": timing}
+_OLD_LAYOUT = os.path.join(wd.CHECKPOINTS_DIR, "vbpr")  # jaxvars 0.1's recommender checkpoints.
 
 
 def backbone_probe(exp: Experiment, consts: dict) -> dict | None:
@@ -119,7 +47,7 @@ def backbone_probe(exp: Experiment, consts: dict) -> dict | None:
 
 def _check_layout(workdir: str) -> None:
   if (os.path.isdir(os.path.join(workdir, _OLD_LAYOUT))
-      and not os.path.isdir(os.path.join(workdir, "checkpoints", rec_training.CHECKPOINT_DIR))):
+      and not os.path.isdir(wd.checkpoint_dir(workdir, rec_training.CHECKPOINT_DIR))):
     raise CheckpointError(
         f"{workdir} was written by jaxvars 0.1 (checkpoints/vbpr); its checkpoints cannot be "
         "restored by this version: run again with a fresh --workdir")
@@ -202,7 +130,7 @@ def check_stages(config, workdir: str, inputs: dict, *, pending=(), resume: str 
   rec_changed = records.RECOMMENDER in changed
   for name, overrides in ablation_variants(config).items():
     cfg = apply_overrides(config, overrides, where=f"config.ablation.variants.{name}")
-    sub = os.path.join(workdir, "ablations", name)
+    sub = wd.ablation_dir(workdir, name)
     expected = {k: v for k, v in expected_stages(cfg, sub, inputs,
                                                  recommender_workdir=workdir).items()
                 if k != records.RECOMMENDER}
@@ -260,7 +188,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   With ablation variants, the main run's results are written (marked ``'incomplete'``)
   before the ablation study starts, so an error or a kill there loses none of them.
   """
-  from jaxvars import ablations
   t_start = time.perf_counter()
   _writable(workdir)
   _check_layout(workdir)
@@ -269,7 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   check_stages(config, workdir, inputs, pending=pending, remove=False)  # Before any work.
   exp = build(config, workdir)
   _check_inputs(config, workdir, exp, pending)
-  atomic.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  atomic.write_json(wd.config_path(workdir), config.to_dict())
   logging.info("data: %s", json.dumps(exp.data.summary()))
   logging.info("mesh: %d %s device(s)", exp.mesh.size, jax.devices()[0].platform)
   writer = MetricWriter(workdir)
@@ -285,13 +212,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     params, stage_history, stage_seconds = defense.train_defense(exp, consts, params, workdir,
                                                                  writer=writer)
     exp.timing.update({f"stage_{k}_s": v for k, v in stage_seconds.items()})
-    results = evaluate_run(exp, params, consts, cached_time=True)
+    results, artifacts = evaluate_run(exp, params, consts, cached_time=True)
+    if artifacts:
+      wd.write_artifacts(workdir, artifacts)
     results["backbone"]["linear_probe"] = backbone_probe(exp, consts)
     results["training"] = training_section(config, rec_history, rec_state.step, stage_history)
     if ablation_variants(config):
       _write_interim(results, config, workdir, time.perf_counter() - t_start)
       results["ablations"] = ablations.run_ablations(exp, consts, rec_state.params, workdir,
-                                                     train=True)
+                                                     train=True, main_ranks=wd.ranks_of(artifacts))
     results["timing"]["total_s"] = time.perf_counter() - t_start
     results["config"] = config.to_dict()
     results["provenance"] = provenance.describe()
@@ -313,9 +242,8 @@ def _write_interim(results: dict, config, workdir: str, seconds: float) -> None:
                  config=config.to_dict(), provenance=provenance.describe())
   interim[INCOMPLETE_KEY] = ("the ablation study had not finished when this file was written; "
                              "run the same command again to resume it")
-  atomic.write_json(os.path.join(workdir, RESULTS_FILE), interim)
-  logging.info("main run's results written to %s; the ablation study starts",
-               os.path.join(workdir, RESULTS_FILE))
+  path = wd.write_results(workdir, interim)
+  logging.info("main run's results written to %s; the ablation study starts", path)
 
 
 def write_eval_scalars(writer, results: dict) -> None:
@@ -345,14 +273,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       cannot be written.
     DataError: ``<workdir>/results.json`` is damaged (named before any work).
   """
-  from jaxvars import ablations
   from jaxvars.report.writer import read_results
   t_start = time.perf_counter()
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+  if not os.path.isdir(wd.checkpoints_root(workdir)):
     raise CheckpointError(f"{workdir}/checkpoints does not exist; run with --mode=train first")
   _writable(workdir)
   _check_layout(workdir)
-  previous = read_results(os.path.join(workdir, RESULTS_FILE))  # Damaged: named before any work.
+  previous = read_results(wd.results_path(workdir))  # Damaged: named before any work.
   configuration.validate(config)
   inputs, pending = input_fingerprints(config, workdir)
   check_stages(config, workdir, inputs, pending=pending, resume="error")
@@ -364,13 +291,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t = time.perf_counter()
   consts = make_consts(exp)
   exp.timing["features_s"] = time.perf_counter() - t
-  fresh = evaluate_run(exp, params, consts)
+  fresh, artifacts = evaluate_run(exp, params, consts)
+  if artifacts:
+    wd.write_artifacts(workdir, artifacts)
   fresh["backbone"]["linear_probe"] = backbone_probe(exp, consts)
   if ablation_variants(config):
     fresh["ablations"] = ablations.run_ablations(exp, consts, params["recommender"], workdir,
-                                                 train=False)
+                                                 train=False, main_ranks=wd.ranks_of(artifacts))
   fresh["timing"]["total_s"] = time.perf_counter() - t_start
-  path = os.path.join(workdir, RESULTS_FILE)
+  path = wd.results_path(workdir)
   results = previous or {}
   if previous is not None:
     # An interim file (a run stopped during its ablation study) has no ablations to compare.
@@ -395,8 +324,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _recorded_history(exp: Experiment, workdir: str):
-  rec = records.load(os.path.join(workdir, "checkpoints", records.RECOMMENDER)) or {}
-  stages = {name: (records.load(os.path.join(workdir, "checkpoints", name)) or {}).get(
+  rec = records.load(wd.checkpoint_dir(workdir, records.RECOMMENDER)) or {}
+  stages = {name: (records.load(wd.checkpoint_dir(workdir, name)) or {}).get(
       "history", []) for name in defense.stage_names(exp.config)}
   history = rec.get("history", [])
   return history, exp.rec_steps_per_epoch * len(history), stages
@@ -413,10 +342,10 @@ def without_timing(section):
 
 def finish(results: dict, workdir: str) -> None:
   """Writes results.json and prints the ranking and detection tables."""
-  atomic.write_json(os.path.join(workdir, RESULTS_FILE), results)
+  path = wd.write_results(workdir, results)
   print("\nranking\n" + format_ranking_table(results["ranking"]))
   if results.get("detection"):
     print("\ndetection\n" + format_ranking_table(
         {k: {m: v for m, v in row.items() if m != "items"}
          for k, row in results["detection"].items()}))
-  print(f"\nresults written to {os.path.join(workdir, RESULTS_FILE)}")
+  print(f"\nresults written to {path}")

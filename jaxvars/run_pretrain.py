@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from jaxvars import atomic, configuration, sharding
+from jaxvars import configuration, sharding, workdir as wd
 from jaxvars.data import pipeline
 from jaxvars.evaluation.probe import linear_probe
 from jaxvars.evaluation.ranking import candidate_matrix, candidate_scores, evaluate_scores
@@ -82,7 +82,7 @@ def pretrain_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
   timing["total_s"] = time.perf_counter() - t_start
   results = {"data": data.summary(), "pretrain": {"history": history},
              "backbone": report, "timing": timing, "config": config.to_dict()}
-  atomic.write_json(os.path.join(workdir, "results.json"), results)
+  path = wd.write_results(workdir, results)
   print("\nbackbone")
   for name, row in report.items():
     probe = row["linear_probe"]
@@ -92,5 +92,5 @@ def pretrain_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
       line += f"  VBPR HR@10 {row['vbpr']['HR@10']:.4f} NDCG@10 {row['vbpr']['NDCG@10']:.4f}"
     print(line)
   print(f"\nbackbone exported to {os.path.join(workdir, BACKBONE_DIR)}; results written to "
-        f"{os.path.join(workdir, 'results.json')}")
+        f"{path}")
   return results

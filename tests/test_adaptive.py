@@ -16,8 +16,25 @@ from jaxvars.attacks.objectives.demote import mean_score
 from jaxvars.attacks.spec import AttackSpec
 from jaxvars.attacks.whitebox import attack_loss
 from jaxvars.evaluation import adaptive
-from jaxvars.evaluation.runner import _comparisons, _robust, _tables
+from jaxvars.conditions import parse_condition
+from jaxvars.evaluation import tables as eval_tables
 from jaxvars.report import robustness
+
+
+def _tables(ranks, config, unseen, **kw):
+  return eval_tables.ranking_tables(ranks, config, unseen, **kw)
+
+
+def _robust(ranks, names, config, unseen, attacked=None):
+  rows = {k: tuple(k.split("/", 1)) for k in ranks}
+  eps_of = {c: parse_condition(c)[1] for _, c in rows.values()}
+  return eval_tables.worst_case(ranks, rows, eps_of, names, config, unseen, attacked=attacked)
+
+
+def _comparisons(ranks, names, conditions, config, unseen, *, partial, attacked, longer=None):
+  pairs, steps = eval_tables.comparison_pairs(ranks, names, conditions, longer or {})
+  return eval_tables.comparisons(ranks, pairs, config, unseen, partial=partial,
+                                 attacked=attacked, longer=steps)
 
 
 def test_demote_and_all_user_bpr_match_numpy():
@@ -174,7 +191,8 @@ def test_more_steps_check_compares_every_users_rank_and_reads_mixed_results():
   ranks = {"d/clean": np.array([0, 0, 0, 0, 0]), "d/pgd-wb@8": np.array([12, 20, 30, 40, 0]),
            "d/pgd-wb-2xsteps@8": np.array([3, 60, 70, 80, 0])}
   comps = _comparisons(ranks, ["d"], ["clean", "pgd-wb@8", "pgd-wb-2xsteps@8"], config, unseen,
-                       partial={"d/pgd-wb@8", "d/pgd-wb-2xsteps@8"}, attacked=attacked)
+                       partial={"d/pgd-wb@8", "d/pgd-wb-2xsteps@8"}, attacked=attacked,
+                       longer={"pgd-wb-2xsteps@8": "pgd-wb@8"})
   steps = comps["d/pgd-wb-2xsteps@8 - d/pgd-wb@8"]
   assert steps["all"]["mean_rank"]["diff"] == pytest.approx((-9 + 40 + 40 + 40) / 4)
   assert steps["unseen"]["mean_rank"]["diff"] == pytest.approx((-9 + 40) / 2)  # Users 0, 2.

@@ -4,7 +4,8 @@
 in jitted, sharded batches: by default against the undefended recommender (the paper's
 threat model: the defence is not known to the attacker), or through a defended system
 (``spec.through``: white-box, :mod:`jaxvars.attacks.whitebox`).
-:func:`cached_attack_catalogue` keeps the result in ``<cache_dir>/<name>.npy`` with a
+:func:`cached_attack_catalogue` keeps the result (an item-subset attack: its own photos only,
+not a copy of the whole catalogue) in ``<cache_dir>/<name>.npy`` with a
 fingerprint of everything it depends on (the parameters, the feature table and the clean
 photos of every item, the attack and its settings), so every system, the ablations and
 ``--mode=evaluate`` reuse it; its ``.json`` also holds the sha256 of the ``.npy``'s array
@@ -132,9 +133,11 @@ def attack_catalogue(spec: AttackSpec, *, models, params, consts, data, mesh, ba
     constants: the objective's constants, overriding its defaults (e.g. TAaMR's class).
 
   Returns:
-    (uint8 [I, S, S, 3] catalogue with the attacked photos, stats: {'linf', 'linf_255',
-    'l2' (over the attacked photos), 'time_s', 'items_attacked', 'loss_curve' (mean loss
-    of the first batch at every iterate), 'threat_model'}).
+    (uint8 attacked photos: [I, S, S, 3] the whole catalogue where ``items`` is None, else
+    [n, S, S, 3] the photos of ``np.sort(items)`` only (the others are the clean photos,
+    which are not copied), stats: {'linf', 'linf_255', 'l2' (over the attacked photos),
+    'time_s', 'items_attacked', 'loss_curve' (mean loss of the first batch at every
+    iterate), 'threat_model'}).
   """
   attacked = np.arange(data.num_items, dtype=np.int32) if items is None else np.sort(
       np.asarray(items, np.int32))
@@ -163,15 +166,12 @@ def attack_catalogue(spec: AttackSpec, *, models, params, consts, data, mesh, ba
                     workers=1 if spec.through and SYSTEMS.get(spec.through).host_callback
                     else None)  # One batch at a time through host callbacks (System doc).
   elapsed = time.perf_counter() - t
-  catalogue = np.array(data.images) if items is not None else out["adv"]
-  if items is not None:
-    catalogue[attacked] = out["adv"]
   stats = {**perturbation_stats(data.images[attacked], out["adv"]), "time_s": elapsed,
            "items_attacked": int(len(attacked)),
            "loss_curve": [float(v) for v in out["curve"][0]],
            "threat_model": spec.threat_model, "threat": spec.threat_short,
            "objective": spec.objective}
-  return catalogue, stats
+  return out["adv"], stats
 
 
 _VERIFIED: dict[str, tuple[list, str]] = {}  # .npy path -> (stat key, array sha256).
@@ -253,16 +253,17 @@ def cached_attack_catalogue(spec: AttackSpec, *, cache_dir: str | None, **kwargs
     adv, stats = attack_catalogue(spec, **kwargs)
     return adv, dict(stats, cached=False)
   images = kwargs["data"].images
+  items = kwargs.get("items")
+  shape = images.shape if items is None else (len(items),) + tuple(images.shape[1:])
   settings = None
   if spec.through is not None and kwargs.get("config") is not None:
     settings = SYSTEMS.get(spec.through).settings(kwargs["config"])
   settings = dict(settings or {}, constants={k: np.asarray(v).tolist() for k, v in
                                              (kwargs.get("constants") or {}).items()})
   key = fingerprint(spec, params=kwargs["params"], consts=kwargs["consts"],
-                    image_shape=images.shape, items=kwargs.get("items"), settings=settings,
-                    images=images)
+                    image_shape=shape, items=items, settings=settings, images=images)
   stem = os.path.join(cache_dir, spec.condition + (f"@{spec.through}" if spec.through else ""))
-  cached = _load_cached(stem, key, images.shape)
+  cached = _load_cached(stem, key, shape)
   if cached is not None:
     logging.info("%s: attacked catalogue loaded from %s.npy", spec.condition, stem)
     return cached[0], dict(cached[1], cached=True)

@@ -1,5 +1,7 @@
-"""The attacks beyond the paper's transfer setting (issue: robustness under adaptive attacks),
-run on an item subset and evaluated by splicing into the clean catalogue's features.
+"""The item subset that the attacks beyond the paper's transfer setting perturb, and the
+splicing of its attacked features into the clean catalogue's. The attacks themselves are
+conditions of the plan (:mod:`jaxvars.evaluation.plan`: kinds 'adaptive', 'whitebox',
+'sanity'):
 
 * Extra untargeted objectives (``config.attack.adaptive.objectives``: 'bpr_all',
   'feature', 'demote'), crafted on the undefended recommender and transferred to every
@@ -17,27 +19,7 @@ and their clean features, which are reused, not recomputed.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
-
-from jaxvars.attacks.catalogue import cached_attack_catalogue
-from jaxvars.attacks.spec import attack_spec
-from jaxvars.defenses import SYSTEMS, UNDEFENDED
-
-
-@dataclasses.dataclass(frozen=True)
-class ExtraAttack:
-  """An attack run on the item subset: its spec, the systems ranked under it (their row
-  names' system names), and whether the detector gates it."""
-  spec: object
-  systems: tuple[str, ...]
-  gated: bool = False
-
-  @property
-  def key(self) -> str:
-    """The attack table's key: the condition, and the attacked system for a white-box one."""
-    return self.spec.condition + (f"@{self.spec.through}" if self.spec.through else "")
 
 
 def attack_items(data, max_items: int, seed: int) -> np.ndarray | None:
@@ -62,45 +44,6 @@ def attacked_users(test_items: np.ndarray, items: np.ndarray | None) -> np.ndarr
     return None
   mask = np.isin(np.asarray(test_items), items)
   return None if mask.all() else mask
-
-
-def extra_attacks(config, systems, *, detector: bool) -> list[ExtraAttack]:
-  """The extra attacks of ``config.attack.adaptive`` for the evaluated ``systems``."""
-  ad = config.attack.get("adaptive")
-  if ad is None:
-    return []
-  out = []
-  for eps in ad.eps:
-    for objective in ad.objectives:
-      for method in ad.methods:
-        out.append(ExtraAttack(attack_spec(config.attack, method, eps, objective=objective),
-                               tuple(systems)))
-    targets = [s for s in ad.systems if s in systems and s != UNDEFENDED]
-    for target in targets:
-      eot = int(ad.eot_samples) if SYSTEMS.get(target).randomized else 1
-      for method in ad.methods:
-        base = attack_spec(config.attack, method, eps, objective="bpr", through=target,
-                           eot=eot, restarts=int(ad.restarts))
-        out.append(ExtraAttack(base, (target,)))
-        if detector:
-          out += [ExtraAttack(dataclasses.replace(base, detector_lambda=float(lam)), (target,),
-                              gated=True) for lam in ad.detector_lambdas if lam > 0]
-    if ad.sanity and targets:
-      base = attack_spec(config.attack, "pgd", eps, objective="bpr", through=targets[0])
-      out.append(ExtraAttack(dataclasses.replace(base, steps=2 * base.steps, tag="2xsteps"),
-                             (targets[0],)))
-      if eps < 64:  # The strongest untargeted objective, to reach the no-visual level.
-        out.append(ExtraAttack(attack_spec(config.attack, "pgd", 64.0,
-                                           objective=ad.get("sanity_objective", "demote"),
-                                           through=targets[0]), (targets[0],)))
-  return out
-
-
-def craft(extra: ExtraAttack, *, items, threshold, cache_dir, **kwargs):
-  """The attacked catalogue of one extra attack (cached like the transfer ones)."""
-  return cached_attack_catalogue(extra.spec, cache_dir=cache_dir, items=items,
-                                 threshold=threshold if extra.spec.detector_lambda > 0 else None,
-                                 **kwargs)
 
 
 def splice(clean: np.ndarray, items: np.ndarray | None, attacked: np.ndarray) -> np.ndarray:

@@ -13,10 +13,7 @@ every evaluated system; the defended systems see the attacked photos through the
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-
-from absl import logging
 
 import jax
 import jax.numpy as jnp
@@ -24,13 +21,10 @@ import numpy as np
 
 from jaxvars.attacks.catalogue import attack_catalogue, perturbation_stats
 from jaxvars.attacks.semantic import composite_inset
-from jaxvars.attacks.spec import attack_spec
-from jaxvars.defenses import SYSTEMS, UNDEFENDED, row_name
+from jaxvars.defenses import UNDEFENDED, row_name
 from jaxvars.evaluation import bootstrap
 from jaxvars.evaluation.fidelity import psnr, ssim
-from jaxvars.evaluation.system_features import systems_features
 from jaxvars.pixels import to_float
-from jaxvars.progress import progress
 
 
 def category_popularity(data) -> dict[str, float]:
@@ -158,114 +152,95 @@ def _system_metrics(per_draw: list[dict], clean: list[dict], base_scores: np.nda
   return out
 
 
-@dataclasses.dataclass
-class _Attack:
-  key: str
-  spec: object = None  # None: c-SEMA.
-  threat: str = "transfer"
+class Targeted:
+  """The targeted attacks' shared state and scoring, one condition at a time (the loop of
+  :mod:`jaxvars.evaluation.loop` crafts, extracts features and calls :meth:`score`).
 
+  ``__init__`` chooses the targets, their source category, TAaMR's class and AIP's hook,
+  and scores every system on clean photos. ``results``: results.json's ``targeted``
+  section; ``artifacts``: sample images.
+  """
 
-def _attacks(config, has_logits: bool, systems=None) -> list[_Attack]:
-  """The targeted attacks to run; white-box ones only through systems in ``systems`` (all
-  of ``config.targeted.whitebox_systems`` when None)."""
-  t = config.targeted
-  out = []
-  for eps in t.eps:
-    for objective in t.objectives:
-      if objective == "taamr" and not has_logits:
-        continue
-      for method in t.methods:
-        spec = attack_spec(config.attack, method, eps, objective=objective)
-        out.append(_Attack(spec.condition, spec))
-  if t.csema:
-    out.append(_Attack("csema", None, "semantic (no budget): the hook's photo pasted in"))
-  for system in t.whitebox_systems:
-    if systems is not None and system not in systems:
-      logging.info("targeted white-box attack through %s skipped: the system is not "
-                   "evaluated (config.systems.evaluate)", system)
-      continue
-    randomized = SYSTEMS.get(system).randomized
-    spec = attack_spec(config.attack, "pgd", t.eps[0], objective=t.whitebox_objective,
-                       through=system,
-                       eot=int(config.attack.adaptive.eot_samples) if randomized else 1)
-    out.append(_Attack(f"{spec.condition}@{system}", spec, spec.threat_short))
-  return out
+  def __init__(self, *, models, params, consts, data, mesh, config, systems,
+               clean_feats: dict, detector=None):
+    t, e = config.targeted, config.eval
+    self.models, self.params, self.consts, self.data = models, params, consts, data
+    self.mesh, self.config, self.detector = mesh, config, detector
+    self.kw = dict(resamples=int(e.bootstrap_resamples), seed=int(e.bootstrap_seed))
+    self.ns, self.ks = tuple(t.hr_n), tuple(t.chr_k)
+    self.targets, source = choose_targets(data, int(t.num_targets), int(config.seed))
+    self.in_source = ((np.asarray(data.categories) == source) if source
+                      else np.zeros(data.num_items, bool))
+    self.in_source[self.targets] = True
+    popular = popular_category(data, min_items=int(t.num_targets))  # As large as the source.
+    self.klass = target_class(models, consts, data, popular)
+    self.hooks = splits_popular(data, int(t.hook_items))
+    self.mask = train_mask(data)
+    self.names = {s: row_name(s, models.recommender.name) for s in systems}
+    self.clean_feats = clean_feats
+    self.clean = self._metrics({s: clean_feats[s] for s in systems})
+    self.base = self.clean[UNDEFENDED][0]["scores"] if UNDEFENDED in self.clean else None
+    self.results = {"targets": int(len(self.targets)), "source_category": source,
+                    "popular_category": popular, "target_class": self.klass,
+                    "hook_items": [int(h) for h in self.hooks], "attacks": {},
+                    "protocol": "all targets attacked at once; the rest of the catalogue clean"}
+    self.artifacts = {"targeted/items": self.targets,
+                      "targeted/clean": data.images[self.targets[:8]]}
+    self.constants = {"target_class": np.int32(self.klass if self.klass is not None else 0),
+                      "hook_items": self.hooks}
 
+  @property
+  def has_logits(self) -> bool:
+    return self.klass is not None
 
-def evaluate_targeted(*, models, params, consts, data, mesh, config, systems, clean_feats: dict,
-                      detector=None) -> tuple[dict, dict]:
-  """Every targeted attack against every system: (results.json's ``targeted`` section,
-  artifacts: sample images). See the module docstring for the protocol."""
-  t, e = config.targeted, config.eval
-  kw = dict(resamples=int(e.bootstrap_resamples), seed=int(e.bootstrap_seed))
-  ns, ks = tuple(t.hr_n), tuple(t.chr_k)
-  rec = models.recommender
-  targets, source = choose_targets(data, int(t.num_targets), int(config.seed))
-  in_source = (np.asarray(data.categories) == source) if source else np.zeros(data.num_items, bool)
-  in_source[targets] = True
-  popular = popular_category(data, min_items=int(t.num_targets))  # As large as the source.
-  klass = target_class(models, consts, data, popular)
-  hooks = splits_popular(data, int(t.hook_items))
-  mask = train_mask(data)
-  draws = int(e.rand_draws)
-  names = {s: row_name(s, rec.name) for s in systems}
-
-  def metrics_of(feats_by_system):
+  def _metrics(self, feats_by_system: dict) -> dict:
     out = {}
     for s, f in feats_by_system.items():
       f = f if f.ndim == 3 else f[None]
-      out[s] = [list_metrics(all_item_scores(rec, params["recommender"], fd, data.num_users),
-                             mask, targets, in_source, ns, ks) for fd in f]
+      out[s] = [list_metrics(all_item_scores(self.models.recommender, self.params["recommender"],
+                                             fd, self.data.num_users),
+                             self.mask, self.targets, self.in_source, self.ns, self.ks)
+                for fd in f]
     return out
 
-  clean = metrics_of({s: clean_feats[s] for s in systems})
-  base = clean[UNDEFENDED][0]["scores"] if UNDEFENDED in clean else None
-  results = {"targets": int(len(targets)), "source_category": source,
-             "popular_category": popular, "target_class": klass,
-             "hook_items": [int(h) for h in hooks], "attacks": {},
-             "protocol": "all targets attacked at once; the rest of the catalogue clean"}
-  artifacts = {"targeted/items": targets, "targeted/clean": data.images[targets[:8]]}
-  constants = {"target_class": np.int32(klass if klass is not None else 0),
-               "hook_items": hooks}
-  attacks = _attacks(config, klass is not None, systems)
-  logging.info("targeted: %d attacks on %d target items (%s), %d systems", len(attacks),
-               len(targets), source or "no category", len(systems))
-  bar = progress(attacks, desc="targeted attacks")
-  for attack in bar:
-    bar.set_postfix(attack=attack.key)
-    if attack.spec is None:
-      adv = composite_inset(data.images[targets], data.images[hooks[0]])
-      stats = {"threat": attack.threat}
-    else:
-      catalogue, stats = attack_catalogue(
-          attack.spec, models=models, params=params, consts=consts, data=data, mesh=mesh,
-          batch_size=config.attack.batch_size, config=config, items=targets,
-          constants=constants)
-      adv = np.asarray(catalogue[targets])
-    evaluated = [attack.spec.through] if attack.spec is not None and attack.spec.through else systems
-    feats = systems_features(evaluated, models=models, params=params, consts=consts, images=adv,
-                             mesh=mesh, batch_size=config.attack.batch_size, config=config,
-                             seed=config.seed, draws=draws, items=targets)
+  def craft(self, spec) -> tuple[np.ndarray, dict]:
+    """(uint8 [T, S, S, 3] the targets' attacked photos, stats); ``spec`` None: c-SEMA (the
+    hook item's photo pasted into each target's)."""
+    if spec is None:
+      return composite_inset(self.data.images[self.targets],
+                             self.data.images[self.hooks[0]]), {}
+    return attack_catalogue(spec, models=self.models, params=self.params, consts=self.consts,
+                            data=self.data, mesh=self.mesh,
+                            batch_size=self.config.attack.batch_size, config=self.config,
+                            items=self.targets, constants=self.constants)
+
+  def score(self, key: str, threat: str, adv: np.ndarray, feats: dict, stats: dict) -> None:
+    """Adds attack ``key``'s row: ``feats`` {system: features of the attacked targets
+    [T, F] or [K, T, F]} spliced into the clean catalogue's, then every list metric, the
+    images' statistics, TAaMR's success rate, the feature loss and the detection rate."""
     spliced = {}
-    for s in evaluated:
-      full = np.array(clean_feats[s])
-      full[..., targets, :] = feats[s]
+    for s, f in feats.items():
+      full = np.array(self.clean_feats[s])
+      full[..., self.targets, :] = f
       spliced[s] = full
-    attacked = metrics_of(spliced)
-    row = {"threat": stats.get("threat", attack.threat), "images": _image_stats(data, targets, adv),
-           "systems": {}}
-    if klass is not None:
-      row["success_rate"] = _success_rate(models, params, consts, adv, klass, kw)
-    row["feature_loss"] = _feature_loss(models, consts, data.images[targets], adv, kw)
-    if detector is not None:
-      flagged = detector.scores(adv) > detector.threshold
-      row["detected"] = {"value": float(np.mean(flagged)), "ci95": bootstrap.mean_ci(flagged, **kw)}
-    for s in evaluated:
-      if base is not None:
-        row["systems"][names[s]] = _system_metrics(attacked[s], clean[s], base, ns, ks, kw)
-    results["attacks"][attack.key] = row
-    artifacts[f"targeted/{attack.key}"] = adv[:8]
-  return results, artifacts
+    attacked = self._metrics(spliced)
+    row = {"threat": stats.get("threat", threat),
+           "images": _image_stats(self.data, self.targets, adv), "systems": {}}
+    if self.klass is not None:
+      row["success_rate"] = _success_rate(self.models, self.params, self.consts, adv,
+                                          self.klass, self.kw)
+    row["feature_loss"] = _feature_loss(self.models, self.consts, self.data.images[self.targets],
+                                        adv, self.kw)
+    if self.detector is not None:
+      flagged = self.detector.scores(adv) > self.detector.threshold
+      row["detected"] = {"value": float(np.mean(flagged)),
+                         "ci95": bootstrap.mean_ci(flagged, **self.kw)}
+    for s in feats:
+      if self.base is not None:
+        row["systems"][self.names[s]] = _system_metrics(attacked[s], self.clean[s], self.base,
+                                                        self.ns, self.ks, self.kw)
+    self.results["attacks"][key] = row
+    self.artifacts[f"targeted/{key}"] = adv[:8]
 
 
 def splits_popular(data, n: int) -> np.ndarray:

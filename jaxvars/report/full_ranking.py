@@ -53,9 +53,11 @@ def _paired(comps: dict, a: str, b: str) -> str:
 
 
 def disagreements(results: dict) -> list[str]:
-  """One line per pair of systems under the same condition that sampled and full HR@10
-  order oppositely (one says A > B, the other A < B), with each protocol's paired interval
-  where results.json has the pair; or one line saying the protocols agree on every pair.
+  """One line per pair of rows under the same condition that sampled and full HR@10 order
+  oppositely (one says A > B, the other A < B) and that results.json compares pairwise (a
+  system against the undefended one), with each protocol's paired interval; one line
+  naming the other reversals (two defended systems); or one line saying the protocols
+  agree on every pair.
   [] without a ``ranking_full`` section."""
   full, sampled, rec = results.get("ranking_full") or {}, results.get("ranking", {}), records(
       results)
@@ -68,8 +70,9 @@ def disagreements(results: dict) -> list[str]:
   def name(key):
     return label(results, rec.row(key).system)
 
-  out, pairs = [], 0
+  out, pairs, unpaired = [], 0, []
   comps, comps_full = results.get("comparisons", {}), results.get("comparisons_full", {})
+  compared = lambda a, b: any(f"{x} - {y}" in comps for x, y in ((a, b), (b, a)))
   for cond, keys in by_cond.items():
     for i, a in enumerate(keys):
       for b in keys[i + 1:]:
@@ -79,12 +82,18 @@ def disagreements(results: dict) -> list[str]:
         if ds * df >= 0:
           continue
         hi, lo = (a, b) if ds > 0 else (b, a)
+        if not compared(a, b):  # Two defended systems: no paired comparison to cite.
+          unpaired.append(f"{name(hi)} / {name(lo)} ({cond})")
+          continue
         out.append(
             f"* {cond}: sampled {ORDER_METRIC} ranks {name(hi)} above {name(lo)} "
             f"({fmt(sampled[hi][ORDER_METRIC])} vs {fmt(sampled[lo][ORDER_METRIC])}), the full "
             f"ranking the reverse ({fmt(full[hi][ORDER_METRIC])} vs "
             f"{fmt(full[lo][ORDER_METRIC])}); paired, sampled: {_paired(comps, a, b)}; "
             f"full: {_paired(comps_full, a, b)}")
+  if unpaired:
+    out.append(f"* {len(unpaired)} more reversal(s) between systems that results.json does "
+               f"not compare pairwise (sampled order first): {'; '.join(unpaired)}.")
   if not out:
     out.append(f"* The two protocols order every pair of systems under the same condition the "
                f"same way by {ORDER_METRIC} ({pairs} pairs; a tie in either is not a reversal).")

@@ -37,7 +37,7 @@ import sys
 
 from absl import app, flags
 
-from jaxvars import atomic
+from jaxvars import atomic, workdir as wd
 from jaxvars.errors import JaxvarsError
 from jaxvars.report import checks_tables, robustness, tables, targeted_tables
 from jaxvars.report.rows import records
@@ -68,7 +68,7 @@ def load_run(root: str, run: str) -> dict:
     JaxvarsError: the results are missing or not JSON.
   """
   path = os.path.join(root, run)
-  results = _load_json(os.path.join(path, "results.json"))
+  results = _load_json(wd.results_path(path))
   sidecar = os.path.join(path, "run.json")
   if "provenance" not in results and os.path.exists(sidecar):
     results["provenance"] = _load_json(sidecar)
@@ -259,7 +259,7 @@ def render(root: str, spec: str) -> list[str]:
     raise JaxvarsError(f"generated block {spec!r}: arguments must be key=value") from None
   if kind == "headline":
     dirs = sorted(d for d in glob.glob(os.path.join(root, kw.get("runs", ""), "*"))
-                  if os.path.exists(os.path.join(d, "results.json")))
+                  if os.path.exists(wd.results_path(d)))
     if not dirs:
       raise JaxvarsError(f"generated block {spec!r}: no <run>/results.json under {kw.get('runs')}")
     return headline([load_run(root, os.path.relpath(d, root)) for d in dirs])

@@ -21,7 +21,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from jaxvars import atomic
+from jaxvars import atomic, workdir as wd
 from jaxvars.errors import JaxvarsError
 from jaxvars.report.rows import records
 from jaxvars.report.tables import fmt, label, md_table
@@ -36,7 +36,7 @@ FIDELITY = ("psnr", "ssim")
 
 
 def _load(workdir: str) -> dict:
-  path = os.path.join(workdir, "results.json")
+  path = wd.results_path(workdir)
   try:
     with open(path) as f:
       return json.load(f)

@@ -8,7 +8,7 @@ import zipfile
 
 import numpy as np
 
-from jaxvars import atomic
+from jaxvars import atomic, workdir as wd
 from jaxvars.conditions import condition_key
 from jaxvars.errors import DataError, JaxvarsError
 from jaxvars.report import (checks_tables, claims, figures, full_ranking, robustness, tables,
@@ -66,7 +66,7 @@ def read_artifacts(path: str) -> dict:
 
 
 def _load(workdir: str) -> tuple[dict, dict]:
-  path = os.path.join(workdir, "results.json")
+  path = wd.results_path(workdir)
   results = read_results(path)
   if results is None:
     raise JaxvarsError(f"{path} does not exist; run python -m jaxvars.main --workdir={workdir} "
@@ -74,7 +74,7 @@ def _load(workdir: str) -> tuple[dict, dict]:
   if "ranking" not in results:
     raise JaxvarsError(f"{path} has no 'ranking' section; it is not a results file of "
                        "configs/joint.py")
-  return results, read_artifacts(os.path.join(workdir, "artifacts.npz"))
+  return results, read_artifacts(wd.artifacts_path(workdir))
 
 
 def _header(workdir: str, results: dict) -> list[str]:

@@ -14,7 +14,7 @@ import numpy as np
 from absl import logging
 from flax.training import train_state
 
-from jaxvars import atomic, checkpointing, sharding
+from jaxvars import atomic, checkpointing, sharding, workdir as wd
 from jaxvars.attacks.spec import attack_spec
 from jaxvars.data import splits
 from jaxvars.errors import CheckpointError
@@ -82,7 +82,7 @@ def train_defense(exp, consts: dict, params: dict, workdir: str, *, writer=None)
   for s_index, name in enumerate(names):
     stage = config.stages[name]
     steps_per_epoch, total = stage_plan(exp, stage)
-    directory = os.path.join(workdir, "checkpoints", name)
+    directory = wd.checkpoint_dir(workdir, name)
     fields = records.stage_fields(config, name, names[:s_index + 1])
     inputs = records.stage_inputs(exp.inputs, workdir, name, names[:s_index + 1],
                                   exp.recommender_workdir)
@@ -175,7 +175,7 @@ def restore_stages(exp, params: dict, workdir: str) -> dict:
   """
   for name in stage_names(exp.config):
     stage = exp.config.stages[name]
-    mgr = checkpointing.manager(os.path.join(workdir, "checkpoints", name))
+    mgr = checkpointing.manager(wd.checkpoint_dir(workdir, name))
     try:
       step, stage_tree = checkpointing.restore_latest(
           mgr, {"state": _stage_state(exp, params, stage)})
@@ -231,7 +231,7 @@ def adopt_stages(src_exp, src_params: dict, src_workdir: str, exp, workdir: str,
         or stage_plan(exp, stage) != stage_plan(src_exp, src_exp.config.stages[name])
         or len(exp.pool) != len(src_exp.pool) or np.any(exp.pool != src_exp.pool)):
       break
-    src_dir = os.path.join(src_workdir, "checkpoints", name)
+    src_dir = wd.checkpoint_dir(src_workdir, name)
     src_record = records.load(src_dir)
     if not src_record or not src_record.get("done"):
       break
@@ -242,7 +242,7 @@ def adopt_stages(src_exp, src_params: dict, src_workdir: str, exp, workdir: str,
     finally:
       mgr.close()
     src_params = tree["state"].params
-    directory = os.path.join(workdir, "checkpoints", name)
+    directory = wd.checkpoint_dir(workdir, name)
     existing = records.load(directory)
     if existing is not None and not existing.get("adopted_from"):
       break  # Trained here (an older version's ablation): keep it and what follows it.

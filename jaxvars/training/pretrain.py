@@ -23,7 +23,7 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from jaxvars import checkpointing, losses, sharding
+from jaxvars import checkpointing, losses, sharding, workdir as wd
 from jaxvars.backbones import build_backbone
 from jaxvars.defenses.detector import ProjectionHead
 from jaxvars.pixels import to_float
@@ -92,7 +92,7 @@ def pretrain(config, data, mesh, workdir: str):
                                               tx=optax.adamw(schedule, weight_decay=p.weight_decay),
                                               batch_stats=variables["batch_stats"]),
                          sharding.replicated(mesh))
-  mgr = checkpointing.manager(os.path.join(workdir, "checkpoints", "pretrain"),
+  mgr = checkpointing.manager(wd.checkpoint_dir(workdir, "pretrain"),
                               max_to_keep=config.checkpoint.max_to_keep)
   start, tree = checkpointing.resume(mgr, {"state": state})
   state = tree["state"]

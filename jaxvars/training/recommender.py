@@ -3,7 +3,6 @@ for the last 20), resumable from ``<workdir>/checkpoints/recommender``."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import jax
@@ -13,7 +12,7 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from jaxvars import checkpointing, losses, sharding
+from jaxvars import checkpointing, losses, sharding, workdir as wd
 from jaxvars.data import splits
 from jaxvars.errors import CheckpointError
 from jaxvars.progress import progress
@@ -137,7 +136,7 @@ def restore(exp, workdir: str):
   Raises:
     CheckpointError: none, or one of another shape or backbone.
   """
-  mgr = checkpointing.manager(os.path.join(workdir, "checkpoints", CHECKPOINT_DIR))
+  mgr = checkpointing.manager(wd.checkpoint_dir(workdir, CHECKPOINT_DIR))
   try:
     step, tree = checkpointing.restore_latest(mgr, {"recommender": initial_state(exp),
                                                     "backbone": exp.backbone_vars})
@@ -160,7 +159,7 @@ def train_recommender(exp, consts: dict, workdir: str, *, on_epoch_end=None, wri
     training seconds of every run).
   """
   config, rc = exp.config, exp.config.recommender
-  directory = os.path.join(workdir, "checkpoints", CHECKPOINT_DIR)
+  directory = wd.checkpoint_dir(workdir, CHECKPOINT_DIR)
   fields = records.stage_fields(config, records.RECOMMENDER)
   mgr = checkpointing.manager(directory, max_to_keep=config.checkpoint.max_to_keep)
   step, tree = checkpointing.resume(mgr, {"recommender": initial_state(exp),

@@ -32,7 +32,7 @@ import zipfile
 import numpy as np
 from absl import logging
 
-from jaxvars import atomic
+from jaxvars import atomic, workdir as wd
 from jaxvars.errors import CheckpointError, ConfigError
 
 RECORD = "jaxvars_stage.json"
@@ -151,8 +151,8 @@ def upstream_dir(workdir: str, stages, recommender_workdir: str | None = None) -
   recommender of ``recommender_workdir`` (an ablation variant's: the main run's; default
   ``workdir``)."""
   if len(stages) > 1:
-    return os.path.join(workdir, "checkpoints", stages[-2])
-  return os.path.join(recommender_workdir or workdir, "checkpoints", RECOMMENDER)
+    return wd.checkpoint_dir(workdir, stages[-2])
+  return wd.checkpoint_dir(recommender_workdir or workdir, RECOMMENDER)
 
 
 def stage_inputs(base: dict, workdir: str, stage: str, stages=(),
@@ -254,9 +254,9 @@ def changes(workdir: str, expected: dict, *, pending=(), upstream_changed: bool 
   """
   changed, unrecorded = {}, []
   for stage, want in expected.items():
-    record = load(os.path.join(workdir, "checkpoints", stage))
+    record = load(wd.checkpoint_dir(workdir, stage))
     if record is None:
-      if has_checkpoints(os.path.join(workdir, "checkpoints", stage)):  # Its record deleted.
+      if has_checkpoints(wd.checkpoint_dir(workdir, stage)):  # Its record deleted.
         changed[label + stage] = [f"its checkpoints have no {RECORD} beside them, so the "
                                   "settings and inputs they were trained with are unknown"]
       continue
@@ -329,8 +329,7 @@ def stage_path(workdir: str, stage: str) -> str:
   """The checkpoint directory of a stage named as :func:`changes` names it ('joint', or
   'ablations/<variant>/joint')."""
   head, _, name = stage.rpartition("/")
-  return os.path.join(workdir, head, "checkpoints", name) if head else os.path.join(
-      workdir, "checkpoints", name)
+  return wd.checkpoint_dir(os.path.join(workdir, head) if head else workdir, name)
 
 
 def warn_unrecorded(workdir: str, unrecorded: list) -> None:

@@ -23,11 +23,7 @@ from jaxvars.registry import Registry, import_submodules
 
 RANK_METRICS = Registry("rank metric")
 
-# Metrics of the sampled protocol (100 negatives; the paper's HR@N and NDCG@N), and of the
-# full-ranking protocol (every item the user did not interact with; Krichene & Rendle, "On
-# Sampled Metrics for Item Recommendation", KDD 2020).
-SAMPLED_METRICS = ("HR", "NDCG")
-FULL_METRICS = ("HR", "Recall", "NDCG", "MRR")
+PROTOCOLS = ("sampled", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,15 +36,27 @@ class RankMetric:
     takes_k: the metric has a cut-off K (``fn(ranks, k)``); else ``fn(ranks)``.
     fn: ``(ranks int [U][, k int]) -> float64 [U]``, one value per user.
     description: one line for the report.
+    protocols: the protocols whose tables report it: 'sampled' (the held-out item among
+      the saved negatives, the paper's) and 'full' (among every item the user did not buy).
+    order: its place among a protocol's metrics (lower first; keys of one cut-off follow it).
   """
   name: str
   takes_k: bool
   fn: Callable[..., np.ndarray]
   description: str = ""
+  protocols: tuple[str, ...] = PROTOCOLS
+  order: int = 100
+
+
+def metrics_for(protocol: str) -> tuple[str, ...]:
+  """The registered metrics a protocol reports ('sampled' | 'full'), in their order."""
+  entries = [RANK_METRICS.get(n) for n in RANK_METRICS.names()]
+  return tuple(e.name for e in sorted(entries, key=lambda e: (e.order, e.name))
+               if protocol in e.protocols)
 
 
 def per_user(ranks: np.ndarray, ks: Sequence[int],
-             metrics: Sequence[str] = SAMPLED_METRICS) -> dict[str, np.ndarray]:
+             metrics: Sequence[str] = ("HR", "NDCG")) -> dict[str, np.ndarray]:
   """Per-user values of ``metrics`` at each cut-off in ``ks``, from 0-based ranks.
 
   Args:
@@ -78,3 +86,9 @@ def per_user(ranks: np.ndarray, ks: Sequence[int],
 
 
 import_submodules(__name__, __path__)
+
+# Metrics of the sampled protocol (100 negatives; the paper's HR@N and NDCG@N), and of the
+# full-ranking protocol (every item the user did not interact with; Krichene & Rendle, "On
+# Sampled Metrics for Item Recommendation", KDD 2020): a metric file says which it joins.
+SAMPLED_METRICS = metrics_for("sampled")
+FULL_METRICS = metrics_for("full")

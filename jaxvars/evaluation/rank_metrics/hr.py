@@ -12,5 +12,5 @@ def hit_rate(ranks: np.ndarray, k: int) -> np.ndarray:
   return (np.asarray(ranks) < k).astype(np.float64)
 
 
-RANK_METRICS.register("HR", RankMetric(name="HR", takes_k=True, fn=hit_rate,
+RANK_METRICS.register("HR", RankMetric(name="HR", takes_k=True, fn=hit_rate, order=0,
                                        description="held-out item in the top K"))

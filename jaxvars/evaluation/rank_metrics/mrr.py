@@ -13,5 +13,6 @@ def reciprocal_rank(ranks: np.ndarray) -> np.ndarray:
   return 1.0 / (np.asarray(ranks) + 1.0)
 
 
-RANK_METRICS.register("MRR", RankMetric(name="MRR", takes_k=False, fn=reciprocal_rank,
+RANK_METRICS.register("MRR", RankMetric(name="MRR", takes_k=False, fn=reciprocal_rank, order=3,
+                                        protocols=("full",),
                                         description="1/(rank+1), no cut-off"))

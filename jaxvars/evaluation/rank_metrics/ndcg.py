@@ -17,5 +17,5 @@ def ndcg(ranks: np.ndarray, k: int) -> np.ndarray:
   return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
 
 
-RANK_METRICS.register("NDCG", RankMetric(name="NDCG", takes_k=True, fn=ndcg,
+RANK_METRICS.register("NDCG", RankMetric(name="NDCG", takes_k=True, fn=ndcg, order=2,
                                          description="1/log2(rank+2) in the top K"))

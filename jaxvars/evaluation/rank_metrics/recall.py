@@ -18,6 +18,7 @@ def recall(ranks: np.ndarray, k: int) -> np.ndarray:
   return (np.asarray(ranks) < k).astype(np.float64)
 
 
-RANK_METRICS.register("Recall", RankMetric(name="Recall", takes_k=True, fn=recall,
+RANK_METRICS.register("Recall", RankMetric(name="Recall", takes_k=True, fn=recall, order=1,
+                                           protocols=("full",),
                                            description="held-out items in the top K "
                                            "(= HR@K with one per user)"))
