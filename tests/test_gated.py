@@ -83,12 +83,44 @@ def test_gated_system_in_a_run(tfds_dir, tmp_path):
   config.attack.adaptive.sanity = False
   config.targeted.num_targets = 0
   config.stages.denoiser_mix.epochs = config.stages.joint.epochs = 0
+  # A threshold that flags a quarter of the clean calibration photos: at the default 5% this
+  # barely trained detector flags none of the detection items, and the gate would pass
+  # every photo (the fidelity checks below then had nothing to tell apart).
+  config.detector.fpr = 0.25
   results = run.train_and_evaluate(config, str(tmp_path / "run"))
   for row in ("clean", "fgsm@8", "pgd@8", "pgd-wb@8", "pgd-wb-det1@8"):
     assert f"defended_gated/{row}" in results["ranking"], row
   assert "defended_gated+gate/pgd-wb-det1@8" in results["ranking"]
-  clean = results["fidelity"]["clean"]
-  assert 0.0 <= clean["gated_unchanged"] <= 1.0 and clean["gated_psnr"] > 0
+  with np.load(tmp_path / "run" / "artifacts.npz") as art:
+    _check_gated_fidelity(results, {k: art[k] for k in art.files if k.startswith("detector/")})
   with open(writer.write_report(str(tmp_path / "run"))) as f:
     report = f.read()
   assert "OURS-gated: share unchanged" in report and "OURS-gated" in report
+
+
+def _check_gated_fidelity(results, detector_scores):
+  """OURS-gated's fidelity columns against the detection tables and the raw detector scores
+  of the same (detection) items at the same threshold."""
+  fidelity, noise = results["fidelity"], results["detection_noise"]["clean"]
+  assert set(fidelity) == {"clean", "fgsm@8", "pgd@8"}
+  threshold = results["detection"]["fgsm@8"]["threshold"]
+  for cond, row in fidelity.items():
+    # What it passes on as uploaded is what the detector leaves unflagged: one minus the
+    # flag rate of the detection tables and of the raw scores.
+    flagged = detector_scores[f"detector/{cond}"] > threshold
+    rate = noise["fpr"] if cond == "clean" else results["detection"][cond]["tpr_at_threshold"]
+    assert row["gated_unchanged"] == pytest.approx(1.0 - rate), cond
+    assert row["gated_unchanged"] == pytest.approx(1.0 - flagged.mean()), cond
+    if cond == "clean":
+      # A clean photo passed as uploaded has error 0: the gated output's error is that of
+      # the flagged photos alone (8 of 40 here): 50.2 dB, between D's 44.7 dB on every photo
+      # and the 100 dB cap of no error (margins 5.4 and 49.8 dB).
+      assert 0 < flagged.sum() < len(flagged)  # The threshold both passes and flags here.
+      assert row["psnr"] < row["gated_psnr"] < 100.0
+    else:
+      # Flagged photos get D's output, the others stay as uploaded: the gated output's PSNR
+      # lies between D's and the input's (FGSM: 30.14 dB in [30.10, 30.15]; PGD: 33.91 in
+      # [33.70, 33.98]; an attack's per-photo error hardly varies), to 0.01 dB.
+      assert 0 < flagged.sum() < len(flagged)
+      lo, hi = sorted((row["psnr"], row["psnr_input"]))
+      assert lo - 0.01 <= row["gated_psnr"] <= hi + 0.01, cond

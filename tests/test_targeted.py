@@ -10,32 +10,47 @@ from jaxvars.attacks.semantic import composite_inset
 from jaxvars.evaluation import targeted
 
 
+# Training interactions per item, by hand: category 'a' (items 0-3), 'b' (4-8), 'c' (9-11).
+# Per item, 'b' is the least popular; in total 'c' is (5 < 6): a count-based choice fails.
+COUNTS = np.array([10, 2, 1, 1,  # a: 14 interactions / 4 items = 3.5 per item
+                   1, 2, 0, 3, 0,  # b: 6 / 5 = 1.2
+                   0, 1, 4])  # c: 5 / 3 = 1.67
+
+
 class _Data:
   def __init__(self):
     rng = np.random.default_rng(0)
     self.num_users, self.num_items = 6, 12
     self.categories = np.array(["a"] * 4 + ["b"] * 5 + ["c"] * 3)
-    self.train_users = rng.integers(0, 6, 30)
-    self.train_items = np.r_[np.zeros(10, int), rng.integers(4, 12, 20)]  # Item 0 is popular.
+    self.train_items = rng.permutation(np.repeat(np.arange(12), COUNTS))  # Item 0 is popular.
+    self.train_users = rng.integers(0, 6, len(self.train_items))
     self.images = rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
 
 
 def test_targets_are_cold_items_of_the_least_popular_category():
+  """Expected categories and targets worked out by hand from COUNTS (not with the functions
+  under test)."""
   data = _Data()
-  pop = targeted.category_popularity(data)
-  targets, source = targeted.choose_targets(data, 3, seed=0)
-  assert source == min((c for c in pop if (data.categories == c).sum() >= 3), key=pop.get)
-  assert set(data.categories[targets]) == {source} and len(targets) == 3
-  counts = np.bincount(data.train_items, minlength=12)
-  others = np.setdiff1d(np.flatnonzero(data.categories == source), targets)
-  assert counts[targets].max() <= (counts[others].min() if len(others) else np.inf)
-  assert targeted.popular_category(data) == max(pop, key=pop.get)
+  assert targeted.category_popularity(data) == pytest.approx({"a": 3.5, "b": 1.2, "c": 5 / 3})
+  # n=2: every category has 2 items; the least popular per item is 'b' (1.2); its two
+  # coldest items are 6 and 8 (no interactions).
+  targets, source = targeted.choose_targets(data, 2, seed=0)
+  assert source == "b" and sorted(targets.tolist()) == [6, 8] and targets.dtype == np.int32
+  # n=4: 'a' and 'b' have 4 items: 'b'; its coldest four are 6, 8 (0), 4 (1), 5 (2), not 7 (3).
+  targets, source = targeted.choose_targets(data, 4, seed=0)
+  assert source == "b" and sorted(targets.tolist()) == [4, 5, 6, 8]
+  # n=6: no category is that large: every item is a candidate, cold first: the three items
+  # without interactions (6, 8, 9) and three of the four with one (2, 3, 4, 10; seeded).
+  targets, source = targeted.choose_targets(data, 6, seed=0)
+  assert source == "" and len(set(targets.tolist())) == 6 and {6, 8, 9} <= set(targets.tolist())
+  assert set(targets.tolist()) <= {6, 8, 9, 2, 3, 4, 10}
+  assert targeted.popular_category(data) == "a"  # 3.5 per item.
   # A one-item category holding the best-seller (item 0) wins without a size floor; with
   # one, the most popular category that large does; with none that large, the best-seller's.
+  # z: 10 per item; a (items 1-3): 4 / 3 = 1.33; b: 1.2; c: 1.67 (in total: b, 6).
   data.categories = np.array(["z"] + ["a"] * 3 + ["b"] * 5 + ["c"] * 3)
-  pop = targeted.category_popularity(data)
   assert targeted.popular_category(data) == "z"
-  assert targeted.popular_category(data, min_items=3) == max(("a", "b", "c"), key=pop.get)
+  assert targeted.popular_category(data, min_items=3) == "c"
   assert targeted.popular_category(data, min_items=99) == "z"
 
 
@@ -74,11 +89,37 @@ def test_list_metrics_match_a_brute_force_ranking():
       hits.append(rank)
     for n in (1, 3):
       assert got[f"HR@{n}"][j] == pytest.approx(np.mean(np.array(hits) < n))
+  # CHR@K of every user: the source items among the top K of the items the user has not
+  # bought. Where a tie straddles the cut, any order of the tied items is a valid list, so
+  # the count may lie anywhere in the range those orders give (exact without a tie there).
   for u in range(5):
-    order = sorted((i for i in range(9) if not mask[u, i]), key=lambda i: -scores[u, i])
-    assert got["CHR@2"][u] == source[order[:2]].sum() or np.isclose(
-        sorted(scores[u, ~mask[u]])[-2], sorted(scores[u, ~mask[u]])[-3])  # A tie at the cut.
+    for k in (2, 4):
+      lo, hi = _chr_range(scores[u], mask[u], source, k)
+      assert lo <= got[f"CHR@{k}"][u] <= hi, (u, k, got[f"CHR@{k}"][u], lo, hi)
+  # Distinct scores: CHR@K is exact for every user.
+  distinct = rng.permutation(45).reshape(5, 9) / 10.0
+  got_distinct = targeted.list_metrics(distinct, mask, targets, source, ns=(1,), ks=(2, 4))
+  for u in range(5):
+    order = sorted((i for i in range(9) if not mask[u, i]), key=lambda i: -distinct[u, i])
+    for k in (2, 4):
+      assert got_distinct[f"CHR@{k}"][u] == source[order[:k]].sum(), (u, k)
   np.testing.assert_array_equal(got["scores"], scores[:, targets])
+
+
+def _chr_range(scores, bought, source, k):
+  """(lowest, highest) number of source items in the top ``k`` of the items not ``bought``
+  over every order of tied scores."""
+  items = [i for i in range(len(scores)) if not bought[i]]
+  if len(items) <= k:
+    n = int(source[items].sum())
+    return n, n
+  cut = sorted((scores[i] for i in items), reverse=True)[k - 1]
+  above = [i for i in items if scores[i] > cut]
+  tied = [i for i in items if scores[i] == cut]
+  slots = k - len(above)
+  src_tied = int(source[tied].sum())
+  base = int(source[above].sum())
+  return base + max(0, slots - (len(tied) - src_tied)), base + min(slots, src_tied)
 
 
 def test_csema_pastes_the_hook_on_the_right():
