@@ -135,3 +135,25 @@ def test_mostpop_full_ranks_match_a_loop():
   for u in range(6):
     others = [i for i in range(30) if i != test[u] and i not in set(items[users == u])]
     assert got[u] == sum(pop[i] >= pop[test[u]] for i in others)
+
+
+def test_results_diff_finds_moved_numbers_and_ignores_wall_clock(tmp_path, capsys):
+  import json
+  from jaxvars.report import diff
+  before = {"ranking": {"vbpr/clean": {"HR@10": 0.25, "ci95": {"HR@10": [0.2, 0.3]}}},
+            "timing": {"total_s": 10.0}, "attack": {"pgd@8": {"time_s": 3.0, "linf": 0.03}}}
+  after = json.loads(json.dumps(before))
+  after["timing"]["total_s"], after["attack"]["pgd@8"]["time_s"] = 99.0, 7.0
+  after["ranking_full"] = {"vbpr/clean": {"HR@10": 0.1}}
+  d = diff.diff(before, after)
+  assert d["moved"] == [] and d["only_after"] == ["ranking_full/vbpr/clean/HR@10"]
+  after["ranking"]["vbpr/clean"]["ci95"]["HR@10"][1] = 0.31
+  assert diff.diff(before, after)["moved"] == [("ranking/vbpr/clean/ci95/HR@10/1", 0.3, 0.31)]
+  assert diff.diff(before, after, tolerance=0.02)["moved"] == []
+  a, b = tmp_path / "a.json", tmp_path / "b.json"
+  a.write_text(json.dumps(before))
+  b.write_text(json.dumps(after))
+  assert diff.main([str(a), str(b)]) == 1
+  assert "moved  ranking/vbpr/clean/ci95/HR@10/1: 0.3 -> 0.31" in capsys.readouterr().out
+  assert diff.main([str(a), str(a)]) == 0
+  assert diff.main([str(a), str(tmp_path / "missing.json")]) == 2
