@@ -3,6 +3,8 @@ kind of input the step crafts (clean, FGSM, PGD), at a preset's shapes on one de
 
   python benchmarks/defense_step.py --preset=cpu --out=/tmp/defense_step.json
   python benchmarks/defense_step.py --preset=cpu,hm,full   # 32 px, the full run's shapes
+  python benchmarks/defense_step.py --preset=cpu --bpr_other=clean,defended,defended_frozen \
+      --table_pass --out=/tmp/bpr_other.json   # config.defense.bpr_other's cost (issue 35)
 
 The stages are the preset's ``config.stages`` (their loss terms and trainable groups) and
 the models its backbone (the preset's weights, e.g. ImageNet EfficientNet-Lite0) and
@@ -10,7 +12,10 @@ denoiser (random weights), with the preset's defence batch, image size and train
 on random photos and a random VBPR. Timings on a 2-core machine vary between processes:
 compare checkouts in alternating runs. Every stage is timed on
 each input kind its mix can draw, best of ``--repeats`` after a warm-up (compilation is
-reported apart). ``--repo`` measures another checkout of jaxvars with this same script
+reported apart). ``--bpr_other`` times each stage with the BPR term under each value of
+``config.defense.bpr_other`` (the other item of each triplet through D in the step), and
+``--table_pass`` the forward pass f(D(x)) per photo: what recomputing the deployed table of
+every item would cost per defence epoch instead. ``--repo`` measures another checkout of jaxvars with this same script
 (e.g. an older commit, for a before/after table). Prints a table, writes JSON.
 """
 
@@ -30,6 +35,10 @@ _RANDOM_BACKBONE = flags.DEFINE_bool(
 _REPO = flags.DEFINE_string("repo", os.path.join(os.path.dirname(__file__), ".."),
                             "The jaxvars checkout to measure.")
 _OUT = flags.DEFINE_string("out", "defense_step.json", "JSON output path.")
+_BPR_OTHER = flags.DEFINE_list(
+    "bpr_other", ["clean"], "Values of config.defense.bpr_other to time (stages with the BPR term).")
+_TABLE_PASS = flags.DEFINE_bool(
+    "table_pass", False, "Also time f(D(x)) per photo (a deployed-table refresh's unit cost).")
 
 KINDS = ("clean", "fgsm", "pgd")
 
@@ -94,8 +103,13 @@ def main(argv):
                                   positive_keys=splits.pair_keys(users, items, num_items),
                                   per_role=config.defense.triplets_per_item, rng=rng)
   mesh = sharding.make_mesh(1)
-  batch = sharding.shard_batch({"images": images[batch_items], "items": batch_items,
-                                "triplets": triplets}, mesh)
+  host_batch = {"images": images[batch_items], "items": batch_items, "triplets": triplets}
+  batch = sharding.shard_batch(host_batch, mesh)
+  others = dict(host_batch)
+  if any(o != "clean" for o in _BPR_OTHER.value):
+    from jaxvars.training.defense_step import OTHER_IMAGES, other_items
+    others[OTHER_IMAGES] = images[other_items(triplets)]
+  others = sharding.shard_batch(others, mesh)
   consts = jax.device_put(consts, sharding.replicated(mesh))
   attack = attack_spec(config.attack, "pgd", config.defense.train_eps, objective="bpr")
 
@@ -104,34 +118,51 @@ def main(argv):
   print(f"{_PRESET.value}: {config.backbone.arch} at {s} px, denoiser {dn.channels} channels, "
         f"defence batch {b}, PGD-{config.attack.pgd_steps}; {jax.devices()[0].platform}; "
         f"jaxvars from {os.path.dirname(jaxvars.__file__)}")
-  print(f"{'stage':16} {'input':6} {'s/step':>7} {'items/s':>8} {'compile s':>9}")
-  for name in names:
-    stage = config.stages[name]
+  print(f"{'stage':16} {'input':6} {'bpr_other':15} {'s/step':>7} {'items/s':>8} "
+        f"{'compile s':>9}")
+  for name, kind, k, bpr_other, stage in (
+      (name, kind, k, o, config.stages[name]) for name in names
+      for k, kind in enumerate(KINDS) for o in _BPR_OTHER.value):
     weights = {t: float(config.loss[t]) for t in stage.terms}
-    for k, kind in enumerate(KINDS):
-      if not stage.mix[k]:
-        continue
-      mix = tuple(int(i == k) for i in range(3))
-      step = make_defense_step(models, mesh, weights=weights, mix=mix, attack=attack,
-                               temperature=config.detector.temperature)
-      state = jax.device_put(TrainState.create(
-          apply_fn=None, params=params, tx=stage_optimizer(tuple(stage.trainable), stage.lr)),
-          sharding.replicated(mesh))
+    if not stage.mix[k] or (bpr_other != "clean" and not weights.get("bpr")):
+      continue
+    mix = tuple(int(i == k) for i in range(3))
+    step = make_defense_step(models, mesh, weights=weights, mix=mix, attack=attack,
+                             temperature=config.detector.temperature,
+                             **({"bpr_other": bpr_other} if bpr_other != "clean" else {}))
+    step_batch = batch if bpr_other == "clean" else others
+    state = jax.device_put(TrainState.create(
+        apply_fn=None, params=params, tx=stage_optimizer(tuple(stage.trainable), stage.lr)),
+        sharding.replicated(mesh))
+    t = time.perf_counter()
+    state, m = step(state, step_batch, consts, jax.random.key(0))
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t
+    best = float("inf")
+    for r in range(_REPEATS.value):
       t = time.perf_counter()
-      state, m = step(state, batch, consts, jax.random.key(0))
+      state, m = step(state, step_batch, consts, jax.random.key(r + 1))
       jax.block_until_ready(m)
-      compile_s = time.perf_counter() - t
-      best = float("inf")
-      for r in range(_REPEATS.value):
-        t = time.perf_counter()
-        state, m = step(state, batch, consts, jax.random.key(r + 1))
-        jax.block_until_ready(m)
-        best = min(best, time.perf_counter() - t)
-      assert int(m["input_kind"]) == k
-      rows.append({"stage": name, "input": kind, "step_s": best, "items_per_s": b / best,
-                   "compile_s": compile_s, "loss": float(m["loss"])})
-      print(f"{name:16} {kind:6} {best:7.3f} {b / best:8.1f} {compile_s:9.1f}", flush=True)
-  out = {"preset": _PRESET.value, "image_size": s, "batch": b, "arch": config.backbone.arch,
+      best = min(best, time.perf_counter() - t)
+    assert int(m["input_kind"]) == k
+    rows.append({"stage": name, "input": kind, "bpr_other": bpr_other, "step_s": best,
+                 "items_per_s": b / best, "compile_s": compile_s, "loss": float(m["loss"])})
+    print(f"{name:16} {kind:6} {bpr_other:15} {best:7.3f} {b / best:8.1f} {compile_s:9.1f}",
+          flush=True)
+  table_pass = None
+  if _TABLE_PASS.value:  # f(D(x)) of a feature batch: a deployed-table refresh's unit cost.
+    fb = int(config.backbone.feature_batch_size)
+    fwd = jax.jit(lambda x: models.features(consts, models.denoise(params, x / 255.0)))
+    x = jnp.asarray(images[:fb])
+    jax.block_until_ready(fwd(x))
+    best = float("inf")
+    for _ in range(_REPEATS.value):
+      t = time.perf_counter()
+      jax.block_until_ready(fwd(x))
+      best = min(best, time.perf_counter() - t)
+    table_pass = {"batch": fb, "batch_s": best, "s_per_photo": best / fb}
+    print(f"f(D(x)) forward: {best / fb * 1e3:.2f} ms per photo (batch {fb})")
+  out = {"preset": _PRESET.value, "table_pass": table_pass, "image_size": s, "batch": b, "arch": config.backbone.arch,
          "denoiser_channels": dn.channels,
          "backbone_init": "random" if _RANDOM_BACKBONE.value else config.backbone.init, "jaxvars": os.path.dirname(jaxvars.__file__),
          "jax": jax.__version__, "rows": rows}

@@ -68,7 +68,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # ---- Recommender (BPR training) ---------------------------------------------
   c.recommender = v = ml_collections.ConfigDict()
-  v.name = "vbpr"  # A registered recommender (jaxvars/recommenders/): 'vbpr'.
+  v.name = "vbpr"  # A registered recommender (jaxvars/recommenders/): 'vbpr' | 'bprmf' | 'amr' (VBPR + adversarial epochs) | 'alexrank' (AIP's visual nearest-neighbour ranker, fitted, not trained).
   v.form = "tang"  # VBPR's score. 'tang': x_ui = p_u.(q_i + E f_i) (paper); 'he': b_i + g_u.g_i + t_u.(E f_i) + b'.f_i.
   v.factors = 64  # Latent dimension K of p_u, q_i (and of g_u, g_i in the 'he' form).
   v.visual_factors = 64  # Dimension of t_u and E f_i in the 'he' form (the 'tang' form uses `factors`).
@@ -81,6 +81,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   v.lr = 1e-3  # Learning rate for the first epochs.
   v.lr_drop_epochs = 20  # The last this many epochs use lr * lr_drop_factor (paper: last 20 of 100).
   v.lr_drop_factor = 0.1  # Factor of the learning-rate drop.
+  # AMR (name='amr', Tang et al. 2020; jaxvars/recommenders/amr.py): after `epochs` of BPR,
+  # `adv_epochs` more with L = L_bpr(f) + adv_weight * L_bpr(f + delta), delta = adv_eps *
+  # g / ||g||_2 per item row, g = d L_bpr / d f of the triplet's positive and negative item.
+  v.adv_epochs = 5  # Adversarial fine-tuning epochs, at the dropped lr (paper 4.3: five).
+  # L2 norm of delta per item row, in units of the normalised features (backbone.feature_norm).
+  # Tang et al.'s run.sh: eps=0.1 on features divided by the table's largest |entry|: 1.4% of
+  # the median row norm of EfficientNet-Lite0 features of H&M at 96 px (measured), which on
+  # standardised features (median row norm 31) is 0.42. An image FGSM at 8/255 moves those
+  # standardised features by a median L2 of 57 (same measurement): AMR's eps is ~1% of it.
+  v.adv_eps = 0.4
+  v.adv_weight = 1.0  # lambda of the adversarial BPR term (Tang et al.'s run.sh lmd=1; AIP 7.1: 1).
 
   # ---- Attacks (paper eq. 3-4; DESIGN.md) ------------------------------------
   c.attack = a = ml_collections.ConfigDict()
@@ -95,6 +106,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   a.batch_size = 64  # Item images attacked per jitted call.
   a.seed = 1  # Seed of the attack's triplets and random starts (fixed: every system sees the same attack).
   a.cache = True  # Keep each attacked catalogue in <workdir>/attacks/ (reused by ablations, --mode=evaluate).
+  # The item table a white-box attack's objective reads (eq. 3's other items, the feature
+  # objective's reference): 'clean' f(x) | 'deployed' the attacked system's own table, e.g.
+  # f(D(x)) of every item for OURS (docs/evaluation.md).
+  a.whitebox_table = "clean"
   # Beyond the paper's transfer attacks (jaxvars/evaluation/adaptive.py): on config.eval.max_items items.
   a.adaptive = ad = ml_collections.ConfigDict()
   ad.eps = (8.0,)  # Budgets (1/255) of the attacks below.
@@ -169,6 +184,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   df.items_per_epoch = 0  # Items per defence epoch (0 = every item of the training pool).
   df.eval_fraction = 0.3  # Share of the items the defence never trains on (the out-of-sample rows).
   df.checkpoint_every_steps = 200  # Checkpoint period within a stage (and at its end).
+  # What L_bpr scores the other item j of each triplet with: 'clean' f(x_j) (the clean table)
+  # | 'defended' f(D(x_j)), its photo through D in the step, with the gradient (eq. 12: both
+  # images through the defence) | 'defended_frozen' the same without that gradient (docs/running.md).
+  df.bpr_other = "clean"
   # Stages run in this order; epochs=0 skips one. trainable: groups of {vbpr, denoiser,
   # detector}; mix: (clean, fgsm, pgd) proportions of the crafted inputs; terms: the loss
   # terms used (weights from config.loss).
@@ -245,6 +264,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     v.visual_factors = 8
     v.epochs = 4
     v.lr_drop_epochs = 1
+    v.adv_epochs = 2
     v.batch_size = 64
     e.batch_users = 32
     k.every_epochs = 2

@@ -138,7 +138,14 @@ def _recommender(config) -> None:
   from jaxvars.recommenders import RECOMMENDERS
   from jaxvars.training.recommender import OPTIMIZERS
   r = config.recommender
-  RECOMMENDERS.get(r.name, "config.recommender.name").validate(r)
+  entry = RECOMMENDERS.get(r.name, "config.recommender.name")
+  entry.validate(r)
+  training = [name for name, stage in (config.stages.items() if "stages" in config else ())
+              if "recommender" in tuple(stage.get("trainable", ())) and stage.get("epochs")]
+  if training and entry.build(r, num_users=1, num_items=1, feature_dim=1).fitted:
+    raise ConfigError(f"config.stages.{training[0]}.trainable includes 'recommender', but "
+                      f"config.recommender.name={r.name!r} is fitted in closed form, not "
+                      "trained; remove 'recommender' from its trainable groups")
   for path in ("recommender.epochs", "recommender.batch_size"):
     positive(config, path, integer=True)
   positive(config, "recommender.lr")
@@ -165,6 +172,9 @@ def _attack(config) -> None:
     positive(config, path, integer=True)
   positive(config, "attack.pgd_alpha")
   positive(config, "attack.pgd_alpha_ratio", allow_zero=True)
+  if "whitebox_table" in a:
+    from jaxvars.attacks.whitebox import WHITEBOX_TABLES
+    one_of(config, "attack.whitebox_table", WHITEBOX_TABLES)
   if "seed" in a:
     seed(config, "attack.seed")
   ad = a.get("adaptive")
@@ -262,6 +272,9 @@ def _defense(config) -> None:
   if not 0 < config.defense.train_eps <= 255:
     raise ConfigError(f"config.defense.train_eps={config.defense.train_eps!r} must be in (0, 255]")
   positive(config, "defense.items_per_epoch", allow_zero=True, integer=True)
+  if "bpr_other" in config.defense:
+    from jaxvars.training.defense_step import BPR_OTHER
+    one_of(config, "defense.bpr_other", BPR_OTHER)
   frac = config.defense.eval_fraction
   if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac <= 0.9:
     raise ConfigError(f"config.defense.eval_fraction={frac!r} must be in [0, 0.9]")

@@ -117,6 +117,10 @@ class Models:
       items: int32 [B]. triplets: ``item_triplets`` of ``items`` (or None).
       pipeline: images -> images in front of the backbone (a defence the attacker
         differentiates through); None = the plain backbone.
+
+    The context's ``table`` is the clean table ``consts['features']``; a white-box attack
+    on a defended system's deployed table replaces it (:func:`jaxvars.attacks.whitebox.
+    attack_loss`, ``config.attack.whitebox_table``).
     """
     rec_params = jax.lax.stop_gradient(rec_params)
     pipeline = pipeline or (lambda x: x)

@@ -32,6 +32,11 @@ class PlainProgress:
     del refresh
     self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
 
+  def set_description(self, desc: str, refresh: bool = False) -> None:
+    """Renames the loop (tqdm's ``set_description``), e.g. when a training stage starts."""
+    del refresh
+    self.desc = desc
+
   def _line(self, n: int, start: float) -> str:
     elapsed = max(time.perf_counter() - start, 1e-9)
     done = n - self.initial

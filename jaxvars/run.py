@@ -165,11 +165,23 @@ def _check_inputs(config, workdir: str, exp: Experiment, pending, *, resume=None
     check_stages(config, workdir, exp.inputs, resume=resume, warn=False)
 
 
-def training_section(config, rec_history, rec_steps, stage_history) -> dict:
-  """results.json's ``training``: every epoch of every stage, over every run."""
-  return {"recommender": {"name": config.recommender.name, "epochs": config.recommender.epochs,
-                          "steps": int(rec_steps), "history": rec_history},
-          "stages": stage_history}
+def training_section(config, rec_history, rec_steps, stage_history, recommender=None) -> dict:
+  """results.json's ``training``: every epoch of every stage, over every run.
+
+  ``recommender`` (the run's :class:`jaxvars.recommenders.Recommender`; None reads
+  ``config.recommender.epochs`` alone): its epochs are those of all its training stages,
+  which a recommender of several (AMR) also lists under ``stages`` ([{'name', 'epochs'}]);
+  a recommender fitted instead of trained (AlexRank) has 0 epochs and ``'fitted': True``."""
+  rec = {"name": config.recommender.name, "epochs": config.recommender.epochs,
+         "steps": int(rec_steps), "history": rec_history}
+  if recommender is not None:
+    stages = recommender.training_stages(config.recommender.epochs)
+    rec["epochs"] = sum(int(s.epochs) for s in stages)
+    if recommender.fitted:
+      rec["fitted"] = True
+    if len(stages) > 1:
+      rec["stages"] = [{"name": s.name, "epochs": int(s.epochs)} for s in stages]
+  return {"recommender": rec, "stages": stage_history}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -216,7 +228,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if artifacts:
       wd.write_artifacts(workdir, artifacts)
     results["backbone"]["linear_probe"] = backbone_probe(exp, consts)
-    results["training"] = training_section(config, rec_history, rec_state.step, stage_history)
+    results["training"] = training_section(config, rec_history, rec_state.step, stage_history,
+                                           exp.models.recommender)
     if ablation_variants(config):
       _write_interim(results, config, workdir, time.perf_counter() - t_start)
       results["ablations"] = ablations.run_ablations(exp, consts, rec_state.params, workdir,
@@ -315,7 +328,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results.update(fresh)
   results["timing"] = timing
   if "training" not in results:
-    results["training"] = training_section(config, *_recorded_history(exp, workdir))
+    results["training"] = training_section(config, *_recorded_history(exp, workdir),
+                                           exp.models.recommender)
   results["restored_recommender_step"] = int(step)
   results.setdefault("config", config.to_dict())
   results["evaluate_provenance"] = provenance.describe()

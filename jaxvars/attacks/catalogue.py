@@ -80,12 +80,14 @@ def content_digest(array) -> str:
 
 
 def fingerprint(spec: AttackSpec, *, params, consts, image_shape, items=None,
-                settings: dict | None = None, images=None) -> str:
+                settings: dict | None = None, images=None, table=None) -> str:
   """A hash of everything an attacked catalogue depends on: the parameters it was crafted
   against, the feature table of every item (hence the backbone and the photos), the clean
   photos of every item (``images``, uint8 [I, S, S, 3]: what the attack starts from and what
-  the unattacked items keep; :func:`content_digest`), the attack spec, the attacked items
-  and the defended system's settings."""
+  the unattacked items keep; :func:`content_digest`), the attack spec, the attacked items,
+  the defended system's settings and, where the objective read another item table than the
+  clean one (``table``: a system's deployed table, ``config.attack.whitebox_table``), that
+  table's content (so a clean-table attack is never served for a deployed-table one)."""
   h = hashlib.sha256()
   for leaf in jax.tree.leaves(_attacked_params(spec, params)):
     h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
@@ -94,6 +96,8 @@ def fingerprint(spec: AttackSpec, *, params, consts, image_shape, items=None,
     h.update(content_digest(images).encode())
   if items is not None:
     h.update(np.ascontiguousarray(np.asarray(items, np.int64)).tobytes())
+  if table is not None:
+    h.update(b"objective_table:" + content_digest(table).encode())
   h.update(json.dumps([spec.method, spec.objective, spec.eps, list(image_shape), spec.seed,
                        spec.steps, spec.step(), spec.random_start, spec.triplets_per_item,
                        spec.through, spec.eot, spec.restarts, spec.detector_lambda,
@@ -119,7 +123,8 @@ def _objective_inputs(spec: AttackSpec, data, items: np.ndarray, rng,
 
 def attack_catalogue(spec: AttackSpec, *, models, params, consts, data, mesh, batch_size: int,
                      config=None, items: np.ndarray | None = None,
-                     threshold: float | None = None, constants: dict | None = None):
+                     threshold: float | None = None, constants: dict | None = None,
+                     table: np.ndarray | None = None):
   """Attacks the item photos of the catalogue, in jitted sharded batches of ``batch_size``.
 
   Objective inputs (triplets) and random starts come from ``spec.seed`` (and method, eps),
@@ -131,13 +136,16 @@ def attack_catalogue(spec: AttackSpec, *, models, params, consts, data, mesh, ba
     items: attack only these items (the others keep their clean photo); None = all.
     threshold: the deployed detector threshold (detector-aware attacks).
     constants: the objective's constants, overriding its defaults (e.g. TAaMR's class).
+    table: the objective's item table (float32 [I, F], or [K, I, F] for a randomised
+      system's draws; :func:`jaxvars.attacks.whitebox.attack_loss`), e.g. the attacked
+      system's deployed table; None = the clean table ``consts['features']``.
 
   Returns:
     (uint8 attacked photos: [I, S, S, 3] the whole catalogue where ``items`` is None, else
     [n, S, S, 3] the photos of ``np.sort(items)`` only (the others are the clean photos,
     which are not copied), stats: {'linf', 'linf_255', 'l2' (over the attacked photos),
     'time_s', 'items_attacked', 'loss_curve' (mean loss of the first batch at every
-    iterate), 'threat_model'}).
+    iterate), 'threat_model', and 'objective_table': 'deployed' where ``table`` is given}).
   """
   attacked = np.arange(data.num_items, dtype=np.int32) if items is None else np.sort(
       np.asarray(items, np.int32))
@@ -151,7 +159,8 @@ def attack_catalogue(spec: AttackSpec, *, models, params, consts, data, mesh, ba
     loss_fn, stochastic = attack_loss(
         spec, models=models, params=params, consts=consts, config=config,
         items=batch["items"], inputs={k: batch[k] for k in inputs} or None,
-        constants=constants or None, num_users=data.num_users, threshold=threshold)
+        constants=constants or None, num_users=data.num_users, threshold=threshold,
+        table=table)
     adv, curve = spec.run_loss(loss_fn, to_float(batch["images"]),
                                jax.random.fold_in(base_key, batch["items"][0]),
                                stochastic=stochastic, return_curve=True)
@@ -171,6 +180,10 @@ def attack_catalogue(spec: AttackSpec, *, models, params, consts, data, mesh, ba
            "loss_curve": [float(v) for v in out["curve"][0]],
            "threat_model": spec.threat_model, "threat": spec.threat_short,
            "objective": spec.objective}
+  if table is not None:  # The report's threat-model legend says so.
+    stats["objective_table"] = "deployed"
+    stats["threat_model"] += ("; its objective scores the other items with the attacked "
+                              "system's deployed features (config.attack.whitebox_table)")
   return out["adv"], stats
 
 
@@ -261,7 +274,8 @@ def cached_attack_catalogue(spec: AttackSpec, *, cache_dir: str | None, **kwargs
   settings = dict(settings or {}, constants={k: np.asarray(v).tolist() for k, v in
                                              (kwargs.get("constants") or {}).items()})
   key = fingerprint(spec, params=kwargs["params"], consts=kwargs["consts"],
-                    image_shape=shape, items=items, settings=settings, images=images)
+                    image_shape=shape, items=items, settings=settings, images=images,
+                    table=kwargs.get("table"))
   stem = os.path.join(cache_dir, spec.condition + (f"@{spec.through}" if spec.through else ""))
   cached = _load_cached(stem, key, shape)
   if cached is not None:

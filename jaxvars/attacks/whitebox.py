@@ -10,6 +10,12 @@ Tramer et al. 2020): the objective computed through the defended system's own pi
   below the deployed detector's threshold (the deployed threshold is public to a
   white-box attacker).
 
+* The objective's item table (``ctx.table``: eq. 3's other item of each triplet, the
+  feature objective's reference, EXPA's hook) is the clean table f(x) by default, or, with
+  ``config.attack.whitebox_table='deployed'``, the attacked system's own deployed table
+  (``table``: f(D(x)) of every item for OURS, the K draws of f(rand(D(x))) for OURS-rand),
+  the features the system ranks the unattacked items with.
+
 Without ``spec.through`` this is the transfer attack's loss (the undefended pipeline).
 """
 
@@ -18,14 +24,26 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 from jaxvars.attacks.linf import quantize_8bit
 from jaxvars.attacks.objectives import OBJECTIVES
 from jaxvars.defenses.systems import SYSTEMS, draw_keys
 
+# config.attack.whitebox_table: what a white-box attack's objective reads as the item table.
+WHITEBOX_TABLES = ("clean", "deployed")
+
+
+def uses_deployed_table(spec, config) -> bool:
+  """Whether ``spec`` is crafted with the attacked system's deployed table as its objective's
+  item table: a white-box attack (``spec.through``) under
+  ``config.attack.whitebox_table='deployed'``."""
+  return (spec.through is not None and config is not None
+          and config.attack.get("whitebox_table", "clean") == "deployed")
+
 
 def attack_loss(spec, *, models, params, consts, config, items, inputs=None, constants=None,
-                num_users: int = 0, threshold: float | None = None):
+                num_users: int = 0, threshold: float | None = None, table=None):
   """The per-photo loss to maximise, and whether it is stochastic.
 
   Args:
@@ -35,6 +53,9 @@ def attack_loss(spec, *, models, params, consts, config, items, inputs=None, con
     items: int32 [B] the batch's items. inputs: the objective's batch inputs (triplets).
     constants: the objective's per-catalogue constants. num_users: U.
     threshold: the deployed detector threshold (detector-aware attacks).
+    table: the objective's item table (``ctx.table``): float32 [I, F], or [K, I, F] for a
+      randomised system's K deployed draws (EOT draw d of the attacked photos then reads
+      draw d mod K); None = ``consts['features']``, the clean table f(x).
 
   Returns:
     (loss_fn, stochastic): ``loss_fn(images[, key]) -> float32 [B]``.
@@ -45,6 +66,11 @@ def attack_loss(spec, *, models, params, consts, config, items, inputs=None, con
   objective = OBJECTIVES.get(spec.objective)
   ctx = models.attack_context(params["recommender"], consts, items, inputs)
   ctx = dataclasses.replace(ctx, constants=constants, num_users=num_users)
+  tables = None
+  if table is not None:
+    tables = jnp.asarray(table)
+    tables = tables[None] if tables.ndim == 2 else tables  # [K, I, F]
+    ctx = dataclasses.replace(ctx, table=tables[0])
   if spec.through is None and spec.detector_lambda <= 0:
     return (lambda x: objective.loss(ctx, x)), False
   if spec.detector_lambda > 0 and threshold is None:
@@ -70,7 +96,8 @@ def attack_loss(spec, *, models, params, consts, config, items, inputs=None, con
     for d in range(k):
       view = dataclasses.replace(
           ctx, features=lambda _, f=feats[d]: f,
-          logits=(lambda _, z=logits[d]: z) if logits is not None else None)
+          logits=(lambda _, z=logits[d]: z) if logits is not None else None,
+          **({"table": tables[d % tables.shape[0]]} if tables is not None else {}))
       total = total + objective.loss(view, xq)
     value = total / k
     if spec.detector_lambda > 0:

@@ -19,6 +19,7 @@ import numpy as np
 from absl import logging
 
 from jaxvars.attacks.catalogue import cached_attack_catalogue
+from jaxvars.attacks.whitebox import uses_deployed_table
 from jaxvars.conditions import CLEAN, row_key
 from jaxvars.defenses import SYSTEMS, UNDEFENDED, row_name
 from jaxvars.defenses.systems import GATE_THRESHOLD
@@ -71,14 +72,30 @@ class EvalContext:
                             config=self.config, seed=self.config.seed,
                             draws=int(self.config.eval.rand_draws), items=items)
 
-  def craft(self, cond: Condition, items: np.ndarray | None, threshold: float | None):
-    """(uint8 attacked photos of ``items`` (all: None), stats) of ``cond``, from the cache."""
+  def craft(self, cond: Condition, items: np.ndarray | None, threshold: float | None,
+            table: np.ndarray | None = None):
+    """(uint8 attacked photos of ``items`` (all: None), stats) of ``cond``, from the cache;
+    ``table``: its objective's item table (:func:`deployed_table`; None: the clean one)."""
     spec = cond.spec
     return cached_attack_catalogue(
         spec, cache_dir=self.cache_dir, models=self.models, params=self.params,
         consts=self.consts, data=self.data, mesh=self.mesh, batch_size=self.batch_size,
         config=self.config, items=items,
-        **({"threshold": threshold} if spec.detector_lambda > 0 else {}))
+        **({"threshold": threshold} if spec.detector_lambda > 0 else {}),
+        **({"table": table} if table is not None else {}))
+
+
+def deployed_table(ctx: EvalContext, spec, clean_feats: dict) -> np.ndarray | None:
+  """The item table a white-box attack's objective reads where
+  ``config.attack.whitebox_table='deployed'``: the attacked system's (``spec.through``) own
+  features of the clean catalogue, float32 [I, F] ([K, I, F]: a randomised system's draws),
+  those it ranks the unattacked items with (``clean_feats``, from the clean condition, or
+  computed here); None for the clean table (the option off, or not a white-box attack)."""
+  if spec is None or not uses_deployed_table(spec, ctx.config):
+    return None
+  if spec.through not in clean_feats:
+    clean_feats[spec.through] = ctx.features([spec.through], ctx.data.images)[spec.through]
+  return np.asarray(clean_feats[spec.through])
 
 
 class _Scores:
@@ -213,7 +230,7 @@ def evaluate_all(ctx: EvalContext, plan: list[Condition], *, detect: bool = True
       if cond.spec is not None and cond.spec.objective == "taamr" and not targeted.has_logits:
         logging.info("targeted %s skipped: the backbone has no classifier head", cond.name)
         continue
-      adv, stats = targeted.craft(cond.spec)
+      adv, stats = targeted.craft(cond.spec, deployed_table(ctx, cond.spec, clean_feats))
       feats = ctx.features(cond.systems, adv, items=targeted.targets)
       targeted.score(cond.name, cond.threat, adv, feats, stats)
       timing["targeted_s"] = timing.get("targeted_s", 0.0) + time.perf_counter() - t
@@ -236,7 +253,7 @@ def _subset_condition(ctx, cond, scores, attack, clean_feats, names, det, subset
   system with their features spliced into the clean catalogue's, and for a gated condition
   also the rows where flagged uploads are rejected (the item keeps its clean photo)."""
   threshold = det.threshold if det is not None else None
-  images, stats = ctx.craft(cond, subset, threshold)
+  images, stats = ctx.craft(cond, subset, threshold, deployed_table(ctx, cond.spec, clean_feats))
   feats = ctx.features(cond.systems, images, items=idx)
   for s in cond.systems:
     scores.add(row_key(names[s], cond.name), names[s], cond.name,

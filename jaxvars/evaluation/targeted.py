@@ -203,16 +203,19 @@ class Targeted:
                 for fd in f]
     return out
 
-  def craft(self, spec) -> tuple[np.ndarray, dict]:
+  def craft(self, spec, table: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """(uint8 [T, S, S, 3] the targets' attacked photos, stats); ``spec`` None: c-SEMA (the
-    hook item's photo pasted into each target's)."""
+    hook item's photo pasted into each target's); ``table``: the objective's item table (a
+    white-box attack's deployed table, :func:`jaxvars.evaluation.loop.deployed_table`;
+    None: the clean one)."""
     if spec is None:
       return composite_inset(self.data.images[self.targets],
                              self.data.images[self.hooks[0]]), {}
     return attack_catalogue(spec, models=self.models, params=self.params, consts=self.consts,
                             data=self.data, mesh=self.mesh,
                             batch_size=self.config.attack.batch_size, config=self.config,
-                            items=self.targets, constants=self.constants)
+                            items=self.targets, constants=self.constants,
+                            **({"table": table} if table is not None else {}))
 
   def score(self, key: str, threat: str, adv: np.ndarray, feats: dict, stats: dict) -> None:
     """Adds attack ``key``'s row: ``feats`` {system: features of the attacked targets

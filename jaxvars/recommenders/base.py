@@ -5,6 +5,13 @@ the item's visual feature f_i. Training (BPR), the attacks and evaluation talk t
 through :class:`Recommender`, so a new model (BPR-MF without a visual term, AMR, DVBPR
 whose item features come from a trainable CNN) is one file that registers a builder in
 ``RECOMMENDERS``.
+
+A recommender owns its training loss: BPR + its weighted L2 terms (``penalty_terms``) +,
+in each of its training stages (:class:`TrainingStage`), the stage's own loss terms
+(:data:`LossTerms`, e.g. AMR's adversarial regulariser in its second stage). Training
+(:mod:`jaxvars.training.recommender`) runs the stages in order. A recommender without
+training (AlexRank: closed-form user profiles) instead has a ``fit_fn``
+(:meth:`Recommender.fit`), which training calls once in place of the stages.
 """
 
 from __future__ import annotations
@@ -20,6 +27,34 @@ import jax.numpy as jnp
 from jaxvars.registry import Registry
 
 RECOMMENDERS = Registry("recommender")
+
+# The terms a training stage adds to BPR: ``terms(recommender, params, batch, features) ->
+# {name: float32 scalar}``, with ``batch`` = {'user', 'pos', 'neg'}: int32 [B] triplets
+# (u, i, j) and ``features`` the item feature table float32 [I, F] (normalised f). Every
+# value is already weighted: it is added to the loss as it is, and reported under its name
+# in the per-step and per-epoch metrics (so no name may be 'loss', 'bpr' or
+# 'pairwise_accuracy'). A callable with value equality (a frozen dataclass), so that two
+# builds of one config give equal recommenders.
+LossTerms = Callable[..., dict]
+BPR_STAGE = "bpr"  # The name of the plain BPR stage (every recommender's first, by default).
+RESERVED_METRICS = ("loss", "bpr", "pairwise_accuracy")  # What bpr_objective reports itself.
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingStage:
+  """One stage of a recommender's training: ``epochs`` epochs of BPR + the recommender's L2
+  terms + ``terms`` (None: none).
+
+  Attributes:
+    name: the stage's name (history rows, progress bar, log lines), e.g. 'bpr',
+      'adversarial'.
+    epochs: its number of epochs (int >= 0; 0 skips it).
+    terms: :data:`LossTerms` of the stage, or None.
+  """
+  name: str
+  epochs: int
+  terms: LossTerms | None = None
+
 
 # Where a recommender's item features come from.
 FEATURES_FROM_TABLE = "table"  # A frozen backbone's features, computed once per image set.
@@ -43,6 +78,15 @@ class Recommender:
     uses_features: False for a recommender without a visual term (image attacks cannot
       move it).
     feature_source: FEATURES_FROM_TABLE or FEATURES_FROM_IMAGES.
+    stages: its training stages, in order (:class:`TrainingStage`); empty (the default):
+      one 'bpr' stage of ``config.recommender.epochs`` epochs with no terms of its own
+      (VBPR, BPR-MF). See :meth:`training_stages`.
+    fit_fn: None (the default: the recommender is trained, through its stages), or for a
+      recommender that is fitted in closed form instead of trained (AlexRank)
+      ``fit_fn(params, train_users int32 [N], train_items int32 [N], features float32
+      [I, F]) -> params`` (the same structure, shapes and dtypes as ``params``; ``features``
+      the clean normalised table ``consts['features']``). Such a recommender has no stages
+      and no optimiser; see :meth:`fit`.
   """
   name: str
   label: str
@@ -50,6 +94,50 @@ class Recommender:
   penalty_weights: tuple[float, ...]
   uses_features: bool = True
   feature_source: str = FEATURES_FROM_TABLE
+  stages: tuple[TrainingStage, ...] = ()
+  fit_fn: Callable | None = None
+
+  @property
+  def fitted(self) -> bool:
+    """True for a recommender fitted in closed form (``fit_fn``), not trained."""
+    return self.fit_fn is not None
+
+  def training_stages(self, epochs: int) -> tuple[TrainingStage, ...]:
+    """The stages training runs, in order: none for a fitted recommender (:meth:`fit`),
+    else ``stages``, or where that is empty one 'bpr' stage of ``epochs``
+    (``config.recommender.epochs``) epochs. Their epochs add up to the recommender's
+    epochs; the learning-rate drop stays defined on the first ``config.recommender.epochs``
+    (:func:`jaxvars.training.recommender.make_optimizer`)."""
+    if self.fitted:
+      return ()
+    return self.stages or (TrainingStage(BPR_STAGE, int(epochs)),)
+
+  def fit(self, params, train_users, train_items, features) -> dict:
+    """The parameters of a fitted recommender (``fit_fn``) on the training pairs.
+
+    Args:
+      params: its parameters (e.g. :meth:`init`'s): their structure, shapes and dtypes.
+      train_users, train_items: int32 [N], the training pairs (u, i).
+      features: float32 [I, F], the item feature table (normalised).
+
+    Returns:
+      The fitted parameters, of ``params``' structure, shapes and dtypes.
+
+    Raises:
+      TypeError: a recommender that is trained, not fitted (``fit_fn`` is None).
+      ValueError: ``fit_fn`` returned parameters of another structure, shape or dtype.
+    """
+    if self.fit_fn is None:
+      raise TypeError(f"recommender {self.name!r} is trained (its stages: "
+                      "jaxvars.training.recommender), not fitted: it has no fit_fn")
+    fitted = self.fit_fn(params, train_users, train_items, features)
+    spec = lambda tree: (jax.tree.structure(tree), [(jnp.shape(a), jnp.result_type(a))
+                                                     for a in jax.tree.leaves(tree)])
+    if spec(fitted) != spec(params):
+      raise ValueError(f"recommender {self.name!r}: fit_fn returned parameters "
+                       f"{jax.tree.map(jnp.shape, fitted)}, not of the structure, shapes and "
+                       f"dtypes of {jax.tree.map(jnp.shape, params)}")
+    return fitted
 
   def init(self, key: jax.Array, feature_dim: int) -> dict:
     """Initial parameters (a pytree) for item features of size ``feature_dim``."""
@@ -102,6 +190,21 @@ def build_recommender(rec_config, *, num_users: int, num_items: int,
 @dataclasses.dataclass(frozen=True)
 class RecommenderEntry:
   """A registry entry: ``build(rec_config, num_users=, num_items=, feature_dim=)`` and
-  ``validate(rec_config)`` (raises ConfigError naming a bad field of its own)."""
+  ``validate(rec_config)`` (raises ConfigError naming a bad field of its own).
+
+  ``own_fields``: the ``config.recommender`` fields that only this recommender reads (AMR:
+  'adv_epochs', 'adv_eps', 'adv_weight'). They shape its checkpoints' records
+  (:func:`jaxvars.training.records.stage_fields`) and nobody else's: a run of another
+  recommender leaves them out, so adding a recommender with fields of its own keeps the
+  records of existing workdirs valid."""
   build: Callable[..., Recommender]
   validate: Callable[..., None] = lambda rec_config: None
+  own_fields: tuple[str, ...] = ()
+
+
+def unread_fields(name: str) -> frozenset[str]:
+  """The ``config.recommender`` fields that recommender ``name`` does not read: the
+  ``own_fields`` of every other registered recommender, less its own."""
+  entry = RECOMMENDERS.get(name) if name in RECOMMENDERS else None  # Unknown: validation says.
+  others = {f for n, e in RECOMMENDERS.items() if n != name for f in e.own_fields}
+  return frozenset(others - set(entry.own_fields if entry is not None else ()))

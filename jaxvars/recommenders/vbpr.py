@@ -111,7 +111,9 @@ class VBPR(nn.Module):
     return jnp.mean(rows), visual
 
 
-def _build(rec_config, *, num_users: int, num_items: int, feature_dim: int) -> Recommender:
+def build(rec_config, *, num_users: int, num_items: int, feature_dim: int) -> Recommender:
+  """VBPR from ``config.recommender`` (fields form, factors, visual_factors, init_scale,
+  reg, reg_visual); AMR (:mod:`jaxvars.recommenders.amr`) builds on it."""
   module = VBPR(num_users=num_users, num_items=num_items, feature_dim=feature_dim,
                 factors=rec_config.factors, visual_factors=rec_config.visual_factors,
                 form=rec_config.form, init_scale=rec_config.init_scale)
@@ -119,7 +121,8 @@ def _build(rec_config, *, num_users: int, num_items: int, feature_dim: int) -> R
                      penalty_weights=(float(rec_config.reg), float(rec_config.reg_visual)))
 
 
-def _validate(rec_config) -> None:
+def validate(rec_config) -> None:
+  """Raises ConfigError naming the first bad VBPR field of ``config.recommender``."""
   if rec_config.form not in FORMS:
     raise ConfigError(f"config.recommender.form={rec_config.form!r} is not one of {FORMS}")
   for field in ("factors", "visual_factors"):
@@ -132,4 +135,4 @@ def _validate(rec_config) -> None:
       raise ConfigError(f"config.recommender.{field}={value!r} must be a number >= 0")
 
 
-RECOMMENDERS.register("vbpr", RecommenderEntry(build=_build, validate=_validate))
+RECOMMENDERS.register("vbpr", RecommenderEntry(build=build, validate=validate))

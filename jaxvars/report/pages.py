@@ -120,12 +120,14 @@ def _headline_rows(results: dict) -> list[tuple[str, str, dict | None]]:
   rank = results.get("ranking", {})
   attacked = robustness.section_ranking(results)
   robust = results.get("robust", {})
-  # The undefended system's rows are named after the recommender ('vbpr/clean').
-  plain = next((name for name, info in results.get("systems", {}).items()
-                if info.get("system") == "undefended"), "vbpr")
-  rows = [("VBPR, clean photos", "-", rank.get(f"{plain}/clean")),
-          ("VBPR, FGSM@8", "transfer (paper)", rank.get(f"{plain}/fgsm@8")),
-          ("VBPR, PGD@8", "transfer (paper)", rank.get(f"{plain}/pgd@8")),
+  # The undefended system's rows are named after the recommender ('vbpr/clean', 'amr/clean'),
+  # and so are its headline rows ('VBPR, clean photos', 'AMR, clean photos').
+  plain, plain_label = next(((name, info.get("label") or "VBPR")
+                             for name, info in results.get("systems", {}).items()
+                             if info.get("system") == "undefended"), ("vbpr", "VBPR"))
+  rows = [(f"{plain_label}, clean photos", "-", rank.get(f"{plain}/clean")),
+          (f"{plain_label}, FGSM@8", "transfer (paper)", rank.get(f"{plain}/fgsm@8")),
+          (f"{plain_label}, PGD@8", "transfer (paper)", rank.get(f"{plain}/pgd@8")),
           ("OURS (denoiser), clean photos", "-", rank.get("defended/clean")),
           ("OURS, PGD@8", "transfer (paper)", rank.get("defended/pgd@8"))]
   wb, _ = _find(results, attacked, "defended")

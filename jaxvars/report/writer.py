@@ -108,7 +108,42 @@ def _header(workdir: str, results: dict) -> list[str]:
             "photo of the catalogue against the undefended recommender (paper eq. 3 unless "
             "named otherwise); eps in 1/255 pixel units. Paper columns: Amazon Men, VBPR "
             "block of Table 2 (a different dataset: compare shapes, not values).", ""]
+  other = _bpr_other_line(cfg)
+  if other:
+    lines += [other, ""]
   return lines
+
+
+_BPR_OTHER_TEXT = {  # config.defense.bpr_other -> what the joint loss's BPR term did.
+    "clean": "with its clean feature f(x_j), as before issue 35 (`config.defense.bpr_other`)",
+    "defended": "through the denoiser, f(D(x_j)), with the gradient through both photos "
+                "(the paper's eq. 12; `config.defense.bpr_other`)",
+    "defended_frozen": "through the denoiser, f(D(x_j)), without the gradient through x_j "
+                       "(`config.defense.bpr_other`)"}
+
+
+def _bpr_other_line(cfg: dict) -> str | None:
+  """One sentence on what the defence's BPR term and the white-box attacks scored the other
+  item of each triplet with, for a run that trained a defence stage with the BPR term (None
+  for another run, or a results.json from before the options existed)."""
+  stages = cfg.get("stages", {})
+  with_bpr = any(s.get("epochs") and "bpr" in s.get("terms", ()) for s in stages.values())
+  other = cfg.get("defense", {}).get("bpr_other")
+  if not with_bpr or other not in _BPR_OTHER_TEXT:
+    return None
+  line = ("Defence training: the joint loss's BPR term scored the other item j of each "
+          f"triplet {_BPR_OTHER_TEXT[other]}.")
+  attack = cfg.get("attack", {})
+  whitebox = (attack.get("adaptive", {}).get("eps") and attack.get("adaptive", {}).get("systems")
+              or cfg.get("targeted", {}).get("num_targets")
+              and cfg.get("targeted", {}).get("whitebox_systems"))
+  if not whitebox:
+    return line
+  table = attack.get("whitebox_table", "clean")
+  return (line + " White-box attacks read "
+          + ("the attacked system's own deployed features of the other items (f(D(x)) for "
+             "OURS; " if table == "deployed" else "the clean features f(x) of the other items (")
+          + "`config.attack.whitebox_table`).")
 
 
 def write_report(workdir: str) -> str:

@@ -21,7 +21,8 @@ from jaxvars.errors import CheckpointError
 from jaxvars.progress import progress
 from jaxvars.training import records
 from jaxvars.training.common import check_finite
-from jaxvars.training.defense_step import (INPUT_KINDS, loss_weights, make_defense_step,
+from jaxvars.training.defense_step import (INPUT_KINDS, OTHER_IMAGES, loss_weights,
+                                           make_defense_step, needs_other_images, other_items,
                                            stage_optimizer)
 
 
@@ -98,10 +99,12 @@ def train_defense(exp, consts: dict, params: dict, workdir: str, *, writer=None)
     recorded = elapsed0  # Training seconds as the record holds them (what a rerun reports).
     if start:
       logging.info("stage %s: resuming from checkpoint %d of %d steps", name, start, total)
-    step_fn = make_defense_step(exp.models, exp.mesh,
-                                weights=loss_weights(config.loss, stage.terms),
+    weights = loss_weights(config.loss, stage.terms)
+    bpr_other = config.defense.get("bpr_other", "clean")
+    with_others = needs_other_images(weights, bpr_other)
+    step_fn = make_defense_step(exp.models, exp.mesh, weights=weights,
                                 mix=tuple(stage.mix), attack=attack, eps_choices=choices,
-                                temperature=config.detector.temperature)
+                                temperature=config.detector.temperature, bpr_other=bpr_other)
     stage_key = jax.random.fold_in(jax.random.key(config.seed), 1000 + s_index)
     bar = progress(range(start, total), desc=f"stage {name}", total=total, initial=start)
     order, written, first_loss = None, len(epoch_metrics), None
@@ -117,9 +120,11 @@ def train_defense(exp, consts: dict, params: dict, workdir: str, *, writer=None)
           num_users=exp.data.num_users, num_items=exp.data.num_items,
           positive_keys=positive_keys, per_role=config.defense.triplets_per_item,
           rng=np.random.default_rng([config.seed, 2000 + s_index, epoch, k]))
-      batch = sharding.shard_batch({"images": exp.data.images[items],
-                                    "items": items.astype(np.int32), "triplets": triplets},
-                                   exp.mesh)
+      batch = {"images": exp.data.images[items], "items": items.astype(np.int32),
+               "triplets": triplets}
+      if with_others:  # The other item of each triplet, through D in the BPR term.
+        batch[OTHER_IMAGES] = exp.data.images[other_items(triplets)]
+      batch = sharding.shard_batch(batch, exp.mesh)
       state, m = step_fn(state, batch, consts, jax.random.fold_in(stage_key, step))
       epoch_metrics.append(m)
       last_of_epoch = k == steps_per_epoch - 1

@@ -4,7 +4,9 @@
 (clean, FGSM or PGD, drawn per step), denoises clean and adversarial images and applies
 the stage's masked Optax update to ``content + l1 perceptual + l2 contrastive + l3 bpr``.
 Every defence stage of ``config.stages`` is this step with its own trainable groups,
-input mix and loss terms.
+input mix and loss terms. ``config.defense.bpr_other`` (:data:`BPR_OTHER`) decides whether
+the BPR term scores the other item of each triplet with its clean feature f(x_j) or with
+f(D(x_j)), its photo (carried in the batch) through the same denoiser (docs/running.md).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxvars import losses, sharding
@@ -42,6 +45,27 @@ def loss_weights(loss_config, terms) -> dict:
     weights["content_clean"] = float(loss_config["content_clean"])
   return weights
 INPUT_KINDS = ("clean", "fgsm", "pgd")  # The order of config.stages.<stage>.mix.
+# config.defense.bpr_other: what the BPR term scores the other item of each triplet with.
+#   'clean': its clean feature f(x_j), a row of consts['features'] (jaxvars before issue 35).
+#   'defended': f(D(x_j)), its photo through the current denoiser inside the step, with the
+#     gradient (paper eq. 12: both images of the triplet pass through the defence).
+#   'defended_frozen': the same features without their gradient (a forward pass only).
+BPR_OTHER = ("clean", "defended", "defended_frozen")
+OTHER_IMAGES = "other_images"  # Batch key of the other items' photos (uint8 [B, 2T, H, W, 3]).
+
+
+def needs_other_images(weights: dict, bpr_other: str) -> bool:
+  """Whether a stage's steps need the photos of every triplet's other item in the batch
+  (under :data:`OTHER_IMAGES`): the BPR term is used (non-zero weight) and scores the other
+  item through the denoiser."""
+  return bpr_other != "clean" and bool(weights.get("bpr"))
+
+
+def other_items(triplets: dict):
+  """The other item of every triplet of a batch, int [B, 2T]: the sampled negatives of the
+  item's buyers ('pos_negs', [B, T]) then the bought items of its non-buyers ('neg_pos')."""
+  return np.concatenate([np.asarray(triplets["pos_negs"]), np.asarray(triplets["neg_pos"])],
+                        axis=1)
 
 
 def stage_optimizer(trainable, lr: float) -> optax.GradientTransformation:
@@ -66,7 +90,7 @@ def stage_optimizer(trainable, lr: float) -> optax.GradientTransformation:
 
 
 def defense_objective(params, consts, batch, x_adv, is_adv, *, models, weights: dict,
-                      temperature: float):
+                      temperature: float, bpr_other: str = "clean"):
   """The joint loss ``w_c L_content + l1 L_perceptual + l2 L_contrastive + l3 L_bpr``.
 
   ``L_content`` is ``||x - D(x_adv)||^2 + ||x - D(x)||^2`` (per-pixel means, pixels in
@@ -77,13 +101,19 @@ def defense_objective(params, consts, batch, x_adv, is_adv, *, models, weights: 
 
   Args:
     params: {'recommender', 'denoiser', 'detector'}. consts: {'backbone', 'stats', 'features'}.
-    batch: {'images' uint8 [B, H, W, 3], 'items' int32 [B], 'triplets' dict of [B, T]}.
+    batch: {'images' uint8 [B, H, W, 3], 'items' int32 [B], 'triplets' dict of [B, T]}, and
+      with ``bpr_other`` != 'clean' :data:`OTHER_IMAGES`: uint8 [B, 2T, H, W, 3], the photos
+      of :func:`other_items` (the other item of each triplet).
     x_adv: float32 [B, H, W, 3], the (possibly adversarial) inputs (= clean when is_adv=0).
     is_adv: float32 scalar, 1 when ``x_adv`` is adversarial (the contrastive term needs it).
     models: :class:`jaxvars.models.Models`.
     weights: {term: weight} for the terms in LOSS_TERMS to compute (others skipped), and
       optionally 'content_clean' (see above).
     temperature: InfoNCE temperature.
+    bpr_other: how ``L_bpr`` scores the other item of each triplet (:data:`BPR_OTHER`):
+      'clean' its clean feature f(x_j) (``consts['features']``), 'defended' f(D(x_j)) through
+      the current denoiser with the gradient (eq. 12), 'defended_frozen' the same value
+      without the gradient through x_j's image.
 
   Returns:
     (loss, metrics dict).
@@ -131,10 +161,14 @@ def defense_objective(params, consts, batch, x_adv, is_adv, *, models, weights: 
     metrics["score_clean"] = jnp.mean(detection_score(z[:b], z[b:2 * b]))
     metrics["score_adv"] = jnp.mean(detection_score(z[2 * b:3 * b], z[3 * b:]))
   if "bpr" in weights:
+    other = {"other_features": consts["features"]}
+    if bpr_other != "clean":
+      other = {"triplet_features": _other_features(params, consts, batch, models=models,
+                                                   frozen=bpr_other == "defended_frozen")}
     metrics["bpr"] = jnp.mean(item_bpr_loss(
         models.normalize(consts, moving_out["pooled"][-b:]), items=batch["items"],
         triplets=batch["triplets"], score_fn=models.score_fn(params["recommender"]),
-        other_features=consts["features"]))
+        **other))
   for term, w in weights.items():
     if term == "content" and "content_clean" in weights:
       w_clean = weights["content_clean"]
@@ -146,8 +180,29 @@ def defense_objective(params, consts, batch, x_adv, is_adv, *, models, weights: 
   return loss, metrics
 
 
+def _other_features(params, consts, batch, *, models, frozen: bool) -> dict:
+  """{'pos_negs', 'neg_pos': float32 [B, T, F]}: f(D(x)) of the other item of every triplet
+  (the photos under :data:`OTHER_IMAGES`), through the current denoiser and the frozen
+  backbone; without the gradient through them when ``frozen``.
+
+  Raises:
+    KeyError: a batch without :data:`OTHER_IMAGES` (built without ``needs_other_images``).
+  """
+  if OTHER_IMAGES not in batch:
+    raise KeyError(f"config.defense.bpr_other scores the other item of each triplet through D, "
+                   f"but the batch has no {OTHER_IMAGES!r} (see needs_other_images)")
+  imgs = batch[OTHER_IMAGES]
+  b, n = imgs.shape[:2]
+  x = to_float(imgs.reshape((b * n,) + imgs.shape[2:]))
+  if frozen:
+    params = jax.lax.stop_gradient(params)
+  f = models.features(consts, models.denoise(params, x)).reshape(b, n, -1)
+  t = n // 2
+  return {"pos_negs": f[:, :t], "neg_pos": f[:, t:]}
+
+
 def make_defense_step(models, mesh, *, weights: dict, mix, attack: AttackSpec,
-                      eps_choices=(), temperature: float):
+                      eps_choices=(), temperature: float, bpr_other: str = "clean"):
   """Jits one joint step: craft inputs, denoise, four losses, masked Optax update.
 
   Each step draws the kind of its inputs (clean / FGSM / PGD) with probabilities
@@ -164,11 +219,16 @@ def make_defense_step(models, mesh, *, weights: dict, mix, attack: AttackSpec,
     eps_choices: if non-empty, each step draws its eps uniformly from these (1/255; one
       compiled step: eps is traced), and PGD's step follows the drawn eps.
     temperature: InfoNCE temperature.
+    bpr_other: ``config.defense.bpr_other`` (:func:`defense_objective`); where it is not
+      'clean' and the BPR term is used, every batch needs :data:`OTHER_IMAGES`
+      (:func:`needs_other_images`).
 
   Returns:
     step(state, batch, consts, key) -> (state, metrics); batch sharded on ``data``,
     state and consts replicated; ``state`` is donated.
   """
+  if bpr_other not in BPR_OTHER:
+    raise ValueError(f"bpr_other={bpr_other!r} is not one of {BPR_OTHER}")
   unknown = set(weights) - set(LOSS_TERMS) - set(EXTRA_WEIGHTS)
   if unknown:
     raise ValueError(f"unknown loss term(s) {sorted(unknown)}; expected {LOSS_TERMS} "
@@ -203,7 +263,7 @@ def make_defense_step(models, mesh, *, weights: dict, mix, attack: AttackSpec,
     is_adv = (kind > 0).astype(jnp.float32)
     grads, metrics = jax.grad(defense_objective, has_aux=True)(
         state.params, consts, batch, x_adv, is_adv, models=models, weights=weights,
-        temperature=temperature)
+        temperature=temperature, bpr_other=bpr_other)
     metrics["input_kind"] = kind
     metrics["input_eps"] = jnp.asarray(eps, jnp.float32) * (kind > 0)
     return state.apply_gradients(grads=grads), metrics

@@ -1,5 +1,17 @@
-"""BPR training of the recommender (paper 4.3: about 100 epochs, the learning rate dropped
-for the last 20), resumable from ``<workdir>/checkpoints/recommender``."""
+"""Training of the recommender (paper 4.3: about 100 epochs of BPR, the learning rate
+dropped for the last 20; AMR: then 5 adversarial epochs), resumable from
+``<workdir>/checkpoints/recommender``.
+
+The recommender owns its loss and stages (:class:`jaxvars.recommenders.TrainingStage`):
+training runs them in order, one jitted epoch function per stage, as one run of
+``sum(stage.epochs)`` epochs with one optimiser (its schedule and state go on across
+stages) and one checkpoint directory, resumable in the middle of any stage.
+
+A recommender fitted in closed form instead (``Recommender.fit``: AlexRank) is fitted once
+on the training pairs and the clean table ``consts['features']``, and checkpointed in the
+same directory with the same record (no history, no optimiser state), so that resuming,
+``--mode=evaluate`` and :func:`restore` treat it as a trained one.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +26,9 @@ from flax.training import train_state
 
 from jaxvars import checkpointing, losses, sharding, workdir as wd
 from jaxvars.data import splits
-from jaxvars.errors import CheckpointError
+from jaxvars.errors import CheckpointError, NonFiniteLossError
 from jaxvars.progress import progress
+from jaxvars.recommenders.base import RESERVED_METRICS
 from jaxvars.training import records
 from jaxvars.training.common import check_finite
 
@@ -26,7 +39,9 @@ OPTIMIZERS = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd}
 
 def make_optimizer(rec_config, steps_per_epoch: int) -> optax.GradientTransformation:
   """The recommender's Optax optimiser with the paper's schedule: lr, then
-  lr * lr_drop_factor for the last ``lr_drop_epochs`` epochs (paper 4.3)."""
+  lr * lr_drop_factor for the last ``lr_drop_epochs`` of ``config.recommender.epochs``
+  epochs (paper 4.3). Stages after the first (AMR's adversarial epochs) go on at the
+  dropped rate: the boundary is counted in the first stage's epochs."""
   boundary = (rec_config.epochs - rec_config.lr_drop_epochs) * steps_per_epoch
   schedule = optax.piecewise_constant_schedule(
       rec_config.lr, {boundary: rec_config.lr_drop_factor} if rec_config.lr_drop_epochs else {})
@@ -53,18 +68,25 @@ def epoch_triplets(data, positive_keys: np.ndarray, *, seed: int, epoch: int,
   return {"user": users.reshape(shape), "pos": pos.reshape(shape), "neg": neg.reshape(shape)}
 
 
-def bpr_objective(params, batch, features, *, recommender):
-  """The recommender's BPR objective on a batch of triplets (paper eq. for L_bpr).
+def bpr_objective(params, batch, features, *, recommender, terms=None):
+  """The recommender's training objective on a batch of triplets: BPR (the paper's L_bpr)
+  + its weighted L2 terms + the terms of the training stage (``terms``).
 
   Args:
     params: the recommender's parameters.
     batch: {'user', 'pos', 'neg'}: int32 [B] triplets (u, i, j).
     features: float32 [I, F], normalised item features f.
     recommender: a :class:`jaxvars.recommenders.Recommender`.
+    terms: the stage's :data:`jaxvars.recommenders.LossTerms` (e.g. AMR's adversarial
+      term), or None (plain BPR: VBPR, BPR-MF, AMR's first stage).
 
   Returns:
-    (loss, metrics): float32 scalar = mean BPR + the recommender's weighted L2 terms, and
-    {'loss', 'bpr', 'pairwise_accuracy'} (fraction of triplets with x_ui > x_uj).
+    (loss, metrics): float32 scalar = mean BPR + the recommender's weighted L2 terms + the
+    stage's terms, and {'loss', 'bpr', 'pairwise_accuracy' (fraction of triplets with
+    x_ui > x_uj), and one entry per stage term (its weighted value)}.
+
+  Raises:
+    ValueError: (at trace time) a stage term named like one of the metrics above.
   """
   u, i, j = batch["user"], batch["pos"], batch["neg"]
   x_uij = recommender.difference(params, u, i, j, features[i], features[j])
@@ -72,31 +94,40 @@ def bpr_objective(params, batch, features, *, recommender):
   loss = bpr
   for term in recommender.penalty_terms(params, u, i, j):
     loss = loss + term
-  return loss, {"loss": loss, "bpr": bpr, "pairwise_accuracy": (x_uij > 0).mean()}
+  extra = {} if terms is None else dict(terms(recommender, params, batch, features))
+  clash = set(extra) & set(RESERVED_METRICS)
+  if clash:
+    raise ValueError(f"recommender {recommender.name!r}: stage terms {sorted(clash)} clash "
+                     f"with the metrics {RESERVED_METRICS}")
+  for name in sorted(extra):
+    loss = loss + extra[name]
+  return loss, {"loss": loss, "bpr": bpr, "pairwise_accuracy": (x_uij > 0).mean(), **extra}
 
 
-def _update(state: TrainState, batch, features, recommender):
+def _update(state: TrainState, batch, features, recommender, terms=None):
   grads, metrics = jax.grad(bpr_objective, has_aux=True)(state.params, batch, features,
-                                                          recommender=recommender)
+                                                          recommender=recommender, terms=terms)
   return state.apply_gradients(grads=grads), metrics
 
 
-def make_bpr_step(recommender, mesh):
-  """Jits one BPR update sharded over ``mesh`` (batch on ``data``, the rest replicated).
+def make_bpr_step(recommender, mesh, terms=None):
+  """Jits one update sharded over ``mesh`` (batch on ``data``, the rest replicated), with
+  the stage terms ``terms`` (None: plain BPR; see :func:`bpr_objective`).
 
   Returns:
     step(state: TrainState, batch: dict of int32 [B], features: float32 [I, F]) ->
     (new_state, metrics dict of float32 scalars). ``state`` is donated.
   """
-  step = lambda state, batch, features: _update(state, batch, features, recommender)
+  step = lambda state, batch, features: _update(state, batch, features, recommender, terms)
   repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   return jax.jit(step, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
                  donate_argnums=(0,))
 
 
-def make_epoch_fn(recommender, mesh):
-  """Jits a whole epoch of BPR updates as one ``jax.lax.scan`` over its steps (no Python
-  loop, one dispatch per epoch), the batch axis sharded over the mesh's ``data`` axis.
+def make_epoch_fn(recommender, mesh, terms=None):
+  """Jits a whole epoch of updates as one ``jax.lax.scan`` over its steps (no Python
+  loop, one dispatch per epoch), the batch axis sharded over the mesh's ``data`` axis;
+  ``terms``: the training stage's (None: plain BPR; see :func:`bpr_objective`).
 
   Returns:
     epoch(state, triplets: {'user', 'pos', 'neg'} int32 [steps, B], features [I, F]) ->
@@ -104,8 +135,8 @@ def make_epoch_fn(recommender, mesh):
   """
 
   def epoch(state: TrainState, triplets, features):
-    return jax.lax.scan(lambda st, batch: _update(st, batch, features, recommender), state,
-                        triplets)
+    return jax.lax.scan(lambda st, batch: _update(st, batch, features, recommender, terms),
+                        state, triplets)
 
   repl = sharding.replicated(mesh)
   steps_on_data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
@@ -114,12 +145,23 @@ def make_epoch_fn(recommender, mesh):
                  donate_argnums=(0,))
 
 
+def stage_plan(recommender, rec_config) -> list:
+  """The training stage of every epoch: [TrainingStage] of length = the recommender's total
+  epochs (the sum over its :meth:`~jaxvars.recommenders.Recommender.training_stages`)."""
+  return [stage for stage in recommender.training_stages(rec_config.epochs)
+          for _ in range(stage.epochs)]
+
+
 def initial_state(exp) -> TrainState:
   """The recommender's fresh train state (replicated on the mesh; a copy of the initial
-  parameters, since training donates its state)."""
+  parameters, since training donates its state). A fitted recommender's has no optimiser
+  (``optax.identity()``: an empty state)."""
+  rec = exp.models.recommender
+  tx = (optax.identity() if rec.fitted
+        else make_optimizer(exp.config.recommender, exp.rec_steps_per_epoch))
   return jax.device_put(
       TrainState.create(apply_fn=None, params=jax.tree.map(jnp.copy, exp.params["recommender"]),
-                        tx=make_optimizer(exp.config.recommender, exp.rec_steps_per_epoch)),
+                        tx=tx),
       sharding.replicated(exp.mesh))
 
 
@@ -146,7 +188,8 @@ def restore(exp, workdir: str):
 
 
 def train_recommender(exp, consts: dict, workdir: str, *, on_epoch_end=None, writer=None):
-  """BPR training of the recommender (resumes from ``<workdir>/checkpoints/recommender``).
+  """Trains the recommender through its stages (resumes from
+  ``<workdir>/checkpoints/recommender``, in the middle of any stage).
 
   Args:
     exp: the :class:`jaxvars.experiment.Experiment`. consts: {'features', ...}.
@@ -156,9 +199,19 @@ def train_recommender(exp, consts: dict, workdir: str, *, on_epoch_end=None, wri
 
   Returns:
     (state, per-epoch history of every run that trained it, number of steps run now,
-    training seconds of every run).
+    training seconds of every run). A history row holds the epoch's mean of every metric
+    of :func:`bpr_objective` (its stage's terms included) and 'epoch' (1-based, counted
+    over all stages); a recommender of several stages also names the row's 'stage'. A
+    fitted recommender (:func:`fit_recommender`): its state (step 0), [], 0 and the fitting
+    seconds.
   """
   config, rc = exp.config, exp.config.recommender
+  rec = exp.models.recommender
+  if rec.fitted:
+    return fit_recommender(exp, consts, workdir)
+  plan = stage_plan(rec, rc)  # The stage of every epoch.
+  total = len(plan)
+  multi_stage = len(rec.training_stages(rc.epochs)) > 1
   directory = wd.checkpoint_dir(workdir, CHECKPOINT_DIR)
   fields = records.stage_fields(config, records.RECOMMENDER)
   mgr = checkpointing.manager(directory, max_to_keep=config.checkpoint.max_to_keep)
@@ -174,50 +227,115 @@ def train_recommender(exp, consts: dict, workdir: str, *, on_epoch_end=None, wri
   if step:
     _check_same_backbone(tree["backbone"], exp.backbone_vars, mgr.directory)
     logging.info("recommender: resuming from checkpoint %d (epoch %d of %d)", step,
-                 start_epoch, rc.epochs)
-  epoch_fn = make_epoch_fn(exp.models.recommender, exp.mesh)
+                 start_epoch, total)
+  epoch_fns = {}  # One jitted epoch per stage (equal stages share one), built when it first runs.
   positive_keys = splits.pair_keys(exp.data.train_users, exp.data.train_items, exp.data.num_items)
   steps_on_data = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec(
       None, sharding.DATA_AXIS))
   n_steps = 0
-  bar = progress(range(start_epoch, rc.epochs), desc=f"{exp.models.recommender.label} epochs",
-                 total=rc.epochs, initial=start_epoch)
+  desc = lambda stage: f"{rec.label} {stage.name} epochs" if multi_stage else f"{rec.label} epochs"
+  bar = progress(range(start_epoch, total),
+                 desc=desc(plan[start_epoch]) if start_epoch < total else f"{rec.label} epochs",
+                 total=total, initial=start_epoch)
   triplets, first_loss = None, None
   for epoch in bar:
+    stage = plan[epoch]
+    if stage not in epoch_fns:
+      epoch_fns[stage] = make_epoch_fn(rec, exp.mesh, stage.terms)
+    if multi_stage and epoch > start_epoch and plan[epoch - 1] is not stage:
+      bar.set_description(desc(stage), refresh=False)  # The next stage starts.
     if triplets is None:
       triplets = epoch_triplets(exp.data, positive_keys, seed=config.seed, epoch=epoch,
                                 batch_size=rc.batch_size)
-    state, metrics = epoch_fn(state, jax.device_put(triplets, steps_on_data), consts["features"])
+    state, metrics = epoch_fns[stage](state, jax.device_put(triplets, steps_on_data),
+                                           consts["features"])
     n_steps += triplets["user"].shape[0]
     # The next epoch's triplets are drawn on the host while this epoch runs (async dispatch).
     triplets = (epoch_triplets(exp.data, positive_keys, seed=config.seed, epoch=epoch + 1,
-                               batch_size=rc.batch_size) if epoch + 1 < rc.epochs else None)
+                               batch_size=rc.batch_size) if epoch + 1 < total else None)
     metrics = jax.device_get(metrics)
     if first_loss is None:  # The divergence bound's reference: where this run started.
       first_loss = float(np.asarray(metrics["loss"]).reshape(-1)[0])
-    check_finite(metrics["loss"], where=f"recommender (epoch {epoch + 1})",
+    check_finite(metrics["loss"], where=f"recommender (epoch {epoch + 1}, stage {stage.name})"
+                 if multi_stage else f"recommender (epoch {epoch + 1})",
                  advice=f"lower config.recommender.lr (now {rc.lr}) or "
                         "config.recommender.init_scale", latest_checkpoint=mgr.latest_step(),
                  reference=first_loss)
     row = {k: float(np.mean(v)) for k, v in metrics.items()}
     row["epoch"] = epoch + 1
+    if multi_stage:
+      row["stage"] = stage.name
     if on_epoch_end is not None:
       row.update(on_epoch_end(state.params, epoch + 1) or {})
     history.append(row)
+    numbers = {k: v for k, v in row.items() if k not in ("epoch", "stage")}
     if writer is not None:
       first = int(state.step) - len(metrics["loss"])
       for k, loss in enumerate(metrics["loss"]):
         writer.scalars("recommender_step", first + k + 1, {"loss": float(loss)})
-      writer.scalars("recommender", epoch + 1, {k: v for k, v in row.items() if k != "epoch"})
+      writer.scalars("recommender", epoch + 1, numbers)
     bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['pairwise_accuracy']:.3f}",
                     refresh=False)
-    logging.info("recommender epoch %d/%d %s", epoch + 1, rc.epochs,
-                 " ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
-    if (epoch + 1) % config.checkpoint.every_epochs == 0 or epoch + 1 == rc.epochs:
+    logging.info("recommender epoch %d/%d %s%s", epoch + 1, total,
+                 f"({stage.name}) " if multi_stage else "",
+                 " ".join(f"{k}={v:.4f}" for k, v in numbers.items()))
+    stage_end = epoch + 1 == total or plan[epoch + 1] is not stage
+    if (epoch + 1) % config.checkpoint.every_epochs == 0 or stage_end:
       recorded = seconds + time.perf_counter() - t0
-      records.save(directory, fields=fields, history=history, done=epoch + 1 == rc.epochs,
+      records.save(directory, fields=fields, history=history, done=epoch + 1 == total,
                    seconds=recorded, inputs=exp.inputs)
       checkpointing.save(mgr, int(state.step), {"recommender": state,
                                                 "backbone": exp.backbone_vars})
   mgr.close()
   return state, history, n_steps, recorded
+
+
+def fit_recommender(exp, consts: dict, workdir: str):
+  """Fits a recommender without training (``Recommender.fit``: AlexRank) on the training
+  pairs and the clean table ``consts['features']``, or restores the fit from
+  ``<workdir>/checkpoints/recommender``.
+
+  Like a trained recommender's, the fit is one checkpoint (step 0: a
+  :class:`TrainState` of the fitted parameters, without optimiser state, and the backbone
+  variables) with its record (fields, inputs, ``history`` [], ``done``, ``seconds``), so a
+  rerun restores it, a changed config or input refits it (:mod:`jaxvars.training.records`)
+  and :func:`restore` reads it.
+
+  Returns:
+    (state, [], 0, fitting seconds as recorded).
+
+  Raises:
+    CheckpointError: a checkpoint of another shape or backbone.
+    NonFiniteLossError: non-finite fitted parameters (non-finite item features).
+  """
+  config, rec = exp.config, exp.models.recommender
+  directory = wd.checkpoint_dir(workdir, CHECKPOINT_DIR)
+  mgr = checkpointing.manager(directory, max_to_keep=config.checkpoint.max_to_keep)
+  try:
+    if mgr.latest_step() is not None:
+      step, tree = checkpointing.restore_latest(mgr, {"recommender": initial_state(exp),
+                                                      "backbone": exp.backbone_vars})
+      _check_same_backbone(tree["backbone"], exp.backbone_vars, mgr.directory)
+      record = records.load(directory) or {}
+      logging.info("recommender: %s restored from checkpoint %d (fitted, not trained)",
+                   rec.label, step)
+      return tree["recommender"], [], 0, float(record.get("seconds", 0.0))
+    t0 = time.perf_counter()
+    params = rec.fit(exp.params["recommender"], exp.data.train_users, exp.data.train_items,
+                     consts["features"])
+    leaves = jax.device_get(jax.tree.leaves(params))
+    if not all(np.all(np.isfinite(a)) for a in leaves):
+      raise NonFiniteLossError(f"{rec.label}: the fitted parameters are not finite (are the "
+                               "item features finite?); no checkpoint or results were written")
+    state = jax.device_put(TrainState.create(apply_fn=None, params=params, tx=optax.identity()),
+                           sharding.replicated(exp.mesh))
+    seconds = time.perf_counter() - t0
+    logging.info("recommender: %s fitted on %d training pairs in %.2f s (no training)",
+                 rec.label, len(exp.data.train_users), seconds)
+    records.save(directory, fields=records.stage_fields(config, records.RECOMMENDER),
+                 history=[], done=True, seconds=seconds, inputs=exp.inputs)
+    checkpointing.save(mgr, int(state.step), {"recommender": state,
+                                              "backbone": exp.backbone_vars})
+    return state, [], 0, seconds
+  finally:
+    mgr.close()

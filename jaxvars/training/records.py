@@ -55,6 +55,10 @@ _DEFENCE = ("defense.", "loss.", "denoiser.channels", "denoiser.num_blocks", "de
             "attack.pgd_steps", "attack.pgd_alpha", "attack.pgd_alpha_ratio",
             "attack.random_start")
 _NOT_SHAPING = ("defense.checkpoint_every_steps",)
+# Fields added after workdirs existed, at the value that reproduces the older training: left
+# out of a record at that value (as a None option is), so those workdirs' records stay valid,
+# while any other value is a recorded difference that retrains the stage.
+_LEGACY_DEFAULTS = {"defense.bpr_other": "clean"}
 
 
 def flatten(config) -> dict:
@@ -76,19 +80,35 @@ def stage_fields(config, stage: str, stages=()) -> dict:
   """The config fields that shape ``stage`` ('recommender' or a defence stage, whose
   ``stages`` are the defence stages run up to and including it). A field that is None (an
   option left unset, e.g. ``loss.content_clean``) is left out, so adding such an option
-  keeps the records of existing workdirs valid."""
+  keeps the records of existing workdirs valid; so is a field of :data:`_LEGACY_DEFAULTS` at
+  the value that reproduces the training from before it existed (``defense.bpr_other=
+  'clean'``), and so are the ``config.recommender`` fields only other recommenders read
+  (:func:`_unread_recommender_fields`: AMR's adv_* in a VBPR run)."""
   flat = flatten(config.to_dict() if hasattr(config, "to_dict") else config)
   prefixes = _UPSTREAM if stage == RECOMMENDER else _UPSTREAM + _DEFENCE + tuple(
       f"stages.{s}." for s in stages)
+  unread = _unread_recommender_fields(flat.get("recommender.name"))
   return {k: v for k, v in sorted(flat.items())
-          if k.startswith(prefixes) and k not in _NOT_SHAPING and v is not None}
+          if k.startswith(prefixes) and k not in _NOT_SHAPING and v is not None
+          and not (k in _LEGACY_DEFAULTS and v == _LEGACY_DEFAULTS[k]) and k not in unread}
+
+
+def _unread_recommender_fields(name) -> set:
+  """'recommender.<field>' of the fields only other recommenders than ``name`` read (their
+  ``RecommenderEntry.own_fields``, e.g. AMR's adv_*): they shape nothing this run trains,
+  so a VBPR run's records leave them out (and stay valid where such a field is added),
+  while an AMR run's records hold them (changing one marks its recommender stage, and
+  every stage after it, changed)."""
+  from jaxvars.recommenders import unread_fields
+  return {f"recommender.{f}" for f in unread_fields(name)} if isinstance(name, str) else set()
 
 
 def shaping_fields(config, stage: str, stages) -> dict:
   """:func:`stage_fields` of a defence stage without the settings that cannot change what
   ``stages`` (the defence stages up to and including ``stage``) train: the weights of loss
   terms none of them uses, and ``detector.train_encoder`` when none of them trains the
-  detector (the encoder copy is then a frozen passenger). Two configs with equal shaping
+  detector (the encoder copy is then a frozen passenger), and ``defense.bpr_other`` when none
+  of them uses the BPR term. Two configs with equal shaping
   fields train the stage to the same parameters (what :func:`jaxvars.training.defense.
   adopt_stages` relies on; tested in tests/test_ablation_reuse.py)."""
   fields = stage_fields(config, stage, stages)
@@ -97,6 +117,8 @@ def shaping_fields(config, stage: str, stages) -> dict:
   drop = {f"loss.{w}" for w in config.loss if w.removesuffix("_clean") not in used}
   if not any("detector" in config.stages[s].trainable for s in stages):
     drop.add("detector.train_encoder")
+  if "bpr" not in used:
+    drop.add("defense.bpr_other")
   return {k: v for k, v in fields.items() if k not in drop}
 
 

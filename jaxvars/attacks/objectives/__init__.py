@@ -31,7 +31,10 @@ class AttackContext:
     visual_fn: features [..., F] -> the recommender's visual embedding [..., K] (VBPR:
       E f), or None for a recommender without one.
     items: int32 [B], the catalogue indices of the batch's photos.
-    table: float32 [I, F], clean normalised features of every item.
+    table: float32 [I, F], normalised features of every item: the clean table f(x)
+      (``consts['features']``), or for a white-box attack under
+      ``config.attack.whitebox_table='deployed'`` the attacked system's deployed table
+      (f(D(x)) for OURS; :func:`jaxvars.attacks.whitebox.attack_loss`).
     triplets: the batch's inputs of the objective (``Objective.batch_inputs``; for 'bpr'
       the ``item_triplets`` of ``items``, [B, T] arrays), or None.
     constants: the objective's per-catalogue constants (``Objective.constants``), or None.

@@ -19,8 +19,15 @@ from jaxvars.attacks.objectives import OBJECTIVES, AttackContext, Objective
 
 
 def item_bpr_loss(item_features: jax.Array, *, items: jax.Array, triplets: dict,
-                  score_fn: Callable, other_features: jax.Array) -> jax.Array:
+                  score_fn: Callable, other_features: jax.Array | None = None,
+                  triplet_features: dict | None = None) -> jax.Array:
   """BPR loss of the triplets in which each item of a batch takes part, per item.
+
+  The other item of each triplet (the sampled negative j of the item's buyers, the bought
+  item i of its non-buyers) is scored with its row of the table ``other_features``, or with
+  ``triplet_features``, its features computed per triplet (the defence's joint loss with
+  ``config.defense.bpr_other='defended'``: f(D(x_j)), both images of the triplet through the
+  denoiser as in the paper's eq. 12). Exactly one of the two is given.
 
   Args:
     item_features: float32 [B, F], features of the (attacked or denoised) images of ``items``.
@@ -29,20 +36,34 @@ def item_bpr_loss(item_features: jax.Array, *, items: jax.Array, triplets: dict,
       'neg_pos', each [B, T].
     score_fn: (users [...], items [...], features [..., F]) -> scores [...] (the recommender,
       parameters bound).
-    other_features: float32 [I, F], clean features of the other item of each triplet.
+    other_features: float32 [I, F], features of every item, indexed by the other item of
+      each triplet: the clean table f(x), or a defended system's deployed table (f(D(x))
+      for every item; :func:`jaxvars.attacks.whitebox.attack_loss`).
+    triplet_features: {'pos_negs': float32 [B, T, F], 'neg_pos': float32 [B, T, F]}, the
+      features of the other item of each triplet, in the layout of ``triplets``.
 
   Returns:
     float32 [B]: for each item, the sum over its triplets of ``-log sigmoid(x_ui - x_uj)``
     (the item as positive i of its buyers' triplets, and as negative j of non-buyers').
+
+  Raises:
+    ValueError: neither or both of ``other_features`` and ``triplet_features``.
   """
+  if (other_features is None) == (triplet_features is None):
+    raise ValueError("give exactly one of other_features (a table [I, F]) and "
+                     "triplet_features (per-triplet features [B, T, F])")
   f = item_features[:, None, :]
   k = items[:, None]
   t = triplets
+  if triplet_features is None:
+    f_j, f_i = other_features[t["pos_negs"]], other_features[t["neg_pos"]]
+  else:
+    f_j, f_i = triplet_features["pos_negs"], triplet_features["neg_pos"]
   x_uk = score_fn(t["pos_users"], jnp.broadcast_to(k, t["pos_users"].shape),
                   jnp.broadcast_to(f, (*t["pos_users"].shape, f.shape[-1])))
-  x_uj = score_fn(t["pos_users"], t["pos_negs"], other_features[t["pos_negs"]])
+  x_uj = score_fn(t["pos_users"], t["pos_negs"], f_j)
   as_positive = jnp.sum(t["pos_mask"] * jax.nn.softplus(x_uj - x_uk), axis=1)
-  x_ui = score_fn(t["neg_users"], t["neg_pos"], other_features[t["neg_pos"]])
+  x_ui = score_fn(t["neg_users"], t["neg_pos"], f_i)
   x_uk2 = score_fn(t["neg_users"], jnp.broadcast_to(k, t["neg_users"].shape),
                    jnp.broadcast_to(f, (*t["neg_users"].shape, f.shape[-1])))
   as_negative = jnp.sum(jax.nn.softplus(x_uk2 - x_ui), axis=1)
