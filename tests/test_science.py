@@ -60,11 +60,14 @@ def science_config(tfds_dir):
 
 
 @pytest.fixture(scope="session")
-def science_run(tfds_dir, tmp_path_factory):
-  """The run of :func:`science_config`, once per test session: (config, workdir, results)."""
+def science_run(tmp_path_factory):
+  """The run of :func:`science_config`, once per test session: (config, workdir, results).
+  Its prepared tables go to a tfds directory of their own: tests that damage the shared
+  ``tfds_dir`` copy expect the tiny dataset's tables alone there."""
   from jaxvars import run
-  workdir = str(tmp_path_factory.mktemp("science_run") / "run")
-  config = science_config(tfds_dir)
+  root = tmp_path_factory.mktemp("science_run")
+  workdir = str(root / "run")
+  config = science_config(root / "tfds")
   return config, workdir, run.train_and_evaluate(config, workdir)
 
 
