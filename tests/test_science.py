@@ -18,7 +18,10 @@ no adaptive, targeted or benign-noise evaluation); about 2.5 minutes on 2 cores.
 the Lite0 weights (the ``pretrained`` extra, which CI installs): skipped without them,
 failed under CI.
 
-Each test states the numbers it saw at this seed and the margin its assertion holds by.
+Each test states the numbers it saw at this seed and the margin its assertion holds by (the
+science run's were read from the command-line run of :func:`science_config` on one device;
+the suite's 8-device mesh and -O1 XLA flags can move a rounding, not the claims, which the
+suite checks).
 Where results.json holds a paired comparison with a 95% interval (bootstrap over users), the
 claim is that the interval excludes 0.
 """
