@@ -93,6 +93,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   v.adv_eps = 0.4
   v.adv_weight = 1.0  # lambda of the adversarial BPR term (Tang et al.'s run.sh lmd=1; AIP 7.1: 1).
 
+  # Recommenders evaluated side by side (paper Tables 2-3; jaxvars/families.py): the defence
+  # is trained once against recommender.name and deployed in front of each; every other one
+  # is trained with the fields above under <workdir>/recommenders/<name>/ and attacked with
+  # the transfer attacks crafted against itself. () or (recommender.name,): that one alone.
+  c.recommenders = ("vbpr", "amr")  # Registered names: 'vbpr' | 'amr' | 'bprmf' | 'alexrank'.
+
   # ---- Attacks (paper eq. 3-4; DESIGN.md) ------------------------------------
   c.attack = a = ml_collections.ConfigDict()
   a.eval_eps = (8,)  # L-inf budgets evaluated, in 1/255 units (8 = 8/255).
@@ -237,6 +243,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # the subset sizes below.
     d.image_size = 96
     b.arch = "efficientnet_lite0"
+    c.recommenders = ("vbpr", "amr", "bprmf")  # Tables 2-3's VBPR block and the no-photo level.
     b.init = "pretrained:imagenet"
     b.feature_batch_size = 128
     dn.channels = 16
@@ -252,6 +259,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     st.detector.epochs = 2
     st.joint.epochs = 1
   elif size == "tiny":  # For tests: seconds, not minutes.
+    c.recommenders = ()  # One recommender (tests/test_families.py runs several).
     d.image_size = 32
     s.num_users = 60
     s.num_items = 240
@@ -361,6 +369,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       st.denoiser_mix.epochs = 3
   if vbpr_only:
     c.presets += ",vbpr"
+    c.recommenders = ()
     a.eval_eps = ()
     ad.eps = ()
     tg.num_targets = 0

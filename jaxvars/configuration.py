@@ -155,6 +155,17 @@ def _recommender(config) -> None:
     raise ConfigError(f"config.recommender.lr_drop_epochs={r.lr_drop_epochs} exceeds "
                       f"config.recommender.epochs={r.epochs}")
   one_of(config, "recommender.optimizer", OPTIMIZERS)
+  others = config.get("recommenders", ())
+  if isinstance(others, str) or not all(isinstance(n, str) for n in others):
+    raise ConfigError(f"config.recommenders={others!r}: expected a tuple of registered "
+                      f"recommender names, e.g. ('vbpr', 'amr'); registered: "
+                      f"{', '.join(RECOMMENDERS.names())}")
+  for name in others:
+    if name not in RECOMMENDERS:
+      raise ConfigError(f"config.recommenders: {name!r} is not a registered recommender; "
+                        f"registered: {', '.join(RECOMMENDERS.names())}")
+    if name != r.name:
+      RECOMMENDERS.get(name).validate(r)
 
 
 def _attack(config) -> None:

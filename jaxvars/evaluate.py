@@ -68,8 +68,9 @@ def plan_for(exp: Experiment, consts: dict, *, eval_eps=None, methods=None,
 
 
 def evaluate_run(exp: Experiment, params: dict, consts: dict, *, eval_eps=None, methods=None,
-                 only_trained: bool = False, cache_dir=-1,
-                 cached_time: bool = False) -> tuple[dict, dict]:
+                 only_trained: bool = False, cache_dir=-1, cached_time: bool = False,
+                 detect: bool | None = None, fidelity: bool | None = None,
+                 mostpop: bool | None = None) -> tuple[dict, dict]:
   """Every system under every condition for the trained ``params``.
 
   A defended system is evaluated only when a stage trained its parts, detection only when
@@ -78,7 +79,9 @@ def evaluate_run(exp: Experiment, params: dict, consts: dict, *, eval_eps=None, 
   ``timing['attack_<condition>_s']`` is the crafting time of each catalogue crafted in this
   call, and with ``cached_time`` (a training run) also of each one taken from the cache (its
   recorded crafting time: a run resumed after a kill reports what an uninterrupted one does,
-  as the stages' seconds come from their records).
+  as the stages' seconds come from their records). ``detect``, ``fidelity``, ``mostpop``:
+  False leaves out detection, the denoiser's fidelity, the most-popular baseline (the other
+  recommenders of a run, :mod:`jaxvars.families`); None: as described above.
 
   Returns:
     (results: results.json's evaluation sections, artifacts: the arrays of artifacts.npz,
@@ -91,8 +94,11 @@ def evaluate_run(exp: Experiment, params: dict, consts: dict, *, eval_eps=None, 
                         config, only_trained=only_trained),
                     eval_items=exp.eval_items, holdout=exp.holdout, calibration=exp.calibration,
                     cache_dir=attack_cache(config, exp.workdir) if cache_dir == -1 else cache_dir)
-  out = evaluate_all(ctx, plan, detect=detector_trained(config),
-                     fidelity="denoiser" in trained_groups(config), mostpop=not only_trained)
+  out = evaluate_all(
+      ctx, plan, detect=detector_trained(config) if detect is None else detect and
+      detector_trained(config), fidelity=("denoiser" in trained_groups(config)) if fidelity is
+      None else fidelity and "denoiser" in trained_groups(config),
+      mostpop=(not only_trained) if mostpop is None else mostpop)
   artifacts = out.pop("artifacts")
   timing = dict(exp.timing, **out.pop("timing"))
   timing.update({f"attack_{k}_s": v["time_s"] for k, v in out["attack"].items()

@@ -18,7 +18,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from jaxvars import ablations, atomic, configuration, provenance, workdir as wd
+from jaxvars import ablations, atomic, configuration, families, provenance, workdir as wd
 from jaxvars.errors import CheckpointError, ConfigError
 from jaxvars.evaluate import evaluate_run
 from jaxvars.evaluation.ranking import (candidate_matrix, candidate_scores, evaluate_scores,
@@ -28,6 +28,7 @@ from jaxvars.experiment import (Experiment, build, input_fingerprints,
 from jaxvars.metrics import MetricWriter
 from jaxvars.overrides import ablation_variants
 from jaxvars.training import defense, records, recommender as rec_training
+from jaxvars.training.recommender import training_section  # noqa: F401  (jaxvars.run.training_section)
 
 _OLD_LAYOUT = os.path.join(wd.CHECKPOINTS_DIR, "vbpr")  # jaxvars 0.1's recommender checkpoints.
 
@@ -103,8 +104,8 @@ def expected_stages(config, workdir: str | None = None, inputs: dict | None = No
 
 def check_stages(config, workdir: str, inputs: dict, *, pending=(), resume: str | None = None,
                  remove: bool = True, warn: bool = True) -> list[str]:
-  """Stops (or, with ``config.resume='retrain_changed'``, retrains) the stages of ``workdir``
-  and of its ablation variants trained with other settings or on other inputs: every
+  """Stops (or, with ``config.resume='retrain_changed'``, retrains) the stages of ``workdir``,
+  of its other recommenders (:mod:`jaxvars.families`) and of its ablation variants trained with other settings or on other inputs: every
   difference of every directory is found first (:func:`records.changes`), then the run
   stops with all of them, or the changed stages are removed.
 
@@ -138,6 +139,11 @@ def check_stages(config, workdir: str, inputs: dict, *, pending=(), resume: str 
                                 label=f"ablations/{name}/")
     changed.update(more)
     unrecorded += old
+  for name, expected in families.expected_stages(config, inputs).items():
+    more, old = records.changes(families.recommender_dir(workdir, name), expected,
+                                pending=pending, label=f"{families.RECOMMENDERS_DIR}/{name}/")
+    changed.update(more)
+    unrecorded += old
   if warn:
     records.warn_unrecorded(workdir, unrecorded)
   return records.refuse_or_remove(workdir, changed, resume=resume, remove=remove,
@@ -163,25 +169,6 @@ def _check_inputs(config, workdir: str, exp: Experiment, pending, *, resume=None
   inputs that were pending, and the removal of the stages that retrain."""
   if pending or (resume or config.resume) == "retrain_changed":
     check_stages(config, workdir, exp.inputs, resume=resume, warn=False)
-
-
-def training_section(config, rec_history, rec_steps, stage_history, recommender=None) -> dict:
-  """results.json's ``training``: every epoch of every stage, over every run.
-
-  ``recommender`` (the run's :class:`jaxvars.recommenders.Recommender`; None reads
-  ``config.recommender.epochs`` alone): its epochs are those of all its training stages,
-  which a recommender of several (AMR) also lists under ``stages`` ([{'name', 'epochs'}]);
-  a recommender fitted instead of trained (AlexRank) has 0 epochs and ``'fitted': True``."""
-  rec = {"name": config.recommender.name, "epochs": config.recommender.epochs,
-         "steps": int(rec_steps), "history": rec_history}
-  if recommender is not None:
-    stages = recommender.training_stages(config.recommender.epochs)
-    rec["epochs"] = sum(int(s.epochs) for s in stages)
-    if recommender.fitted:
-      rec["fitted"] = True
-    if len(stages) > 1:
-      rec["stages"] = [{"name": s.name, "epochs": int(s.epochs)} for s in stages]
-  return {"recommender": rec, "stages": stage_history}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -230,6 +217,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results["backbone"]["linear_probe"] = backbone_probe(exp, consts)
     results["training"] = training_section(config, rec_history, rec_state.step, stage_history,
                                            exp.models.recommender)
+    if families.others(config):
+      results["recommenders"] = families.section(
+          config, (results, wd.ranks_of(artifacts)),
+          families.run_others(exp, consts, params, workdir, train=True))
     if ablation_variants(config):
       _write_interim(results, config, workdir, time.perf_counter() - t_start)
       results["ablations"] = ablations.run_ablations(exp, consts, rec_state.params, workdir,
@@ -308,6 +299,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if artifacts:
     wd.write_artifacts(workdir, artifacts)
   fresh["backbone"]["linear_probe"] = backbone_probe(exp, consts)
+  if families.others(config):
+    fresh["recommenders"] = families.section(
+        config, (fresh, wd.ranks_of(artifacts)),
+        families.run_others(exp, consts, params, workdir, train=False))
   if ablation_variants(config):
     fresh["ablations"] = ablations.run_ablations(exp, consts, params["recommender"], workdir,
                                                  train=False, main_ranks=wd.ranks_of(artifacts))
@@ -317,7 +312,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if previous is not None:
     # An interim file (a run stopped during its ablation study) has no ablations to compare.
     same = all(without_timing(results.get(k)) == without_timing(fresh.get(k))
-               for k in ("ranking", "detection", "ablations") if k in results)
+               for k in ("ranking", "detection", "ablations", "recommenders") if k in results)
     results.pop(INCOMPLETE_KEY, None)
     if same:
       logging.info("restored checkpoints reproduce the training run's metrics exactly")

@@ -106,7 +106,8 @@ TINY_RUN_ROWS = ({"mostpop/clean", "vbpr/no_visual"}
 @pytest.fixture(scope="session")
 def tiny_run(tfds_dir, tmp_path_factory):
   """One training run of the tiny preset shared by the tests that read a finished run: eps 4
-  and 8 (a sweep) and three ablation variants (one of which diverges).
+  and 8 (a sweep), three ablation variants (one of which diverges), and AMR and BPR-MF beside
+  VBPR (config.recommenders: tests/test_families.py).
 
   Returns:
     (config, workdir, results).
@@ -115,6 +116,7 @@ def tiny_run(tfds_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
   config = tiny_config(tfds_dir)
   config.attack.eval_eps = (4, 8)
+  config.recommenders = ("vbpr", "amr", "bprmf")
   config.ablation.variants.no_detector = ("loss.contrastive=0", "stages.detector.epochs=0")
   config.ablation.variants.no_perceptual = ("loss.perceptual=0",)
   # A variant whose training diverges (an infinite weight: the first loss is inf): recorded

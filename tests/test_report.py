@@ -140,6 +140,9 @@ def test_evaluate_mode_reproduces_sweep_and_ablations(full_run):
   again = run.evaluate(config, workdir)
   assert again["ranking"] == results["ranking"]
   assert again["detection"] == results["detection"]
+  # The other recommenders (AMR, BPR-MF) restored from their own checkpoints.
+  assert again["recommenders"]["rows"] == results["recommenders"]["rows"]
+  assert again["recommenders"]["comparisons"] == results["recommenders"]["comparisons"]
   for name, row in results["ablations"].items():
     if "diverged" in row:  # Carried over from the variant's results.json.
       assert again["ablations"][name]["diverged"] == row["diverged"]

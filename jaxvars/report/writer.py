@@ -11,7 +11,7 @@ import numpy as np
 from jaxvars import atomic, workdir as wd
 from jaxvars.conditions import condition_key
 from jaxvars.errors import DataError, JaxvarsError
-from jaxvars.report import (checks_tables, claims, figures, full_ranking, robustness, tables,
+from jaxvars.report import (checks_tables, claims, families, figures, full_ranking, robustness, tables,
                             targeted_tables)
 
 REPORT_FILE = "report.md"
@@ -187,6 +187,14 @@ def write_report(workdir: str) -> str:
     lines += ["Randomised systems: the table gives the mean over "
               f"{cfg.get('eval', {}).get('rand_draws', 1)} random draws per item; the spread "
               "of the draws:", ""] + spread + [""]
+  family = families.family_table(results)
+  if family:
+    lines += ["### Recommender families (Tables 2-3: HR@10 and NDCG@10)", "",
+              families.caption(results), ""] + family + [""]
+    lines += ["Paired differences (HR@10, 95% intervals over users): the defence in front of "
+              "each recommender against it undefended, and each other recommender against the "
+              "defence recommender undefended and defended:", ""]
+    lines += families.comparison_lines(results) + [""]
   full = full_ranking.full_table(results)
   if full:
     lines += ["### Full ranking (all items the user did not buy in training)", "",

@@ -339,3 +339,22 @@ def fit_recommender(exp, consts: dict, workdir: str):
     return state, [], 0, seconds
   finally:
     mgr.close()
+
+
+def training_section(config, rec_history, rec_steps, stage_history, recommender=None) -> dict:
+  """results.json's ``training``: every epoch of every stage, over every run.
+
+  ``recommender`` (the run's :class:`jaxvars.recommenders.Recommender`; None reads
+  ``config.recommender.epochs`` alone): its epochs are those of all its training stages,
+  which a recommender of several (AMR) also lists under ``stages`` ([{'name', 'epochs'}]);
+  a recommender fitted instead of trained (AlexRank) has 0 epochs and ``'fitted': True``."""
+  rec = {"name": config.recommender.name, "epochs": config.recommender.epochs,
+         "steps": int(rec_steps), "history": rec_history}
+  if recommender is not None:
+    stages = recommender.training_stages(config.recommender.epochs)
+    rec["epochs"] = sum(int(s.epochs) for s in stages)
+    if recommender.fitted:
+      rec["fitted"] = True
+    if len(stages) > 1:
+      rec["stages"] = [{"name": s.name, "epochs": int(s.epochs)} for s in stages]
+  return {"recommender": rec, "stages": stage_history}

@@ -1,0 +1,114 @@
+"""The report's recommender-family table (paper Tables 2-3): each recommender of the run
+undefended, AMR, OURS and OURS-rand in front of the defence recommender, under clean photos,
+each transfer attack (crafted against the recommender it attacks) and their worst case, with
+the paper's Amazon Men and Amazon Fashion numbers beside ours. Read from results.json's
+``recommenders`` section (:mod:`jaxvars.families`)."""
+
+from __future__ import annotations
+
+from jaxvars.conditions import CLEAN, parse_condition
+from jaxvars.report import paper
+from jaxvars.report.tables import cell, fmt, md_table
+
+_SYSTEM_LABELS = {"defended": "OURS", "defended_rand": "OURS-rand"}
+_PAPER_FAMILIES = {"vbpr": "VBPR", "dvbpr": "DVBPR"}  # Our recommender -> the paper's block.
+WORST = "worst case"
+
+
+def _rows(sec: dict) -> list[tuple[str, str, str]]:
+  """(label, recommender, system) of each row of the table, in the paper's order: the
+  defence recommender, AMR, OURS, OURS-rand, then every other recommender (and the defence
+  in front of it)."""
+  main, labels = sec["defense_recommender"], sec.get("labels", {})
+  others = [n for n in sec["names"] if n != main]
+  rows = [(labels.get(main, main), main, "undefended")]
+  rows += [(labels.get(n, n), n, "undefended") for n in others if n == "amr"]
+  rows += [(_SYSTEM_LABELS[s], main, s) for s in ("defended", "defended_rand")]
+  for n in others:
+    if n != "amr":
+      rows.append((labels.get(n, n), n, "undefended"))
+    rows += [(f"{_SYSTEM_LABELS[s]} ({labels.get(n, n)})", n, s)
+             for s in ("defended", "defended_rand")]
+  return rows
+
+
+def _paper(dataset: str, family: str | None, cond: str, rec: str, system: str, main: str):
+  """The paper's HR@10 and NDCG@10 of that row (None where the paper has none)."""
+  if family is None or cond == WORST:
+    return None
+  attack, _ = parse_condition(cond)
+  block = paper.TABLES23[dataset].get(family, {}).get(attack)
+  if block is None:
+    return None
+  key = system if rec == main else ("amr" if rec == "amr" and system == "undefended" else None)
+  ref = block.get(key) if key else None
+  return None if ref is None else (ref[paper.METRICS.index("HR@10")],
+                                   ref[paper.METRICS.index("NDCG@10")])
+
+
+def family_table(results: dict) -> list[str]:
+  """The table's markdown lines ([] where the run evaluated one recommender)."""
+  sec = results.get("recommenders") or {}
+  if not sec.get("rows"):
+    return []
+  main = sec["defense_recommender"]
+  family = _PAPER_FAMILIES.get(main)
+  conds = list(dict.fromkeys(k.split("/", 2)[2] for k in sec["rows"]))
+  conds = [c for c in conds if c == CLEAN] + [c for c in conds if c != CLEAN] + [WORST]
+  header = ["condition", "system", "HR@10", "NDCG@10",
+            "paper Men HR@10 / NDCG@10", "paper Fashion HR@10 / NDCG@10"]
+  out = []
+  for cond in conds:
+    for label, rec, system in _rows(sec):
+      row = (sec.get("robust", {}).get(f"{rec}/{system}") if cond == WORST
+             else sec["rows"].get(f"{rec}/{system}/{cond}"))
+      if row is None:
+        continue
+      refs = [_paper(d, family, cond, rec, system, main) for d in paper.TABLES23]
+      out.append([cond, label, cell(row, "HR@10"), cell(row, "NDCG@10")]
+                 + [f"{fmt(r[0])} / {fmt(r[1])}" if r else "" for r in refs])
+  return md_table(header, out)
+
+
+def caption(results: dict) -> str:
+  """What the table's rows are, in one paragraph."""
+  sec = results["recommenders"]
+  labels = sec.get("labels", {})
+  main = labels.get(sec["defense_recommender"], sec["defense_recommender"])
+  return (f"The defence (OURS: the denoiser; OURS-rand: rand(D(x))) was trained once, against "
+          f"{main}, and is deployed unchanged in front of every recommender; each attack is "
+          "crafted against the recommender it attacks (white-box to it, transferred through "
+          "the defence), on every item. AMR is the adversarially trained recommender (its "
+          "own row). The worst case counts a user as a hit only if the held-out item stays in "
+          f"the top 10 under every attack of the table at eps = {sec.get('eps', 8):g}. "
+          "A recommender without a visual term (BPR-MF) is only ranked on clean photos: no "
+          "photo can move it. The paper's numbers are Amazon Men (Table 2) and Fashion "
+          "(Table 3), its "
+          + ("VBPR" if sec["defense_recommender"] == "vbpr" else "matching") + " block; "
+          "brackets: 95% bootstrap intervals over users.")
+
+
+def comparison_lines(results: dict, metric: str = "HR@10") -> list[str]:
+  """The paired differences of the section (each defended row against its recommender
+  undefended; each other recommender against the defence recommender undefended and
+  defended), one bullet each, with their verdicts."""
+  sec = results.get("recommenders") or {}
+  labels = sec.get("labels", {})
+
+  def name(key):
+    rec, system, cond = key.split("/", 2)
+    lab = labels.get(rec, rec)
+    return (f"{_SYSTEM_LABELS[system]} ({lab})" if system in _SYSTEM_LABELS else lab), cond
+
+  out = []
+  for key, comp in sec.get("comparisons", {}).items():
+    a, b = key.split(" - ")
+    (la, cond), (lb, _) = name(a), name(b)
+    d = comp.get(metric)
+    if d is None:
+      continue
+    effect = d.get("effect", "none")
+    verdict = "no measurable difference" if effect == "none" else f"an effect: {effect}"
+    out.append(f"* {cond}: {la} - {lb}: {d['diff']:+.4f} [{d['ci95'][0]:+.4f}, "
+               f"{d['ci95'][1]:+.4f}] ({verdict})")
+  return out
