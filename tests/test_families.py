@@ -71,7 +71,10 @@ def test_attacks_are_crafted_against_each_recommender(tiny_run):
   cached = np.load(os.path.join(wd.attacks_dir(sub), "fgsm@8.npy"))
   on_vbpr = np.load(os.path.join(wd.attacks_dir(workdir), "fgsm@8.npy"))
   np.testing.assert_array_equal(np.asarray(fresh), cached)
-  assert np.mean(cached != on_vbpr) > 0.05  # Another recommender's gradient, other photos.
+  # Another recommender's gradient, other photos. AMR is VBPR fine-tuned for a few epochs,
+  # so most gradient signs agree (tiny: 2.6% of the uint8 values differ); equal arrays would
+  # mean the attack was crafted against VBPR.
+  assert np.mean(cached != on_vbpr) > 0.01
   # Both stay in the same eps-ball around the clean photos (8/255, uint8).
   clean = np.asarray(exp.data.images, np.int16)
   assert np.abs(cached.astype(np.int16) - clean).max() <= 8
@@ -124,6 +127,7 @@ def test_report_table(tiny_run):
   with open(report.write_report(workdir)) as f:
     text = f.read()
   part = text[text.index("### Recommender families"):]
+  part = part[:part.index("\n#", 1)]  # This section only: later tables reuse the row names.
   table = [line for line in part.splitlines() if line.startswith("| ")]
   rows = {(r[0], r[1]): r for r in ([c.strip() for c in line.strip("|").split("|")]
                                     for line in table[1:])}
@@ -140,8 +144,11 @@ def test_config_errors_and_records(tiny_run, tfds_dir):
   bad = tiny_config(tfds_dir, recommenders=("vbpr", "nope"))
   with pytest.raises(ConfigError, match=r"config.recommenders: 'nope' is not a registered"):
     configuration.validate(bad)
+  as_string = tiny_config(tfds_dir)  # A config file that wrote a string, not a tuple.
+  del as_string["recommenders"]
+  as_string.recommenders = "amr"
   with pytest.raises(ConfigError, match=r"config.recommenders='amr'"):
-    configuration.validate(tiny_config(tfds_dir, recommenders="amr"))
+    configuration.validate(as_string)
   # AMR's own field shapes AMR's checkpoint, not the main VBPR's.
   changed = ml_collections.ConfigDict(config.to_dict())
   changed.recommender.adv_eps = float(config.recommender.adv_eps) * 2
