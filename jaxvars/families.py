@@ -33,7 +33,7 @@ from jaxvars import workdir as wd
 from jaxvars.conditions import CLEAN
 from jaxvars.defenses import UNDEFENDED, row_name
 from jaxvars.evaluate import evaluate_run
-from jaxvars.evaluation import summary, tables
+from jaxvars.evaluation import feature_attack, summary, tables
 from jaxvars.overrides import without_ablations
 from jaxvars.recommenders import build_recommender
 
@@ -41,6 +41,7 @@ RECOMMENDERS_DIR = "recommenders"  # <workdir>/recommenders/<name>/: another rec
 # The systems of the paper's Tables 2-3 (besides the recommender itself: AMR is a row of its
 # own recommender): OURS and OURS-rand.
 TABLE_SYSTEMS = (UNDEFENDED, "defended", "defended_rand")
+FEATURE_ATTACK_SALT = 35  # fold_in(key(config.seed), this): the feature attack's negatives.
 
 
 def names(config) -> tuple[str, ...]:
@@ -142,8 +143,36 @@ def run_others(exp, consts: dict, params: dict, workdir: str, *, train: bool) ->
     if artifacts:
       wd.write_artifacts(sub, artifacts)
     wd.write_results(sub, dict(res, config=ex.config.to_dict()))
-    out[name] = (res, wd.ranks_of(artifacts))
+    out[name] = (res, wd.ranks_of(artifacts), feature_ranks(ex.config, rec, state.params,
+                                                            consts, exp.data))
   return out
+
+
+def feature_ranks(config, recommender, rec_params, consts: dict, data):
+  """Per-user ranks (int64 [U]) under Tang et al.'s feature-space attack
+  (:mod:`jaxvars.evaluation.feature_attack`) at ``config.recommender.adv_eps`` (AMR's
+  training eps), or None for a recommender without a visual term."""
+  if not recommender.uses_features:
+    return None
+  key = jax.random.fold_in(jax.random.key(int(config.seed)), FEATURE_ATTACK_SALT)
+  return feature_attack.ranks(recommender, rec_params, consts["features"], data,
+                              eps=float(config.recommender.adv_eps), key=key,
+                              batch_users=int(config.eval.batch_users))
+
+
+def evaluate(exp, consts: dict, params: dict, workdir: str, main: tuple[dict, dict], *,
+             train: bool) -> dict:
+  """results.json's ``recommenders`` section of a run whose defence recommender's
+  evaluation is ``main`` ((results, per-user ranks)): :func:`run_others`, the feature-space
+  attack on every recommender with a visual term, then :func:`section`."""
+  out = run_others(exp, consts, params, workdir, train=train)
+  feature = {n: fr for n, (_, _, fr) in out.items() if fr is not None}
+  mine = feature_ranks(exp.config, exp.models.recommender, params["recommender"], consts,
+                       exp.data)
+  if mine is not None:
+    feature = {str(exp.config.recommender.name): mine, **feature}
+  return section(exp.config, main, {n: (r, k) for n, (r, k, _) in out.items()},
+                 feature=feature)
 
 
 def rec_training_history(sub: str) -> list:
@@ -165,12 +194,15 @@ def _table_rows(results: dict, rec_name: str) -> dict:
   return out
 
 
-def section(config, main: tuple[dict, dict], others_out: dict) -> dict:
+def section(config, main: tuple[dict, dict], others_out: dict,
+            feature: dict | None = None) -> dict:
   """results.json's ``recommenders`` section.
 
   Args:
     main: (the main run's results, its per-user ranks {row: ranks}).
-    others_out: :func:`run_others`' output.
+    others_out: {name: (results, per-user ranks)} of each other recommender
+      (:func:`run_others`).
+    feature: {name: per-user ranks int [U] under the feature-space attack} (:func:`evaluate`).
 
   Returns:
     {'defense_recommender', 'names', 'labels', 'rows': {'<rec>/<system>/<condition>': the
@@ -179,7 +211,10 @@ def section(config, main: tuple[dict, dict], others_out: dict) -> dict:
     eps}, 'comparisons': {'<row a> - <row b>': {metric: {'diff', 'ci95', 'effect'}}, paired
     over users: each defended row against its recommender undefended, and each other
     recommender undefended against the defence recommender undefended and defended}, 'runs':
-    {other name: {'training', 'attack', 'timing', 'conditions'}}}.
+    {other name: {'training', 'attack', 'timing', 'conditions'}}, 'feature_attack': {'eps',
+    'rows': {'<rec>': the row under the feature-space attack}, 'comparisons': {'<rec> -
+    <rec>/undefended/clean': the drop; 'amr - <defence rec>': the paired difference under
+    the attack}} (absent without a recommender with a visual term)}.
   """
   e = config.eval
   kw = dict(resamples=int(e.bootstrap_resamples), seed=int(e.bootstrap_seed))
@@ -225,6 +260,22 @@ def section(config, main: tuple[dict, dict], others_out: dict) -> dict:
   runs = {n: {"training": res.get("training"), "attack": res.get("attack", {}),
               "timing": res.get("timing", {}), "conditions": res.get("conditions", [])}
           for n, (res, _) in others_out.items()}
-  return {"defense_recommender": main_name, "names": list(every), "labels": labels,
-          "eps": eps, "rows": rows, "rows_full": rows_full, "robust": robust,
-          "comparisons": comparisons, "runs": runs}
+  out = {"defense_recommender": main_name, "names": list(every), "labels": labels,
+         "eps": eps, "rows": rows, "rows_full": rows_full, "robust": robust,
+         "comparisons": comparisons, "runs": runs}
+  if feature:
+    fa = {"eps": float(config.recommender.adv_eps),
+          "threat_model": "white-box, feature space: every item's feature moved by Tang et "
+                          "al.'s fast-gradient perturbation of the training BPR loss",
+          "rows": {n: summary.row_summary(r, ks, **kw) for n, r in feature.items()},
+          "comparisons": {}}
+    for n, r in feature.items():
+      clean = f"{n}/{UNDEFENDED}/{CLEAN}"
+      if clean in ranks:
+        fa["comparisons"][f"{n} - {clean}"] = summary.comparison(r, ranks[clean], ks, **kw)
+    for n in feature:
+      if n != main_name and main_name in feature:
+        fa["comparisons"][f"{n} - {main_name}"] = summary.comparison(
+            feature[n], feature[main_name], ks, **kw)
+    out["feature_attack"] = fa
+  return out

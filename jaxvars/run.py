@@ -218,9 +218,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results["training"] = training_section(config, rec_history, rec_state.step, stage_history,
                                            exp.models.recommender)
     if families.others(config):
-      results["recommenders"] = families.section(
-          config, (results, wd.ranks_of(artifacts)),
-          families.run_others(exp, consts, params, workdir, train=True))
+      results["recommenders"] = families.evaluate(
+          exp, consts, params, workdir, (results, wd.ranks_of(artifacts)), train=True)
     if ablation_variants(config):
       _write_interim(results, config, workdir, time.perf_counter() - t_start)
       results["ablations"] = ablations.run_ablations(exp, consts, rec_state.params, workdir,
@@ -300,9 +299,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     wd.write_artifacts(workdir, artifacts)
   fresh["backbone"]["linear_probe"] = backbone_probe(exp, consts)
   if families.others(config):
-    fresh["recommenders"] = families.section(
-        config, (fresh, wd.ranks_of(artifacts)),
-        families.run_others(exp, consts, params, workdir, train=False))
+    fresh["recommenders"] = families.evaluate(
+        exp, consts, params, workdir, (fresh, wd.ranks_of(artifacts)), train=False)
   if ablation_variants(config):
     fresh["ablations"] = ablations.run_ablations(exp, consts, params["recommender"], workdir,
                                                  train=False, main_ranks=wd.ranks_of(artifacts))

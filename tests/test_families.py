@@ -8,7 +8,10 @@ run (conftest.tiny_run: config.recommenders = VBPR, AMR, BPR-MF):
 * the worst case is not above any attack's row; the paired differences equal the
   difference of the two rows' means (same users);
 * the report's table carries our rows and the paper's Amazon Men / Fashion numbers;
-* config errors and the stage records of the other recommenders.
+* config errors and the stage records of the other recommenders;
+* the feature-space attack AMR trains on (Tang et al.): eps 0 gives the clean ranks, the
+  perturbation has norm eps per trained item and raises the BPR loss more than random
+  directions of the same norms, and the run's rows reproduce.
 """
 
 import json
@@ -26,6 +29,7 @@ from jaxvars.attacks.catalogue import cached_attack_catalogue
 from jaxvars.errors import ConfigError
 from jaxvars.experiment import build, make_consts
 from jaxvars.evaluate import attack_specs
+from jaxvars.evaluation import feature_attack
 from jaxvars.training import recommender as rec_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_run")]
@@ -137,6 +141,7 @@ def test_report_table(tiny_run):
   assert rows[("pgd@8", "OURS-rand")][4] == "0.2719 / 0.1257"
   assert ("worst case", "OURS (AMR)") in rows and ("clean", "BPR-MF") in rows
   assert re.search(r"\* fgsm@8: AMR - VBPR: [+-]\d\.\d{4} \[", part)
+  assert re.search(r"\* AMR - VBPR under the attack: [+-]\d\.\d{4} \[", part)
 
 
 def test_config_errors_and_records(tiny_run, tfds_dir):
@@ -156,3 +161,50 @@ def test_config_errors_and_records(tiny_run, tfds_dir):
   with pytest.raises(ConfigError, match=r"recommenders/amr/recommender: .*adv_eps"):
     run.check_stages(changed, workdir, inputs, resume="error", warn=False)
   assert run.check_stages(config, workdir, inputs, resume="error", warn=False) == []
+
+
+def test_feature_attack(tiny_run):
+  config, workdir, results = tiny_run
+  fa = results["recommenders"]["feature_attack"]
+  assert sorted(fa["rows"]) == ["amr", "vbpr"]  # BPR-MF has no feature to perturb.
+  assert fa["eps"] == float(config.recommender.adv_eps)
+  exp = build(config, workdir)
+  consts = make_consts(exp)
+  state, _, _ = rec_training.restore(exp, workdir)
+  rec, params, feats, data = exp.models.recommender, state.params, consts["features"], exp.data
+  key = jax.random.fold_in(jax.random.key(int(config.seed)), families.FEATURE_ATTACK_SALT)
+  with open(wd.artifacts_path(workdir), "rb") as f:
+    clean = wd.ranks_of(dict(np.load(f)))["vbpr/clean"]
+  at0 = feature_attack.ranks(rec, params, feats, data, eps=0.0, key=key, batch_users=32)
+  np.testing.assert_array_equal(at0, clean)
+  at = feature_attack.ranks(rec, params, feats, data, eps=float(config.recommender.adv_eps),
+                            key=key, batch_users=32)
+  assert np.mean(at < 10) == pytest.approx(fa["rows"]["vbpr"]["HR@10"])
+  # The perturbation: norm eps on every item of a triplet (a training positive or a drawn
+  # negative), zero elsewhere ...
+  eps = 2.0
+  delta = feature_attack.perturbation(rec, params, feats, data.train_users, data.train_items,
+                                      eps=eps, key=key)
+  norms = np.linalg.norm(delta, axis=1)
+  neg = np.asarray(jax.random.randint(key, (len(data.train_items),), 0, len(norms)))
+  touched = np.zeros(len(norms), bool)
+  touched[data.train_items] = touched[neg] = True
+  assert touched.mean() < 1  # Some item in no triplet (tiny: 240 items).
+  np.testing.assert_allclose(norms[touched], eps, rtol=1e-4)
+  assert np.all(norms[~touched] == 0)
+  # ... and it ascends the training BPR loss (the same negatives) faster than random
+  # directions of the same row norms.
+  u, i = np.asarray(data.train_users), np.asarray(data.train_items)
+
+  def loss(table):
+    x = np.asarray(rec.difference(params, u, i, neg, table[i], table[neg]), np.float64)
+    return float(np.sum(np.logaddexp(0.0, -x)))
+
+  base = loss(np.asarray(feats))
+  rng = np.random.default_rng(0)
+  noise = rng.normal(size=delta.shape)
+  noise *= (norms / np.linalg.norm(noise, axis=1))[:, None]
+  assert loss(np.asarray(feats) + delta) > base
+  assert loss(np.asarray(feats) + delta) - base > 3 * abs(loss(np.asarray(feats) + noise) - base)
+  with pytest.raises(ValueError, match="eps=-1"):
+    feature_attack.perturbation(rec, params, feats, u, i, eps=-1.0, key=key)

@@ -51,6 +51,7 @@ def science_config(tfds_dir):
   c.data.image_size = 32
   c.data.synthetic.num_items = 400
   c.systems.evaluate = ("undefended", "defended")
+  c.recommenders = ()  # VBPR alone: tests/test_families.py covers the other recommenders.
   c.attack.adaptive.systems = ()
   c.attack.adaptive.objectives = ()
   c.attack.adaptive.sanity = False

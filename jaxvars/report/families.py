@@ -112,3 +112,31 @@ def comparison_lines(results: dict, metric: str = "HR@10") -> list[str]:
     out.append(f"* {cond}: {la} - {lb}: {d['diff']:+.4f} [{d['ci95'][0]:+.4f}, "
                f"{d['ci95'][1]:+.4f}] ({verdict})")
   return out
+
+
+def feature_attack_lines(results: dict, metric: str = "HR@10") -> list[str]:
+  """The section's feature-space attack (Tang et al.'s, the one AMR trains on): each
+  recommender's ``metric`` under it, its drop from clean, and AMR against the defence
+  recommender, paired; [] where the run has none."""
+  sec = results.get("recommenders") or {}
+  fa = sec.get("feature_attack")
+  if not fa:
+    return []
+  labels = sec.get("labels", {})
+  out = [f"Feature-space attack (white-box on the item features, not the photos; Tang et al. "
+         f"2020's fast-gradient perturbation of the training BPR loss, L2 {fa['eps']:g} per "
+         f"item in normalised-feature units, the eps AMR trains with), {metric}:", ""]
+  for name, row in fa["rows"].items():
+    line = f"* {labels.get(name, name)}: {cell(row, metric)}"
+    for key, comp in fa["comparisons"].items():
+      if key.startswith(f"{name} - {name}/"):
+        d = comp[metric]
+        line += f"; minus clean {d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
+    out.append(line)
+  for key, comp in fa["comparisons"].items():
+    a, b = key.split(" - ")
+    if "/" not in b:
+      d = comp[metric]
+      out.append(f"* {labels.get(a, a)} - {labels.get(b, b)} under the attack: "
+                 f"{d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]")
+  return out

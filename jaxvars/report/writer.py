@@ -195,6 +195,9 @@ def write_report(workdir: str) -> str:
               "each recommender against it undefended, and each other recommender against the "
               "defence recommender undefended and defended:", ""]
     lines += families.comparison_lines(results) + [""]
+    fa = families.feature_attack_lines(results)
+    if fa:
+      lines += fa + [""]
   full = full_ranking.full_table(results)
   if full:
     lines += ["### Full ranking (all items the user did not buy in training)", "",
