@@ -17,6 +17,8 @@ Paths in a block's arguments are relative to the repository root. Kinds:
   all users and out of sample.
 * ``robustness``, ``sanity``, ``detection``, ``fidelity``, ``targeted``, ``timing``
   (``run=DIR``): the report's tables of the same name (:mod:`jaxvars.report`).
+* ``families run=DIR``: the recommender-family table (paper Tables 2-3), its paired
+  differences and the feature-space attack (:mod:`jaxvars.report.families`).
 * ``benchmark file=F.json``: a benchmark's ``rows`` as a table, with its provenance.
 
 A run directory holds the run's ``results.json`` (never ``artifacts.npz``: it holds
@@ -39,7 +41,7 @@ from absl import app, flags
 
 from jaxvars import atomic, workdir as wd
 from jaxvars.errors import JaxvarsError
-from jaxvars.report import checks_tables, robustness, tables, targeted_tables
+from jaxvars.report import checks_tables, families, robustness, tables, targeted_tables
 from jaxvars.report.rows import records
 
 _ROOT = flags.DEFINE_string("root", ".", "Repository root (README.md, results/).")
@@ -245,6 +247,8 @@ RUN_KINDS = {
     "detection": lambda r: checks_tables.detection_table(r) + [""] + checks_tables.noise_table(r),
     "fidelity": checks_tables.fidelity_table,
     "targeted": targeted_tables.table6,
+    "families": lambda r: (families.family_table(r) + [""] + families.comparison_lines(r)
+                           + [""] + families.feature_attack_lines(r)),
 }
 
 
