@@ -192,10 +192,20 @@ def hr10(results: dict) -> list[str]:
 
 
 def timing(results: dict) -> list[str]:
-  """The run's ``timing`` keys in minutes."""
+  """The run's ``timing`` keys in minutes; with several recommenders, each other one's
+  whole part (training, its attacks, its rankings) as ``recommender <name>``, before the
+  total (which includes it)."""
   rows = [[key.removesuffix("_s"), f"{value / 60:.1f}"]
           for key, value in results.get("timing", {}).items()
           if key.endswith("_s") and isinstance(value, (int, float))]
+  runs = (results.get("recommenders") or {}).get("runs", {})
+  more = [[f"recommender {name} (training, attacks, ranking)",
+           f"{run['timing']['total_s'] / 60:.1f}"]
+          for name, run in runs.items() if "total_s" in (run.get("timing") or {})]
+  if more and rows and rows[-1][0] == "total":
+    rows = rows[:-1] + more + rows[-1:]
+  else:
+    rows += more
   return tables.md_table(["part", "minutes"], rows)
 
 
