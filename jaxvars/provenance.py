@@ -31,6 +31,11 @@ def code_version(repo: str = _REPO) -> str:
     return "unknown"
 
 
+# The version of the code this process runs: read when this module is first imported (with
+# the rest of jaxvars), not when a long run ends, after which HEAD may have moved.
+CODE_AT_IMPORT = code_version()
+
+
 def command(argv=None) -> str:
   """``argv`` (default: this process's, with ``python -m`` for a module run with ``-m``) as
   a shell would read it."""
@@ -45,9 +50,10 @@ def command(argv=None) -> str:
 
 def describe(argv=None) -> dict:
   """``{'code', 'command', 'date' (UTC, ISO 8601), 'python', 'jax', 'jaxlib', 'platform',
-  'devices', 'cpu_count', 'machine'}`` of this process. JAX is imported only if it already
+  'devices', 'cpu_count', 'machine'}`` of this process. ``code`` is :data:`CODE_AT_IMPORT`,
+  the version when this process imported jaxvars; ``date`` is now. JAX is imported only if it already
   is (the devices are then those JAX sees)."""
-  out = {"code": code_version(), "command": command(argv),
+  out = {"code": CODE_AT_IMPORT, "command": command(argv),
          "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
          "python": platform.python_version(), "cpu_count": os.cpu_count(),
          "machine": f"{platform.system()} {platform.machine()}"}

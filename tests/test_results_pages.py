@@ -103,8 +103,12 @@ def test_blocks_are_rewritten_and_stale_pages_named(tmp_path):
   assert "Traceback" not in r.stderr
 
 
-def test_provenance_names_the_command_and_the_code():
+def test_provenance_names_the_command_and_the_code(monkeypatch):
+  # The code version is the one read at import: a run that ends after a commit must not
+  # record the new HEAD (describe() no longer asks git).
+  monkeypatch.setattr(provenance, "code_version", lambda *a, **k: "moved-on")
   info = provenance.describe(["/x/benchmarks/peers.py", "--parts=a"])
+  assert info["code"] == provenance.CODE_AT_IMPORT != "moved-on"
   assert info["command"].endswith("peers.py --parts=a")
   assert info["code"] != ""
   assert info["date"].endswith("Z")
