@@ -6,7 +6,7 @@ the paper's Amazon Men and Amazon Fashion numbers beside ours. Read from results
 
 from __future__ import annotations
 
-from jaxvars.conditions import CLEAN, parse_condition
+from jaxvars.conditions import CLEAN
 from jaxvars.report import paper
 from jaxvars.report.tables import cell, fmt, md_table
 
@@ -32,11 +32,12 @@ def _rows(sec: dict) -> list[tuple[str, str, str]]:
   return rows
 
 
-def _paper(dataset: str, family: str | None, cond: str, rec: str, system: str, main: str):
-  """The paper's HR@10 and NDCG@10 of that row (None where the paper has none)."""
-  if family is None or cond == WORST:
+def _paper(dataset: str, family: str | None, attack: str | None, rec: str, system: str,
+           main: str):
+  """The paper's HR@10 and NDCG@10 of that row under ``attack`` ('clean', 'fgsm', 'pgd': a
+  condition record's method; None where the paper has none)."""
+  if family is None or attack is None:
     return None
-  attack, _ = parse_condition(cond)
   block = paper.TABLES23[dataset].get(family, {}).get(attack)
   if block is None:
     return None
@@ -57,6 +58,9 @@ def family_table(results: dict) -> list[str]:
   conds = [c for c in conds if c == CLEAN] + [c for c in conds if c != CLEAN] + [WORST]
   header = ["condition", "system", "HR@10", "NDCG@10",
             "paper Men HR@10 / NDCG@10", "paper Fashion HR@10 / NDCG@10"]
+  # The attack method of each condition, from the run's condition records (never its name).
+  attack_of = {c["name"]: (CLEAN if c.get("kind") == "clean" else c.get("attack"))
+               for c in results.get("conditions", [])}
   out = []
   for cond in conds:
     for label, rec, system in _rows(sec):
@@ -64,7 +68,8 @@ def family_table(results: dict) -> list[str]:
              else sec["rows"].get(f"{rec}/{system}/{cond}"))
       if row is None:
         continue
-      refs = [_paper(d, family, cond, rec, system, main) for d in paper.TABLES23]
+      attack = None if cond == WORST else attack_of.get(cond)
+      refs = [_paper(d, family, attack, rec, system, main) for d in paper.TABLES23]
       out.append([cond, label, cell(row, "HR@10"), cell(row, "NDCG@10")]
                  + [f"{fmt(r[0])} / {fmt(r[1])}" if r else "" for r in refs])
   return md_table(header, out)
