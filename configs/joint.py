@@ -92,12 +92,21 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # standardised features by a median L2 of 57 (same measurement): AMR's eps is ~1% of it.
   v.adv_eps = 0.4
   v.adv_weight = 1.0  # lambda of the adversarial BPR term (Tang et al.'s run.sh lmd=1; AIP 7.1: 1).
+  # DVBPR (name='dvbpr', Kang et al. 2017; jaxvars/recommenders/dvbpr.py): x_ui = theta_u .
+  # Phi(X_i), Phi a CNN-F (5 convs, 2 fully connected) trained end to end with BPR from
+  # random weights, K = `factors`; 'amr_dvbpr' adds AMR's `adv_epochs` on top of it.
+  v.dvbpr_epochs = 20  # Epochs of BPR (Kang et al.'s code: 20, Adam at 1e-4, batch 128).
+  v.dvbpr_input_size = 224  # Photos are resized (bilinear, differentiable) to this side.
+  v.dvbpr_channels = (64, 256, 256, 256, 256)  # CNN-F's five conv widths (Kang et al.'s).
+  v.dvbpr_hidden = 4096  # Width of its two fully connected layers (Kang et al.'s).
+  v.dvbpr_reg_user = 0.5  # Weight of mean ||theta_u||^2 (Kang et al.'s lambda2=1 on l2_loss).
+  v.dvbpr_reg_cnn = 3.9e-6  # Weight of the CNN's sum ||W||^2 (their lambda1=1e-3 on l2_loss, per batch of 128).
 
   # Recommenders evaluated side by side (paper Tables 2-3; jaxvars/families.py): the defence
   # is trained once against recommender.name and deployed in front of each; every other one
   # is trained with the fields above under <workdir>/recommenders/<name>/ and attacked with
   # the transfer attacks crafted against itself. () or (recommender.name,): that one alone.
-  c.recommenders = ("vbpr", "amr")  # Registered names: 'vbpr' | 'amr' | 'bprmf' | 'alexrank'.
+  c.recommenders = ("vbpr", "amr")  # Registered names: 'vbpr' | 'amr' | 'bprmf' | 'alexrank' | 'dvbpr' | 'amr_dvbpr'.
 
   # ---- Attacks (paper eq. 3-4; DESIGN.md) ------------------------------------
   c.attack = a = ml_collections.ConfigDict()
@@ -244,6 +253,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     d.image_size = 96
     b.arch = "efficientnet_lite0"
     c.recommenders = ("vbpr", "amr", "bprmf")  # Tables 2-3's VBPR block and the no-photo level.
+    # DVBPR (opt-in: --config.recommenders="('vbpr','amr','bprmf','dvbpr')"): CNN-F at a
+    # quarter of its widths on 64 px photos (docs/running.md gives its cost).
+    v.dvbpr_input_size = 64
+    v.dvbpr_channels = (16, 64, 64, 64, 64)
+    v.dvbpr_hidden = 512
+    v.dvbpr_epochs = 10
     b.init = "pretrained:imagenet"
     b.feature_batch_size = 128
     dn.channels = 16
@@ -273,6 +288,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     v.epochs = 4
     v.lr_drop_epochs = 1
     v.adv_epochs = 2
+    v.dvbpr_epochs = 2
+    v.dvbpr_input_size = 32
+    v.dvbpr_channels = (4, 8, 8, 8, 8)
+    v.dvbpr_hidden = 16
     v.batch_size = 64
     e.batch_users = 32
     k.every_epochs = 2

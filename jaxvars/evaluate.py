@@ -63,7 +63,8 @@ def plan_for(exp: Experiment, consts: dict, *, eval_eps=None, methods=None,
                       transfer=tuple(attack_specs(config, eval_eps=eval_eps, methods=methods)),
                       detector=detector_trained(config),
                       uses_features=bool(exp.models.recommender.uses_features),
-                      has_logits=logits)
+                      has_logits=logits,
+                      has_floor=not exp.models.recommender.reads_images)
   return make_plan(config, inputs)
 
 

@@ -200,6 +200,35 @@ def make_consts(exp: Experiment, backbone_vars=None) -> dict:
                         sharding.replicated(exp.mesh))
 
 
+def recommender_consts(exp: Experiment, consts: dict, rec_params) -> dict:
+  """The constants through which a trained recommender sees the photos: ``consts``
+  unchanged for one that reads the frozen backbone's table, or for one that embeds the
+  photos with its own network (DVBPR, ``Recommender.reads_images``) ``consts`` with its
+  parameters under ``ENCODER_CONSTS`` and ``features`` its embedding float32 [I, F'] of
+  the clean catalogue (jitted batches of ``config.backbone.feature_batch_size``), so that
+  the attacks, the defences' feature passes and evaluation go through its network with no
+  case of their own (:meth:`jaxvars.models.Models.features`).
+
+  Args:
+    exp: the experiment whose ``models.recommender`` ``rec_params`` belong to.
+    consts: :func:`make_consts`'s. rec_params: the recommender's trained parameters.
+  """
+  rec = exp.models.recommender
+  if not rec.reads_images:
+    return consts
+  from jaxvars.features import batched_map
+  from jaxvars.pixels import to_float
+  from jaxvars.recommenders.base import ENCODER_CONSTS
+  repl = sharding.replicated(exp.mesh)
+  rec_params = jax.device_put(rec_params, repl)
+  encode = jax.jit(lambda p, batch: rec.encode(p, to_float(batch["images"])))
+  table = batched_map(lambda batch: encode(rec_params, batch), {"images": exp.data.images},
+                      batch_size=int(exp.config.backbone.feature_batch_size), mesh=exp.mesh,
+                      desc=f"{rec.label} item features")
+  return dict(consts, **jax.device_put({ENCODER_CONSTS: rec_params,
+                                        "features": jnp.asarray(table)}, repl))
+
+
 def backbone_summary(config) -> dict:
   """results.json's ``backbone``: which network made the item features, from what weights,
   at what image size."""

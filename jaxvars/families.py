@@ -34,6 +34,7 @@ from jaxvars.conditions import CLEAN
 from jaxvars.defenses import UNDEFENDED, row_name
 from jaxvars.evaluate import evaluate_run
 from jaxvars.evaluation import feature_attack, summary, tables
+from jaxvars.experiment import recommender_consts
 from jaxvars.overrides import without_ablations
 from jaxvars.recommenders import build_recommender
 
@@ -136,7 +137,8 @@ def run_others(exp, consts: dict, params: dict, workdir: str, *, train: bool) ->
       state, _, steps = rec_training.restore(ex, sub)
       history = rec_training_history(sub)
     p = dict(params, recommender=state.params)
-    res, artifacts = evaluate_run(ex, p, consts, cache_dir=wd.attacks_dir(sub), detect=False,
+    rec_consts = recommender_consts(ex, consts, state.params)  # DVBPR: through its own CNN.
+    res, artifacts = evaluate_run(ex, p, rec_consts, cache_dir=wd.attacks_dir(sub), detect=False,
                                   fidelity=False, mostpop=False, cached_time=train)
     res["training"] = rec_training.training_section(ex.config, history, steps, {}, rec)["recommender"]
     res["timing"]["total_s"] = time.perf_counter() - t
@@ -144,7 +146,7 @@ def run_others(exp, consts: dict, params: dict, workdir: str, *, train: bool) ->
       wd.write_artifacts(sub, artifacts)
     wd.write_results(sub, dict(res, config=ex.config.to_dict()))
     out[name] = (res, wd.ranks_of(artifacts), feature_ranks(ex.config, rec, state.params,
-                                                            consts, exp.data))
+                                                            rec_consts, exp.data))
   return out
 
 
@@ -167,8 +169,8 @@ def evaluate(exp, consts: dict, params: dict, workdir: str, main: tuple[dict, di
   attack on every recommender with a visual term, then :func:`section`."""
   out = run_others(exp, consts, params, workdir, train=train)
   feature = {n: fr for n, (_, _, fr) in out.items() if fr is not None}
-  mine = feature_ranks(exp.config, exp.models.recommender, params["recommender"], consts,
-                       exp.data)
+  mine = feature_ranks(exp.config, exp.models.recommender, params["recommender"],
+                       recommender_consts(exp, consts, params["recommender"]), exp.data)
   if mine is not None:
     feature = {str(exp.config.recommender.name): mine, **feature}
   return section(exp.config, main, {n: (r, k) for n, (r, k, _) in out.items()},

@@ -9,7 +9,10 @@ recommender. Parameters are passed in explicitly:
   ...]}}`` (trainable, by stage: :data:`PARAM_GROUPS`; the detector's own copy of the
   backbone's weights when ``detector_encoder``);
 * ``consts = {'backbone': {'params', 'batch_stats'}, 'stats': {'mean', 'std'},
-  'features': [I, F] clean normalised item features}`` (never trained).
+  'features': [I, F] clean normalised item features}`` (never trained); for a recommender
+  that embeds the photos with its own network (DVBPR), also its trained parameters under
+  ``ENCODER_CONSTS``, and ``features`` its embedding of the clean photos
+  (:func:`jaxvars.experiment.recommender_consts`).
 
 All models run in eval mode (BatchNorm running statistics).
 """
@@ -28,6 +31,7 @@ from jaxvars.defenses.detector import ProjectionHead, detection_score
 from jaxvars.defenses.transforms import random_resize_pad
 from jaxvars.features import normalize_features
 from jaxvars.recommenders import Recommender
+from jaxvars.recommenders.base import ENCODER_CONSTS
 
 PARAM_GROUPS = ("recommender", "denoiser", "detector")  # Top-level groups of ``params``.
 
@@ -63,8 +67,28 @@ class Models:
     return normalize_features(pooled, consts["stats"], self.feature_norm)
 
   def features(self, consts, images: jax.Array) -> jax.Array:
-    """Normalised item features f [B, F] of float32 images [B, H, W, 3]."""
+    """The recommender's item features f [B, F] of float32 images [B, H, W, 3] in [0, 1]:
+    the frozen backbone's normalised pooled features, or for a recommender that reads the
+    photos itself (DVBPR) its own network's embedding with its trained parameters
+    ``consts[ENCODER_CONSTS]`` (:func:`jaxvars.experiment.recommender_consts`)."""
+    if self.recommender.reads_images:
+      return self._encode(consts, images)
     return self.normalize(consts, self.backbone_out(consts, images)["pooled"])
+
+  def features_from(self, consts, out: dict, images: jax.Array) -> jax.Array:
+    """:meth:`features` of ``images`` where their backbone outputs ``out`` (of
+    :meth:`backbone_out`) are already computed: normalised ``out['pooled']``, or the
+    recommender's own embedding of ``images``."""
+    if self.recommender.reads_images:
+      return self._encode(consts, images)
+    return self.normalize(consts, out["pooled"])
+
+  def _encode(self, consts, images):
+    if ENCODER_CONSTS not in consts:
+      raise KeyError(f"recommender {self.recommender.name!r} embeds photos with its own "
+                     f"network, but consts has no {ENCODER_CONSTS!r} (its trained parameters: "
+                     "jaxvars.experiment.recommender_consts)")
+    return self.recommender.encode(consts[ENCODER_CONSTS], images)
 
   def rand(self, images: jax.Array, keys: jax.Array, *, pad: str | None = None) -> jax.Array:
     """The random resize + pad (Xie et al. 2018) of float32 images [B, H, W, 3], one draw

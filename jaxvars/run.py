@@ -24,7 +24,7 @@ from jaxvars.evaluate import evaluate_run
 from jaxvars.evaluation.ranking import (candidate_matrix, candidate_scores, evaluate_scores,
                                         format_ranking_table)
 from jaxvars.experiment import (Experiment, build, input_fingerprints,
-                                make_consts)
+                                make_consts, recommender_consts)
 from jaxvars.metrics import MetricWriter
 from jaxvars.overrides import ablation_variants
 from jaxvars.training import defense, records, recommender as rec_training
@@ -63,7 +63,8 @@ def _periodic_eval(exp: Experiment, consts: dict):
   def on_epoch_end(params, epoch):
     if epoch % config.eval.every_epochs:
       return {}
-    scores = candidate_scores(exp.models.recommender, params, consts["features"], cands,
+    table = recommender_consts(exp, consts, params)["features"]  # DVBPR: its CNN's, now.
+    scores = candidate_scores(exp.models.recommender, params, table, cands,
                               config.eval.batch_users)
     name = exp.models.recommender.name
     return {f"{name}/{k}": v for k, v in evaluate_scores(scores, tuple(config.eval.ks)).items()
@@ -208,10 +209,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     exp.timing["recommender_train_s"] = rec_seconds
     exp.timing["recommender_train_steps"] = n_steps
     params = dict(exp.params, recommender=rec_state.params)
-    params, stage_history, stage_seconds = defense.train_defense(exp, consts, params, workdir,
-                                                                 writer=writer)
+    rec_consts = recommender_consts(exp, consts, rec_state.params)  # DVBPR: through its CNN.
+    params, stage_history, stage_seconds = defense.train_defense(exp, rec_consts, params,
+                                                                 workdir, writer=writer)
     exp.timing.update({f"stage_{k}_s": v for k, v in stage_seconds.items()})
-    results, artifacts = evaluate_run(exp, params, consts, cached_time=True)
+    results, artifacts = evaluate_run(exp, params, rec_consts, cached_time=True)
     if artifacts:
       wd.write_artifacts(workdir, artifacts)
     results["backbone"]["linear_probe"] = backbone_probe(exp, consts)
@@ -222,7 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           exp, consts, params, workdir, (results, wd.ranks_of(artifacts)), train=True)
     if ablation_variants(config):
       _write_interim(results, config, workdir, time.perf_counter() - t_start)
-      results["ablations"] = ablations.run_ablations(exp, consts, rec_state.params, workdir,
+      results["ablations"] = ablations.run_ablations(exp, rec_consts, rec_state.params, workdir,
                                                      train=True, main_ranks=wd.ranks_of(artifacts))
     results["timing"]["total_s"] = time.perf_counter() - t_start
     results["config"] = config.to_dict()
@@ -294,7 +296,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t = time.perf_counter()
   consts = make_consts(exp)
   exp.timing["features_s"] = time.perf_counter() - t
-  fresh, artifacts = evaluate_run(exp, params, consts)
+  rec_consts = recommender_consts(exp, consts, params["recommender"])  # DVBPR: its CNN.
+  fresh, artifacts = evaluate_run(exp, params, rec_consts)
   if artifacts:
     wd.write_artifacts(workdir, artifacts)
   fresh["backbone"]["linear_probe"] = backbone_probe(exp, consts)
@@ -302,7 +305,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     fresh["recommenders"] = families.evaluate(
         exp, consts, params, workdir, (fresh, wd.ranks_of(artifacts)), train=False)
   if ablation_variants(config):
-    fresh["ablations"] = ablations.run_ablations(exp, consts, params["recommender"], workdir,
+    fresh["ablations"] = ablations.run_ablations(exp, rec_consts, params["recommender"], workdir,
                                                  train=False, main_ranks=wd.ranks_of(artifacts))
   fresh["timing"]["total_s"] = time.perf_counter() - t_start
   path = wd.results_path(workdir)

@@ -116,7 +116,7 @@ def tiny_run(tfds_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
   config = tiny_config(tfds_dir)
   config.attack.eval_eps = (4, 8)
-  config.recommenders = ("vbpr", "amr", "bprmf")
+  config.recommenders = ("vbpr", "amr", "bprmf", "dvbpr")
   config.ablation.variants.no_detector = ("loss.contrastive=0", "stages.detector.epochs=0")
   config.ablation.variants.no_perceptual = ("loss.perceptual=0",)
   # A variant whose training diverges (an infinite weight: the first loss is inf): recorded

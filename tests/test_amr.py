@@ -121,7 +121,8 @@ def test_delta_of_a_row_without_gradient_is_zero_and_finite():
 def test_adversarial_term_raises_bpr_and_stops_the_gradient_at_delta(form):
   rec, params = _amr(form)
   f = jax.random.normal(jax.random.key(3), (9, 5))
-  batch = {"user": jnp.asarray(U), "pos": jnp.asarray(I), "neg": jnp.asarray(J)}
+  batch = {"user": jnp.asarray(U), "pos": jnp.asarray(I), "neg": jnp.asarray(J),
+           "pos_features": f[I], "neg_features": f[J]}  # As bpr_objective passes them.
   term = AdversarialTerm(eps=0.3, weight=2.0)
   x = rec.difference(params, batch["user"], batch["pos"], batch["neg"], f[I], f[J])
   d_pos, d_neg = fgm_perturbation(rec, params, batch["user"], batch["pos"], batch["neg"],

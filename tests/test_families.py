@@ -1,5 +1,6 @@
 """Several recommenders in one run (jaxvars/families.py, paper Tables 2-3), on the shared tiny
-run (conftest.tiny_run: config.recommenders = VBPR, AMR, BPR-MF):
+run (conftest.tiny_run: config.recommenders = VBPR, AMR, BPR-MF, DVBPR; DVBPR's own
+checks are in tests/test_dvbpr.py):
 
 * every row of the table, and the defence recommender's rows equal to the main ranking's;
 * each other recommender's attacks are crafted against it: its cached FGSM photos equal a
@@ -40,9 +41,10 @@ SYSTEMS = ("undefended", "defended", "defended_rand")
 def test_rows_of_every_recommender(tiny_run):
   config, _, results = tiny_run
   sec = results["recommenders"]
-  assert sec["names"] == ["vbpr", "amr", "bprmf"] and sec["defense_recommender"] == "vbpr"
+  assert sec["names"] == ["vbpr", "amr", "bprmf", "dvbpr"]
+  assert sec["defense_recommender"] == "vbpr"
   conds = ["clean", "fgsm@4", "pgd@4", "fgsm@8", "pgd@8"]
-  expected = {f"{r}/{s}/{c}" for r in ("vbpr", "amr") for s in SYSTEMS for c in conds}
+  expected = {f"{r}/{s}/{c}" for r in ("vbpr", "amr", "dvbpr") for s in SYSTEMS for c in conds}
   expected.add("bprmf/undefended/clean")  # No photo moves BPR-MF: clean, undefended only.
   assert set(sec["rows"]) == expected
   for s in SYSTEMS:
@@ -108,7 +110,7 @@ def test_amr_starts_from_the_runs_vbpr(tiny_run):
 def test_worst_case_and_comparisons(tiny_run):
   config, _, results = tiny_run
   sec = results["recommenders"]
-  for rec in ("vbpr", "amr"):
+  for rec in ("vbpr", "amr", "dvbpr"):
     for s in SYSTEMS:
       worst = sec["robust"][f"{rec}/{s}"]
       assert sorted(worst["attacks"]) == ["fgsm@8", "pgd@8"]  # The report's eps.
@@ -140,6 +142,9 @@ def test_report_table(tiny_run):
   assert amr[4] == "0.0262 / 0.0105" and amr[5] == "0.0110 / 0.0040"  # Tables 2 and 3.
   assert rows[("pgd@8", "OURS-rand")][4] == "0.2719 / 0.1257"
   assert ("worst case", "OURS (AMR)") in rows and ("clean", "BPR-MF") in rows
+  # DVBPR's rows carry the paper's DVBPR block (Tables 2 and 3, clean and PGD).
+  assert rows[("clean", "DVBPR")][4:6] == ["0.4740 / 0.1435", "0.5202 / 0.3053"]
+  assert rows[("pgd@8", "OURS-rand (DVBPR)")][4] == "0.3024 / 0.1398"
   assert re.search(r"\* fgsm@8: AMR - VBPR: [+-]\d\.\d{4} \[", part)
   assert re.search(r"\* AMR - VBPR under the attack: [+-]\d\.\d{4} \[", part)
 
@@ -166,7 +171,7 @@ def test_config_errors_and_records(tiny_run, tfds_dir):
 def test_feature_attack(tiny_run):
   config, workdir, results = tiny_run
   fa = results["recommenders"]["feature_attack"]
-  assert sorted(fa["rows"]) == ["amr", "vbpr"]  # BPR-MF has no feature to perturb.
+  assert sorted(fa["rows"]) == ["amr", "dvbpr", "vbpr"]  # BPR-MF has no feature to perturb.
   assert fa["eps"] == float(config.recommender.adv_eps)
   exp = build(config, workdir)
   consts = make_consts(exp)

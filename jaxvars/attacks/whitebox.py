@@ -90,7 +90,8 @@ def attack_loss(spec, *, models, params, consts, config, items, inputs=None, con
       seen = transform(models, params, xq, None, consts)[None]
     k, b = seen.shape[:2]
     out = models.backbone_out(consts, seen.reshape((k * b,) + seen.shape[2:]))
-    feats = models.normalize(consts, out["pooled"]).reshape(k, b, -1)
+    feats = models.features_from(consts, out, seen.reshape((k * b,) + seen.shape[2:])
+                                 ).reshape(k, b, -1)
     logits = out["logits"].reshape(k, b, -1) if "logits" in out else None
     total = 0.0
     for d in range(k):

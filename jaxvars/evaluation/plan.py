@@ -118,12 +118,15 @@ class PlanInputs:
     detector: a trained detector is evaluated (detector-aware attacks, gated rows).
     uses_features: the recommender uses item photos (else no attack can move it).
     has_logits: the backbone has a classifier head (TAaMR).
+    has_floor: the recommender scores items without their photos too, so a no-visual level
+      exists (False for DVBPR, whose score is the photo's embedding alone).
   """
   systems: tuple[str, ...]
   transfer: tuple[AttackSpec, ...]
   detector: bool = True
   uses_features: bool = True
   has_logits: bool = True
+  has_floor: bool = True
 
 
 PLANNERS = Registry("evaluation condition planner")
@@ -211,7 +214,7 @@ def _targeted(config, p: PlanInputs) -> list[Condition]:
 
 @PLANNERS.register("floor")
 def _floor(config, p: PlanInputs) -> list[Condition]:
-  if UNDEFENDED in p.systems and p.uses_features:
+  if UNDEFENDED in p.systems and p.uses_features and p.has_floor:
     return [Condition(FLOOR, "floor", (UNDEFENDED,))]
   return []
 

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 
 from jaxvars import losses
 from jaxvars.errors import ConfigError
-from jaxvars.recommenders import vbpr
+from jaxvars.recommenders import dvbpr, vbpr
 from jaxvars.recommenders.base import (BPR_STAGE, RECOMMENDERS, Recommender, RecommenderEntry,
                                        TrainingStage)
 
@@ -106,9 +106,11 @@ class AdversarialTerm:
   weight: float
 
   def __call__(self, recommender: Recommender, params, batch, features) -> dict:
-    """Args: batch {'user', 'pos', 'neg'} int32 [B]; features float32 [I, F]."""
+    """Args: batch {'user', 'pos', 'neg'} int32 [B] and {'pos_features', 'neg_features'}
+    float32 [B, F] (f_i, f_j as the BPR term scored them); features: the training source
+    (unused)."""
     u, i, j = batch["user"], batch["pos"], batch["neg"]
-    f_i, f_j = features[i], features[j]
+    f_i, f_j = batch["pos_features"], batch["neg_features"]
     d_i, d_j = fgm_perturbation(recommender, params, u, i, j, f_i, f_j, eps=self.eps)
     x_adv = recommender.difference(params, u, i, j, f_i + d_i, f_j + d_j)
     return {"adversarial": self.weight * losses.bpr(pos_scores=x_adv,
@@ -126,11 +128,21 @@ def build(rec_config, *, num_users: int, num_items: int, feature_dim: int) -> Re
       TrainingStage(ADVERSARIAL_STAGE, int(rec_config.adv_epochs), term)))
 
 
-def validate(rec_config) -> None:
-  """Raises ConfigError naming the first bad field of ``config.recommender``: VBPR's
-  (:func:`jaxvars.recommenders.vbpr.validate`), then adv_epochs (an integer >= 0), adv_eps
-  and adv_weight (numbers >= 0)."""
-  vbpr.validate(rec_config)
+def build_on_dvbpr(rec_config, *, num_users: int, num_items: int,
+                   feature_dim: int) -> Recommender:
+  """AMR on DVBPR ('amr_dvbpr', the paper's Tables 2-3 DVBPR block): :mod:`jaxvars.
+  recommenders.dvbpr`'s DVBPR trained for ``dvbpr_epochs`` of BPR, then ``adv_epochs``
+  with :class:`AdversarialTerm` on its CNN's item embeddings Phi(X_i) (Tang et al.'s
+  perturbation of the visual feature; the gradient then trains the CNN too)."""
+  base = dvbpr.build(rec_config, num_users=num_users, num_items=num_items,
+                     feature_dim=feature_dim)
+  term = AdversarialTerm(eps=float(rec_config.adv_eps), weight=float(rec_config.adv_weight))
+  return dataclasses.replace(base, name="amr_dvbpr", label="AMR (DVBPR)", stages=(
+      TrainingStage(BPR_STAGE, int(rec_config.dvbpr_epochs)),
+      TrainingStage(ADVERSARIAL_STAGE, int(rec_config.adv_epochs), term)))
+
+
+def _validate_own(rec_config) -> None:
   for field in OWN_FIELDS:
     if field not in rec_config:
       raise ConfigError(f"config.recommender.{field} is missing (AMR reads it; "
@@ -145,5 +157,22 @@ def validate(rec_config) -> None:
       raise ConfigError(f"config.recommender.{field}={value!r} must be a finite number >= 0")
 
 
+def validate_on_dvbpr(rec_config) -> None:
+  """:func:`validate` for 'amr_dvbpr': DVBPR's fields, then AMR's own."""
+  dvbpr.validate(rec_config)
+  _validate_own(rec_config)
+
+
+def validate(rec_config) -> None:
+  """Raises ConfigError naming the first bad field of ``config.recommender``: VBPR's
+  (:func:`jaxvars.recommenders.vbpr.validate`), then adv_epochs (an integer >= 0), adv_eps
+  and adv_weight (numbers >= 0)."""
+  vbpr.validate(rec_config)
+  _validate_own(rec_config)
+
+
 RECOMMENDERS.register("amr", RecommenderEntry(build=build, validate=validate,
                                               own_fields=OWN_FIELDS))
+RECOMMENDERS.register("amr_dvbpr", RecommenderEntry(
+    build=build_on_dvbpr, validate=validate_on_dvbpr,
+    own_fields=OWN_FIELDS + dvbpr.OWN_FIELDS))

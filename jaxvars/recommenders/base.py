@@ -30,7 +30,11 @@ RECOMMENDERS = Registry("recommender")
 
 # The terms a training stage adds to BPR: ``terms(recommender, params, batch, features) ->
 # {name: float32 scalar}``, with ``batch`` = {'user', 'pos', 'neg'}: int32 [B] triplets
-# (u, i, j) and ``features`` the item feature table float32 [I, F] (normalised f). Every
+# (u, i, j), and 'pos_features', 'neg_features': float32 [B, F], f_i and f_j as the BPR
+# term scored them (:meth:`Recommender.batch_features`: table rows, or the recommender's
+# own embedding of the photos, differentiable in ``params``), and ``features`` the training
+# source (the feature table float32 [I, F], or the uint8 photos of a recommender that reads
+# them). Every
 # value is already weighted: it is added to the loss as it is, and reported under its name
 # in the per-step and per-epoch metrics (so no name may be 'loss', 'bpr' or
 # 'pairwise_accuracy'). A callable with value equality (a frozen dataclass), so that two
@@ -59,6 +63,10 @@ class TrainingStage:
 # Where a recommender's item features come from.
 FEATURES_FROM_TABLE = "table"  # A frozen backbone's features, computed once per image set.
 FEATURES_FROM_IMAGES = "images"  # A trainable CNN over the item photos (DVBPR): not a table.
+# The key of ``consts`` under which a recommender that reads photos (FEATURES_FROM_IMAGES)
+# finds its own trained parameters at evaluation (:func:`jaxvars.experiment.
+# recommender_consts`), so that ``Models.features(consts, images)`` goes through its CNN.
+ENCODER_CONSTS = "recommender_encoder"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +85,14 @@ class Recommender:
     penalty_weights: the weights of ``l2_terms``, in order.
     uses_features: False for a recommender without a visual term (image attacks cannot
       move it).
-    feature_source: FEATURES_FROM_TABLE or FEATURES_FROM_IMAGES.
+    feature_source: FEATURES_FROM_TABLE (the frozen backbone's normalised table) or
+      FEATURES_FROM_IMAGES: the recommender embeds the photos itself, with a trainable
+      network in its own parameters (DVBPR). Its module then also has ``encode(images
+      float32 [B, H, W, 3] in [0, 1]) -> features float32 [B, F']`` and ``initialize(users,
+      items, images)`` (runs both, for :meth:`init`), and an ``input_size`` attribute (the
+      side of the photos :meth:`init` traces it with). Training feeds it photos instead of
+      table rows (:meth:`batch_features`); evaluation, attacks and defences read its
+      features through :meth:`encode` (``jaxvars.models.Models.features``).
     stages: its training stages, in order (:class:`TrainingStage`); empty (the default):
       one 'bpr' stage of ``config.recommender.epochs`` epochs with no terms of its own
       (VBPR, BPR-MF). See :meth:`training_stages`.
@@ -139,10 +154,43 @@ class Recommender:
                        f"dtypes of {jax.tree.map(jnp.shape, params)}")
     return fitted
 
+  @property
+  def reads_images(self) -> bool:
+    """True for a recommender that embeds the photos with its own network
+    (``feature_source == FEATURES_FROM_IMAGES``: DVBPR)."""
+    return self.feature_source == FEATURES_FROM_IMAGES
+
   def init(self, key: jax.Array, feature_dim: int) -> dict:
-    """Initial parameters (a pytree) for item features of size ``feature_dim``."""
+    """Initial parameters (a pytree) for item features of size ``feature_dim`` (the frozen
+    backbone's; a recommender that reads photos ignores it and initialises its own network
+    on photos of side ``module.input_size``)."""
     index = jnp.zeros((1,), jnp.int32)
+    if self.reads_images:
+      s = int(self.module.input_size)
+      return self.module.init(key, index, index, jnp.zeros((1, s, s, 3)),
+                              method="initialize")["params"]
     return self.module.init(key, index, index, jnp.zeros((1, feature_dim)))["params"]
+
+  def encode(self, params, images: jax.Array) -> jax.Array:
+    """Item features float32 [B, F'] of float32 photos [B, H, W, 3] in [0, 1], through the
+    recommender's own network (FEATURES_FROM_IMAGES).
+
+    Raises:
+      TypeError: a recommender that reads the frozen backbone's table.
+    """
+    if not self.reads_images:
+      raise TypeError(f"recommender {self.name!r} reads the frozen backbone's feature table "
+                      "(feature_source='table'); it has no network of its own to encode photos")
+    return self.module.apply({"params": params}, images, method="encode")
+
+  def batch_features(self, params, source: jax.Array, items: jax.Array) -> jax.Array:
+    """The features float32 [B, F] of ``items`` (int32 [B]) in training: rows of the table
+    ``source`` (float32 [I, F], FEATURES_FROM_TABLE) or, for a recommender that reads
+    photos, :meth:`encode` of the photos ``source[items]`` (``source``: the catalogue's
+    uint8 photos [I, H, W, 3], pixels 0..255), differentiable in ``params``."""
+    if self.reads_images:
+      return self.encode(params, source[items].astype(jnp.float32) / 255.0)
+    return source[items]
 
   def score(self, params, users, items, features):
     """Scores x_ui [...] of ``users``, ``items`` (int [...]) with item features [..., F]."""

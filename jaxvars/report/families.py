@@ -12,6 +12,8 @@ from jaxvars.report.tables import cell, fmt, md_table
 
 _SYSTEM_LABELS = {"defended": "OURS", "defended_rand": "OURS-rand"}
 _PAPER_FAMILIES = {"vbpr": "VBPR", "dvbpr": "DVBPR"}  # Our recommender -> the paper's block.
+# AMR on a family: our name -> the family it is trained on (its row follows that family's).
+_AMR_ON = {"amr": "vbpr", "amr_dvbpr": "dvbpr"}
 WORST = "worst case"
 
 
@@ -20,29 +22,41 @@ def _rows(sec: dict) -> list[tuple[str, str, str]]:
   defence recommender, AMR, OURS, OURS-rand, then every other recommender (and the defence
   in front of it)."""
   main, labels = sec["defense_recommender"], sec.get("labels", {})
-  others = [n for n in sec["names"] if n != main]
+  names = list(sec["names"])
+  others = [n for n in names if n != main]
+  # An AMR whose family is in the run sits right after that family's undefended row.
+  amr_of = {base: n for n, base in _AMR_ON.items() if n in names and base in names}
   rows = [(labels.get(main, main), main, "undefended")]
-  rows += [(labels.get(n, n), n, "undefended") for n in others if n == "amr"]
+  if main in amr_of:
+    rows.append((labels.get(amr_of[main], amr_of[main]), amr_of[main], "undefended"))
   rows += [(_SYSTEM_LABELS[s], main, s) for s in ("defended", "defended_rand")]
+  placed = {amr_of[main]} if main in amr_of else set()
   for n in others:
-    if n != "amr":
+    if n not in placed:
       rows.append((labels.get(n, n), n, "undefended"))
+    if n in amr_of and amr_of[n] not in placed:
+      rows.append((labels.get(amr_of[n], amr_of[n]), amr_of[n], "undefended"))
+      placed.add(amr_of[n])
     rows += [(f"{_SYSTEM_LABELS[s]} ({labels.get(n, n)})", n, s)
              for s in ("defended", "defended_rand")]
   return rows
 
 
-def _paper(dataset: str, family: str | None, attack: str | None, rec: str, system: str,
-           main: str):
+def _paper(dataset: str, attack: str | None, rec: str, system: str):
   """The paper's HR@10 and NDCG@10 of that row under ``attack`` ('clean', 'fgsm', 'pgd': a
-  condition record's method; None where the paper has none)."""
-  if family is None or attack is None:
+  condition record's method; None where the paper has none): a family's row (VBPR, DVBPR,
+  OURS and OURS-rand in front of it) from that family's block, AMR on a family (undefended)
+  from the block's AMR row."""
+  if attack is None:
+    return None
+  if rec in _PAPER_FAMILIES:
+    family, key = _PAPER_FAMILIES[rec], system
+  elif rec in _AMR_ON and system == "undefended":
+    family, key = _PAPER_FAMILIES[_AMR_ON[rec]], "amr"
+  else:
     return None
   block = paper.TABLES23[dataset].get(family, {}).get(attack)
-  if block is None:
-    return None
-  key = system if rec == main else ("amr" if rec == "amr" and system == "undefended" else None)
-  ref = block.get(key) if key else None
+  ref = block.get(key) if block else None
   return None if ref is None else (ref[paper.METRICS.index("HR@10")],
                                    ref[paper.METRICS.index("NDCG@10")])
 
@@ -52,8 +66,6 @@ def family_table(results: dict) -> list[str]:
   sec = results.get("recommenders") or {}
   if not sec.get("rows"):
     return []
-  main = sec["defense_recommender"]
-  family = _PAPER_FAMILIES.get(main)
   conds = list(dict.fromkeys(k.split("/", 2)[2] for k in sec["rows"]))
   conds = [c for c in conds if c == CLEAN] + [c for c in conds if c != CLEAN] + [WORST]
   header = ["condition", "system", "HR@10", "NDCG@10",
@@ -69,7 +81,7 @@ def family_table(results: dict) -> list[str]:
       if row is None:
         continue
       attack = None if cond == WORST else attack_of.get(cond)
-      refs = [_paper(d, family, attack, rec, system, main) for d in paper.TABLES23]
+      refs = [_paper(d, attack, rec, system) for d in paper.TABLES23]
       out.append([cond, label, cell(row, "HR@10"), cell(row, "NDCG@10")]
                  + [f"{fmt(r[0])} / {fmt(r[1])}" if r else "" for r in refs])
   return md_table(header, out)
@@ -88,9 +100,9 @@ def caption(results: dict) -> str:
           f"the top 10 under every attack of the table at eps = {sec.get('eps', 8):g}. "
           "A recommender without a visual term (BPR-MF) is only ranked on clean photos: no "
           "photo can move it. The paper's numbers are Amazon Men (Table 2) and Fashion "
-          "(Table 3), its "
-          + ("VBPR" if sec["defense_recommender"] == "vbpr" else "matching") + " block; "
-          "brackets: 95% bootstrap intervals over users.")
+          "(Table 3), from the block of each row's family (VBPR, DVBPR; AMR from its "
+          "family's AMR row); our OURS (DVBPR) is the defence trained against the defence "
+          "recommender, deployed in front of DVBPR. Brackets: 95% bootstrap intervals over users.")
 
 
 def comparison_lines(results: dict, metric: str = "HR@10") -> list[str]:

@@ -166,7 +166,8 @@ def defense_objective(params, consts, batch, x_adv, is_adv, *, models, weights: 
       other = {"triplet_features": _other_features(params, consts, batch, models=models,
                                                    frozen=bpr_other == "defended_frozen")}
     metrics["bpr"] = jnp.mean(item_bpr_loss(
-        models.normalize(consts, moving_out["pooled"][-b:]), items=batch["items"],
+        models.features_from(consts, {"pooled": moving_out["pooled"][-b:]}, d_adv),
+        items=batch["items"],
         triplets=batch["triplets"], score_fn=models.score_fn(params["recommender"]),
         **other))
   for term, w in weights.items():

@@ -75,7 +75,9 @@ def bpr_objective(params, batch, features, *, recommender, terms=None):
   Args:
     params: the recommender's parameters.
     batch: {'user', 'pos', 'neg'}: int32 [B] triplets (u, i, j).
-    features: float32 [I, F], normalised item features f.
+    features: float32 [I, F], normalised item features f; for a recommender that reads
+      photos (DVBPR), the catalogue's uint8 photos [I, H, W, 3] instead
+      (:meth:`jaxvars.recommenders.Recommender.batch_features`).
     recommender: a :class:`jaxvars.recommenders.Recommender`.
     terms: the stage's :data:`jaxvars.recommenders.LossTerms` (e.g. AMR's adversarial
       term), or None (plain BPR: VBPR, BPR-MF, AMR's first stage).
@@ -89,12 +91,15 @@ def bpr_objective(params, batch, features, *, recommender, terms=None):
     ValueError: (at trace time) a stage term named like one of the metrics above.
   """
   u, i, j = batch["user"], batch["pos"], batch["neg"]
-  x_uij = recommender.difference(params, u, i, j, features[i], features[j])
+  f_i = recommender.batch_features(params, features, i)
+  f_j = recommender.batch_features(params, features, j)
+  x_uij = recommender.difference(params, u, i, j, f_i, f_j)
   bpr = losses.bpr(pos_scores=x_uij, neg_scores=jnp.zeros_like(x_uij))
   loss = bpr
   for term in recommender.penalty_terms(params, u, i, j):
     loss = loss + term
-  extra = {} if terms is None else dict(terms(recommender, params, batch, features))
+  extra = {} if terms is None else dict(terms(recommender, params, dict(
+      batch, pos_features=f_i, neg_features=f_j), features))
   clash = set(extra) & set(RESERVED_METRICS)
   if clash:
     raise ValueError(f"recommender {recommender.name!r}: stage terms {sorted(clash)} clash "
@@ -143,6 +148,16 @@ def make_epoch_fn(recommender, mesh, terms=None):
       None, sharding.DATA_AXIS))
   return jax.jit(epoch, in_shardings=(repl, steps_on_data, repl), out_shardings=(repl, repl),
                  donate_argnums=(0,))
+
+
+def training_source(exp, consts: dict) -> jax.Array:
+  """What BPR training reads item features from (:meth:`jaxvars.recommenders.Recommender.
+  batch_features`): the clean table ``consts['features']`` (float32 [I, F]), or for a
+  recommender that embeds the photos itself (DVBPR) the catalogue's uint8 photos
+  [I, H, W, 3], replicated on the mesh."""
+  if exp.models.recommender.reads_images:
+    return jax.device_put(exp.data.images, sharding.replicated(exp.mesh))
+  return consts["features"]
 
 
 def stage_plan(recommender, rec_config) -> list:
@@ -228,6 +243,7 @@ def train_recommender(exp, consts: dict, workdir: str, *, on_epoch_end=None, wri
     _check_same_backbone(tree["backbone"], exp.backbone_vars, mgr.directory)
     logging.info("recommender: resuming from checkpoint %d (epoch %d of %d)", step,
                  start_epoch, total)
+  source = training_source(exp, consts)
   epoch_fns = {}  # One jitted epoch per stage (equal stages share one), built when it first runs.
   positive_keys = splits.pair_keys(exp.data.train_users, exp.data.train_items, exp.data.num_items)
   steps_on_data = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec(
@@ -247,8 +263,7 @@ def train_recommender(exp, consts: dict, workdir: str, *, on_epoch_end=None, wri
     if triplets is None:
       triplets = epoch_triplets(exp.data, positive_keys, seed=config.seed, epoch=epoch,
                                 batch_size=rc.batch_size)
-    state, metrics = epoch_fns[stage](state, jax.device_put(triplets, steps_on_data),
-                                           consts["features"])
+    state, metrics = epoch_fns[stage](state, jax.device_put(triplets, steps_on_data), source)
     n_steps += triplets["user"].shape[0]
     # The next epoch's triplets are drawn on the host while this epoch runs (async dispatch).
     triplets = (epoch_triplets(exp.data, positive_keys, seed=config.seed, epoch=epoch + 1,
