@@ -25,7 +25,7 @@ from jaxvars import configuration, sharding, workdir as wd
 from jaxvars.data import pipeline
 from jaxvars.evaluation.probe import linear_probe
 from jaxvars.evaluation.ranking import candidate_matrix, candidate_scores, evaluate_scores
-from jaxvars.experiment import build, make_consts
+from jaxvars.experiment import build, make_consts, recommender_consts
 from jaxvars.features import FeatureExtractor
 from jaxvars.training.pretrain import BACKBONE_DIR, pretrain
 from jaxvars.training.recommender import train_recommender
@@ -37,7 +37,8 @@ def recommender_metrics(config, workdir: str) -> dict:
   exp = build(config, workdir)
   consts = make_consts(exp)
   state, _, _, _ = train_recommender(exp, consts, workdir)
-  scores = candidate_scores(exp.models.recommender, state.params, consts["features"],
+  table = recommender_consts(exp, consts, state.params)["features"]
+  scores = candidate_scores(exp.models.recommender, state.params, table,
                             candidate_matrix(exp.data.test_items, exp.data.eval_negatives),
                             config.eval.batch_users)
   return evaluate_scores(scores, tuple(config.eval.ks))
@@ -89,7 +90,8 @@ def pretrain_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
     line = f"{name:16s} linear probe {probe['accuracy']:.4f} ({probe['classes']} classes, " \
            f"majority {probe['majority_accuracy']:.4f})"
     if "vbpr" in row:
-      line += f"  VBPR HR@10 {row['vbpr']['HR@10']:.4f} NDCG@10 {row['vbpr']['NDCG@10']:.4f}"
+      rec = config.recommender.name  # results.json keeps the key 'vbpr' (the default's).
+      line += f"  {rec} HR@10 {row['vbpr']['HR@10']:.4f} NDCG@10 {row['vbpr']['NDCG@10']:.4f}"
     print(line)
   print(f"\nbackbone exported to {os.path.join(workdir, BACKBONE_DIR)}; results written to "
         f"{path}")
