@@ -134,10 +134,28 @@ def make_epoch_fn(recommender, mesh, terms=None):
   loop, one dispatch per epoch), the batch axis sharded over the mesh's ``data`` axis;
   ``terms``: the training stage's (None: plain BPR; see :func:`bpr_objective`).
 
+  A recommender with a CNN of its own (``reads_images``: DVBPR) on a CPU backend instead
+  runs the epoch's steps from a Python loop of one jitted step each: XLA's CPU runtime
+  computes convolution gradients inside a loop (the scan) several times slower than the
+  same step outside one (as for PGD, :func:`jaxvars.attacks.linf.run_loss`).
+
   Returns:
     epoch(state, triplets: {'user', 'pos', 'neg'} int32 [steps, B], features [I, F]) ->
     (new_state, metrics dict of float32 [steps]). ``state`` is donated.
   """
+  if getattr(recommender, "reads_images", False) and jax.default_backend() == "cpu":
+    step = make_bpr_step(recommender, mesh, terms)
+    on_data = sharding.batch_sharding(mesh)
+
+    def loop(state, triplets, features):
+      rows = []
+      for k in range(int(triplets["user"].shape[0])):
+        state, m = step(state, jax.device_put({n: v[k] for n, v in triplets.items()},
+                                              on_data), features)
+        rows.append(m)
+      return state, jax.tree.map(lambda *v: jnp.stack(v), *rows)
+
+    return loop
 
   def epoch(state: TrainState, triplets, features):
     return jax.lax.scan(lambda st, batch: _update(st, batch, features, recommender, terms),
