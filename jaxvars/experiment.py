@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from jaxvars import configuration, sharding
-from jaxvars.backbones import load_backbone, weights
+from jaxvars.backbones import build_backbone, load_backbone, weights
 from jaxvars.data import pipeline
 from jaxvars.defenses.denoiser import Denoiser
 from jaxvars.defenses.detector import ProjectionHead
@@ -83,28 +83,13 @@ def build(config: ml_collections.ConfigDict, workdir: str | None) -> Experiment:
                      ("config.defense.batch_size", config.defense.batch_size),
                      ("config.attack.batch_size", config.attack.batch_size)):
     sharding.check_divisible(size, mesh, what)
-  k_backbone, k_rec, k_denoiser, k_head = jax.random.split(jax.random.key(config.seed), 4)
-  s = config.data.image_size
-  image = jnp.zeros((1, s, s, 3), jnp.float32)
-  backbone, backbone_vars = load_backbone(config.backbone, image_size=s, key=k_backbone)
   if config.backbone.init == "random":
     logging.warning("the backbone %s runs on RANDOM weights (config.backbone.init='random'): "
                     "item features, the perceptual loss and the detector come from an untrained "
                     "network; pass --config.backbone.init=pretrained:<weights file> (README)",
                     config.backbone.arch)
-  recommender = build_recommender(config.recommender, num_users=data.num_users,
-                                  num_items=data.num_items, feature_dim=backbone.feature_dim)
-  dn = config.denoiser
-  denoiser = Denoiser(channels=dn.channels, num_blocks=dn.num_blocks, patch=dn.patch,
-                      attn_dim=dn.attn_dim, heads=dn.heads)
-  head = ProjectionHead(hidden=config.detector.hidden, out=config.detector.dim)
-  params = {"recommender": recommender.init(k_rec, backbone.feature_dim),
-            "denoiser": jax.jit(denoiser.init)(k_denoiser, image)["params"],
-            "detector": {"head": head.init(k_head, jnp.zeros((1, backbone.feature_dim)))["params"]}}
-  params = with_detector_encoder(params, backbone_vars, config)
-  models = Models(backbone=backbone, recommender=recommender, denoiser=denoiser, head=head,
-                  feature_norm=config.backbone.feature_norm, rand_min_scale=dn.rand_min_scale,
-                  rand_pad=dn.rand_pad, detector_encoder=bool(config.detector.train_encoder))
+  models, backbone_vars, params = build_models(config, num_users=data.num_users,
+                                               num_items=data.num_items)
   eval_items, holdout, pool, calibration = item_split(config, data.num_items)
   repl = sharding.replicated(mesh)
   inputs, _ = input_fingerprints(config, data=data)
@@ -112,6 +97,53 @@ def build(config: ml_collections.ConfigDict, workdir: str | None) -> Experiment:
                     jax.device_put(params, repl),
                     max(1, -(-len(data.train_users) // config.recommender.batch_size)),
                     eval_items, holdout, pool, calibration, timing, workdir, inputs=inputs)
+
+
+def build_models(config: ml_collections.ConfigDict, *, num_users: int, num_items: int,
+                 shapes_only: bool = False) -> tuple[Models, dict, dict]:
+  """Every model of a run through the registries, and its initial parameters.
+
+  Args:
+    config: the run's config. num_users, num_items: U, I of its data.
+    shapes_only: the parameters as ``jax.ShapeDtypeStruct`` leaves, with nothing
+      initialised or loaded (the backbone is built on random weights; the run planner,
+      :mod:`jaxvars.planner`, needs only shapes).
+
+  Returns:
+    (models, backbone_vars {'params', 'batch_stats'}, params {'recommender', 'denoiser',
+    'detector'}), drawn from the keys of ``config.seed``.
+
+  Raises:
+    ConfigError, CheckpointError: a bad backbone config or weights file.
+  """
+  k_backbone, k_rec, k_denoiser, k_head = jax.random.split(jax.random.key(config.seed), 4)
+  s = config.data.image_size
+  image = jnp.zeros((1, s, s, 3), jnp.float32)
+  if shapes_only:
+    backbone = build_backbone(config.backbone)
+    backbone_vars = jax.eval_shape(backbone.init, k_backbone, image)
+  else:
+    backbone, backbone_vars = load_backbone(config.backbone, image_size=s, key=k_backbone)
+  recommender = build_recommender(config.recommender, num_users=num_users,
+                                  num_items=num_items, feature_dim=backbone.feature_dim)
+  dn = config.denoiser
+  denoiser = Denoiser(channels=dn.channels, num_blocks=dn.num_blocks, patch=dn.patch,
+                      attn_dim=dn.attn_dim, heads=dn.heads)
+  head = ProjectionHead(hidden=config.detector.hidden, out=config.detector.dim)
+
+  def init(denoiser_init):
+    return with_detector_encoder(
+        {"recommender": recommender.init(k_rec, backbone.feature_dim),
+         "denoiser": denoiser_init(k_denoiser, image)["params"],
+         "detector": {"head": head.init(k_head, jnp.zeros((1, backbone.feature_dim)))[
+             "params"]}}, backbone_vars, config)
+
+  params = (jax.eval_shape(lambda: init(denoiser.init)) if shapes_only
+            else init(jax.jit(denoiser.init)))
+  models = Models(backbone=backbone, recommender=recommender, denoiser=denoiser, head=head,
+                  feature_norm=config.backbone.feature_norm, rand_min_scale=dn.rand_min_scale,
+                  rand_pad=dn.rand_pad, detector_encoder=bool(config.detector.train_encoder))
+  return models, backbone_vars, params
 
 
 def input_fingerprints(config, workdir: str | None = None, data=None) -> tuple[dict, set]:

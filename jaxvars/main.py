@@ -6,8 +6,10 @@ Flags: ``--config`` (an ml_collections config file; any field can be overridden,
 e.g. ``--config.recommender.factors=32``), ``--workdir`` (split, checkpoints,
 results.json), ``--mode``: ``train`` (train, resuming from the latest
 checkpoint, then evaluate), ``evaluate`` (restore the latest checkpoint and
-recompute the metrics) or ``report`` (only rewrite ``report.md`` and its figures from
-``results.json``; same as ``python -m jaxvars.report``). ``train`` and ``evaluate`` end
+recompute the metrics), ``report`` (only rewrite ``report.md`` and its figures from
+``results.json``; same as ``python -m jaxvars.report``) or ``plan`` (compile, not run, the
+run's steps and estimate its cost on this machine and on named accelerators:
+:mod:`jaxvars.planner`, written to ``<workdir>/plan.json``). ``train`` and ``evaluate`` end
 by writing the report too while ``config.eval.report`` is true. A config whose ``task`` is ``'pretrain'`` (configs/pretrain.py)
 runs self-supervised pretraining of the backbone instead.
 """
@@ -25,9 +27,11 @@ from jaxvars.errors import JaxvarsError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. "
                                           "configs/joint.py:cpu,hm.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the split, checkpoints and results.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "report"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "report", "plan"],
                           "train: train (resuming) and evaluate; evaluate: restore and evaluate; "
-                          "report: write report.md and figures from results.json.")
+                          "report: write report.md and figures from results.json; plan: "
+                          "compile (not run) the run's steps and estimate its cost "
+                          "(jaxvars/planner.py), written to <workdir>/plan.json.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -93,6 +97,9 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   held = None  # The workdir's lock (jaxvars.locking), for the whole run.
+  if _MODE.value == "plan":
+    _plan()
+    return
   try:
     held = locking.lock_run(_WORKDIR.value, _CONFIG.value, mode=_MODE.value)
     if task == "pretrain":
@@ -119,6 +126,23 @@ def main(argv):
   finally:
     if held is not None:
       held.release()
+
+
+def _plan() -> None:
+  """``--mode=plan``: :func:`jaxvars.planner.plan_and_estimate` on every accelerator,
+  printed and written to ``<workdir>/plan.json`` (nothing else is read or written there)."""
+  import os
+  from jaxvars import atomic, planner
+  try:
+    result = planner.plan_and_estimate(_CONFIG.value)
+    print(result["text"])
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    path = os.path.join(_WORKDIR.value, "plan.json")
+    atomic.write_json(path, {k: v for k, v in result.items() if k != "text"})
+    print(f"\nplan written to {path}")
+  except JaxvarsError as e:
+    print(f"jaxvars: error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
