@@ -137,7 +137,7 @@ def make_epoch_fn(recommender, mesh, terms=None):
   A recommender with a CNN of its own (``reads_images``: DVBPR) on a CPU backend instead
   runs the epoch's steps from a Python loop of one jitted step each: XLA's CPU runtime
   computes convolution gradients inside a loop (the scan) several times slower than the
-  same step outside one (as for PGD, :func:`jaxvars.attacks.linf.run_loss`).
+  same step outside one (as for PGD, :func:`jaxvars.attacks.linf.pgd`).
 
   Returns:
     epoch(state, triplets: {'user', 'pos', 'neg'} int32 [steps, B], features [I, F]) ->
