@@ -117,15 +117,23 @@ class AdversarialTerm:
                                                     neg_scores=jnp.zeros_like(x_adv))}
 
 
+def with_adversarial_stage(base: Recommender, rec_config, *, name: str, label: str,
+                           bpr_epochs: int) -> Recommender:
+  """``base`` renamed and given AMR's stages: 'bpr' for ``bpr_epochs``, then 'adversarial'
+  for ``adv_epochs`` with :class:`AdversarialTerm` (``adv_eps``, ``adv_weight``)."""
+  term = AdversarialTerm(eps=float(rec_config.adv_eps), weight=float(rec_config.adv_weight))
+  return dataclasses.replace(base, name=name, label=label, stages=(
+      TrainingStage(BPR_STAGE, int(bpr_epochs)),
+      TrainingStage(ADVERSARIAL_STAGE, int(rec_config.adv_epochs), term)))
+
+
 def build(rec_config, *, num_users: int, num_items: int, feature_dim: int) -> Recommender:
   """AMR: :func:`jaxvars.recommenders.vbpr.build`'s VBPR with AMR's name, label and stages
   ('bpr' for ``epochs``, then 'adversarial' for ``adv_epochs`` with :class:`AdversarialTerm`)."""
   base = vbpr.build(rec_config, num_users=num_users, num_items=num_items,
                     feature_dim=feature_dim)
-  term = AdversarialTerm(eps=float(rec_config.adv_eps), weight=float(rec_config.adv_weight))
-  return dataclasses.replace(base, name="amr", label="AMR", stages=(
-      TrainingStage(BPR_STAGE, int(rec_config.epochs)),
-      TrainingStage(ADVERSARIAL_STAGE, int(rec_config.adv_epochs), term)))
+  return with_adversarial_stage(base, rec_config, name="amr", label="AMR",
+                                bpr_epochs=rec_config.epochs)
 
 
 def build_on_dvbpr(rec_config, *, num_users: int, num_items: int,
@@ -136,10 +144,8 @@ def build_on_dvbpr(rec_config, *, num_users: int, num_items: int,
   perturbation of the visual feature; the gradient then trains the CNN too)."""
   base = dvbpr.build(rec_config, num_users=num_users, num_items=num_items,
                      feature_dim=feature_dim)
-  term = AdversarialTerm(eps=float(rec_config.adv_eps), weight=float(rec_config.adv_weight))
-  return dataclasses.replace(base, name="amr_dvbpr", label="AMR (DVBPR)", stages=(
-      TrainingStage(BPR_STAGE, int(rec_config.dvbpr_epochs)),
-      TrainingStage(ADVERSARIAL_STAGE, int(rec_config.adv_epochs), term)))
+  return with_adversarial_stage(base, rec_config, name="amr_dvbpr", label="AMR (DVBPR)",
+                                bpr_epochs=rec_config.dvbpr_epochs)
 
 
 def _validate_own(rec_config) -> None:
