@@ -142,7 +142,8 @@ def feature_attack_lines(results: dict, metric: str = "HR@10") -> list[str]:
   labels = sec.get("labels", {})
   out = [f"Feature-space attack (white-box on the item features, not the photos; Tang et al. "
          f"2020's fast-gradient perturbation of the training BPR loss, L2 {fa['eps']:g} per "
-         f"item in normalised-feature units, the eps AMR trains with), {metric}:", ""]
+         f"item in the units of each recommender's item features: the backbone's normalised "
+         f"features, or DVBPR's own CNN embedding; the eps AMR trains with), {metric}:", ""]
   for name, row in fa["rows"].items():
     line = f"* {labels.get(name, name)}: {cell(row, metric)}"
     for key, comp in fa["comparisons"].items():
