@@ -10,6 +10,12 @@ write through the file descriptor they created; :func:`atomic_path` (for writers
 a path) refuses to rename a temporary file that became a link or another user's file while
 being written. The rename replaces a link at the final name itself, not its target. Files
 get the mode a plain ``open(path, 'w')`` would give them (0666 less the umask).
+
+In a run of several processes (:mod:`jaxvars.distributed`) every process calls the same
+writers in the same order; only process 0 writes, and every process waits at a barrier
+after the write, so a file one process reads afterwards is complete for all of them. Files
+that each process keeps for itself (a data directory local to each host, a memo of a
+weights file's hash) pass ``every_process=True``: written by each, no barrier.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import tempfile
 
 import numpy as np
 
+from jaxvars import distributed
 from jaxvars.errors import DiskFullError, JaxvarsError
 
 
@@ -103,8 +110,17 @@ def _fail(tmp: str, path: str, e: BaseException):
   raise e
 
 
+def _writes_here(every_process: bool) -> bool:
+  return every_process or distributed.is_main()
+
+
+def _after_write(path: str, every_process: bool) -> None:
+  if not every_process:
+    distributed.barrier(f"jaxvars.atomic {os.path.basename(os.fspath(path))}")
+
+
 @contextlib.contextmanager
-def atomic_path(path: str, suffix: str = ""):
+def atomic_path(path: str, suffix: str = "", *, every_process: bool = False):
   """Yields the name of a new, empty temporary file next to ``path`` (ending in
   ``suffix``, for writers that add an extension: ``np.save`` adds '.npy' unless the name
   ends so); renames it to ``path`` when the block succeeds, removes it otherwise.
@@ -114,6 +130,11 @@ def atomic_path(path: str, suffix: str = ""):
       block wrote it; nothing is renamed.
     OSError: the directory of ``path`` cannot be written.
   """
+  if not _writes_here(every_process):  # Another process writes it: a private scratch file.
+    with tempfile.TemporaryDirectory() as scratch:
+      yield os.path.join(scratch, os.path.basename(os.fspath(path)) + suffix)
+    _after_write(path, every_process)
+    return
   fd, tmp = _create_temporary(path, suffix)
   try:
     yield tmp
@@ -125,10 +146,11 @@ def atomic_path(path: str, suffix: str = ""):
     _fail(tmp, path, e)
   finally:
     os.close(fd)
+  _after_write(path, every_process)
 
 
 @contextlib.contextmanager
-def atomic_file(path: str, mode: str = "wb", **open_kwargs):
+def atomic_file(path: str, mode: str = "wb", *, every_process: bool = False, **open_kwargs):
   """Yields a file object open for writing on a new temporary file next to ``path``
   (``mode``: 'w' or 'wb', with ``open``'s keyword arguments); renames it to ``path`` when
   the block succeeds, removes it otherwise. Nothing is opened by name.
@@ -138,6 +160,11 @@ def atomic_file(path: str, mode: str = "wb", **open_kwargs):
   """
   if mode not in ("w", "wb"):
     raise ValueError(f"mode={mode!r} is not 'w' or 'wb'")
+  if not _writes_here(every_process):  # Another process writes it.
+    with open(os.devnull, mode, **open_kwargs) as f:
+      yield f
+    _after_write(path, every_process)
+    return
   fd, tmp = _create_temporary(path, "")
   try:
     with os.fdopen(fd, mode, **open_kwargs) as f:
@@ -145,6 +172,7 @@ def atomic_file(path: str, mode: str = "wb", **open_kwargs):
     os.replace(tmp, path)
   except BaseException as e:
     _fail(tmp, path, e)
+  _after_write(path, every_process)
 
 
 def _json_default(x):
@@ -159,26 +187,27 @@ def _json_default(x):
   raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
 
 
-def write_json(path: str, obj) -> None:
+def write_json(path: str, obj, *, every_process: bool = False) -> None:
   """Writes ``obj`` as indented JSON (numpy scalars and arrays become numbers and lists)."""
-  with atomic_file(path, "w") as f:
+  with atomic_file(path, "w", every_process=every_process) as f:
     json.dump(obj, f, indent=2, sort_keys=False, default=_json_default)
     f.write("\n")
 
 
-def write_text(path: str, text: str) -> None:
+def write_text(path: str, text: str, *, every_process: bool = False) -> None:
   """Writes a text file."""
-  with atomic_file(path, "w") as f:
+  with atomic_file(path, "w", every_process=every_process) as f:
     f.write(text)
 
 
-def write_npz(path: str, arrays: dict, *, compressed: bool = True) -> None:
+def write_npz(path: str, arrays: dict, *, compressed: bool = True,
+              every_process: bool = False) -> None:
   """Writes a dict of arrays as ``.npz`` (at ``path`` exactly: no extension is added)."""
-  with atomic_file(path, "wb") as f:
+  with atomic_file(path, "wb", every_process=every_process) as f:
     (np.savez_compressed if compressed else np.savez)(f, **arrays)
 
 
-def write_npy(path: str, array: np.ndarray) -> None:
+def write_npy(path: str, array: np.ndarray, *, every_process: bool = False) -> None:
   """Writes one array as ``.npy`` (memory-mappable; at ``path`` exactly)."""
-  with atomic_file(path, "wb") as f:
+  with atomic_file(path, "wb", every_process=every_process) as f:
     np.save(f, array)

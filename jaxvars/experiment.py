@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxvars import configuration, sharding
+from jaxvars import distributed, configuration, sharding
 from jaxvars.backbones import build_backbone, load_backbone, weights
 from jaxvars.data import pipeline
 from jaxvars.defenses.denoiser import Denoiser
@@ -93,8 +93,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | None) -> Experiment:
   eval_items, holdout, pool, calibration = item_split(config, data.num_items)
   repl = sharding.replicated(mesh)
   inputs, _ = input_fingerprints(config, data=data)
-  return Experiment(config, data, mesh, models, jax.device_put(backbone_vars, repl),
-                    jax.device_put(params, repl),
+  return Experiment(config, data, mesh, models, distributed.put(backbone_vars, repl),
+                    distributed.put(params, repl),
                     max(1, -(-len(data.train_users) // config.recommender.batch_size)),
                     eval_items, holdout, pool, calibration, timing, workdir, inputs=inputs)
 
@@ -228,7 +228,7 @@ def make_consts(exp: Experiment, backbone_vars=None) -> dict:
   raw = extractor(exp.data.images)
   stats = feature_stats(raw)
   normed = normalize_features(jnp.asarray(raw), stats, exp.config.backbone.feature_norm)
-  return jax.device_put({"backbone": backbone_vars, "stats": stats, "features": normed},
+  return distributed.put({"backbone": backbone_vars, "stats": stats, "features": normed},
                         sharding.replicated(exp.mesh))
 
 
@@ -252,12 +252,12 @@ def recommender_consts(exp: Experiment, consts: dict, rec_params) -> dict:
   from jaxvars.pixels import to_float
   from jaxvars.recommenders.base import ENCODER_CONSTS
   repl = sharding.replicated(exp.mesh)
-  rec_params = jax.device_put(rec_params, repl)
+  rec_params = distributed.put(rec_params, repl)
   encode = jax.jit(lambda p, batch: rec.encode(p, to_float(batch["images"])))
   table = batched_map(lambda batch: encode(rec_params, batch), {"images": exp.data.images},
                       batch_size=int(exp.config.backbone.feature_batch_size), mesh=exp.mesh,
                       desc=f"{rec.label} item features")
-  return dict(consts, **jax.device_put({ENCODER_CONSTS: rec_params,
+  return dict(consts, **distributed.put({ENCODER_CONSTS: rec_params,
                                         "features": jnp.asarray(table)}, repl))
 
 

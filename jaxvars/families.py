@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from jaxvars import workdir as wd
+from jaxvars import distributed, workdir as wd
 from jaxvars.conditions import CLEAN
 from jaxvars.defenses import UNDEFENDED, row_name
 from jaxvars.evaluate import evaluate_run
@@ -91,7 +91,7 @@ def experiment_for(exp, name: str, workdir: str):
     cfg.systems.evaluate = tuple(s for s in cfg.systems.evaluate if s == UNDEFENDED)
     cfg.attack.eval_eps = ()
   k_rec = jax.random.split(jax.random.key(cfg.seed), 4)[1]  # As jaxvars.experiment.build.
-  params = dict(exp.params, recommender=jax.device_put(
+  params = dict(exp.params, recommender=distributed.put(
       rec.init(k_rec, feature_dim), jax.tree.leaves(exp.params)[0].sharding))
   return dataclasses.replace(exp, config=cfg, models=dataclasses.replace(exp.models, recommender=rec),
                              params=params, workdir=recommender_dir(workdir, name), timing={})

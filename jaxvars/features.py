@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxvars import sharding
+from jaxvars import distributed, sharding
 from jaxvars.pixels import to_float
 from jaxvars.progress import progress
 
@@ -101,7 +101,7 @@ def batched_map(fn, inputs: dict, *, batch_size: int, mesh, desc: str,
 
   def fetch(sent):
     result, m = sent
-    return jax.tree.map(lambda a: np.asarray(a)[:m], result)
+    return jax.tree.map(lambda a: distributed.to_host(a)[:m], result)
 
   starts = range(0, n, batch_size)
   if workers == 1 or total <= 1:
@@ -153,7 +153,7 @@ class FeatureExtractor:
   def __init__(self, model, variables, mesh, batch_size: int):
     sharding.check_divisible(batch_size, mesh, "config.backbone.feature_batch_size")
     self.mesh, self.batch_size = mesh, batch_size
-    self.variables = jax.device_put(variables, sharding.replicated(mesh))
+    self.variables = distributed.put(variables, sharding.replicated(mesh))
 
     @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
     def pooled(variables, images_uint8):

@@ -15,6 +15,7 @@ runs self-supervised pretraining of the backbone instead.
 """
 
 import errno
+import os
 import re
 import sys
 
@@ -32,6 +33,19 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "report", "plan
                           "report: write report.md and figures from results.json; plan: "
                           "compile (not run) the run's steps and estimate its cost "
                           "(jaxvars/planner.py), written to <workdir>/plan.json.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "Several processes (multi-controller JAX): host:port of process "
+    "0's coordinator, with --num_processes and --process_id. Not needed on a Cloud TPU pod "
+    "slice or under SLURM / Open MPI, which jax.distributed.initialize() detects (docs/"
+    "running.md, 'Several hosts').")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (with "
+                                      "--coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in [0, "
+                                   "--num_processes) (with --coordinator_address).")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"], "auto: call jax.distributed.initialize() "
+    "when the flags above or the environment (TPU pod slice, SLURM, Open MPI, "
+    "JAX_COORDINATOR_ADDRESS) ask for it; on: always; off: never.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -88,20 +102,29 @@ class _QuietLibraries:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from jaxvars import distributed
+  try:  # First: before anything starts a JAX backend (loading the config may).
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           mode=_DISTRIBUTED.value)
+  except ValueError as e:
+    print(f"jaxvars: error: {e}", file=sys.stderr)
+    sys.exit(2)
   try:  # A config file that failed to load raises on first use, not while parsing flags.
     task = _CONFIG.value.get("task", "joint")
   except OSError as e:
     print(f"jaxvars: error: {_one_line(e, sys.argv)}\n  hint: {_CONFIG_HINT}", file=sys.stderr)
     sys.exit(2)
   from jaxvars import report, run, run_pretrain  # Imported here so that --help is fast.
-  logging.set_verbosity(logging.INFO)
+  # Process 0 logs the run; the others only their warnings and errors.
+  logging.set_verbosity(logging.INFO if distributed.is_main() else logging.WARNING)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   held = None  # The workdir's lock (jaxvars.locking), for the whole run.
   if _MODE.value == "plan":
     _plan()
     return
   try:
-    held = locking.lock_run(_WORKDIR.value, _CONFIG.value, mode=_MODE.value)
+    if distributed.is_main():  # Process 0 holds the workdir for all of them.
+      held = locking.lock_run(_WORKDIR.value, _CONFIG.value, mode=_MODE.value)
     if task == "pretrain":
       if _MODE.value != "train":
         raise JaxvarsError("configs/pretrain.py runs with --mode=train only (it evaluates "
@@ -113,19 +136,34 @@ def main(argv):
       elif _MODE.value == "evaluate":
         run.evaluate(_CONFIG.value, _WORKDIR.value)
       if _MODE.value == "report" or _CONFIG.value.eval.get("report", True):
-        print(f"report written to {report.write_report(_WORKDIR.value)}")
+        path = report.write_report(_WORKDIR.value)
+        if distributed.is_main():
+          print(f"report written to {path}")
   except JaxvarsError as e:
     logging.error("%s", e)
     print(f"jaxvars: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _exit(2)
   except OSError as e:  # A full disk under a writer other than jaxvars.atomic (Orbax, tfds).
     if e.errno not in (errno.ENOSPC, errno.EDQUOT):
       raise
     print(f"jaxvars: error: {disk_full_message(e)}", file=sys.stderr)
-    sys.exit(2)
+    _exit(2)
   finally:
     if held is not None:
       held.release()
+
+
+def _exit(code: int) -> None:
+  """Exits with ``code``. In a run of several processes, at once (``os._exit``): the others
+  then stop on the lost coordinator instead of waiting minutes at JAX's shutdown barrier
+  for a process that left early."""
+  import jax
+  if jax.process_count() > 1:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.flush()
+    os._exit(code)
+  sys.exit(code)
 
 
 def _plan() -> None:

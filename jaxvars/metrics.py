@@ -19,11 +19,13 @@ METRICS_DIR = "metrics"
 
 
 class MetricWriter:
-  """Writes scalars to ``<workdir>/metrics`` (or nowhere when ``workdir`` is None)."""
+  """Writes scalars to ``<workdir>/metrics`` (or nowhere when ``workdir`` is None, and on
+  every process but process 0 of a multi-process run)."""
 
   def __init__(self, workdir: str | None):
     self._writer = None
-    if workdir:
+    from jaxvars import distributed
+    if workdir and distributed.is_main():  # Process 0 writes for every process.
       from tensorboardX import SummaryWriter
       self._writer = SummaryWriter(os.path.join(workdir, METRICS_DIR), flush_secs=10)
 

@@ -68,3 +68,20 @@ def progress(iterable, *, desc: str, total: int | None = None, initial: int = 0,
     return tqdm(iterable, desc=desc, total=total, initial=initial, dynamic_ncols=True,
                 leave=False, mininterval=0.1, file=sys.stderr, **kwargs)
   return PlainProgress(iterable, desc=desc, total=total, initial=initial)
+
+
+def memory_gb() -> tuple[float, float]:
+  """(current, peak) resident set size of this process in GB (10^9 bytes), from
+  ``/proc/self/statm`` and ``getrusage``'s ``ru_maxrss`` (KiB on Linux, bytes on macOS).
+  The current size is NaN where ``/proc`` is absent. Host memory only: an accelerator's
+  memory is not counted."""
+  import resource  # Unix only; imported here so that the module loads everywhere.
+
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  peak_bytes = peak if sys.platform == "darwin" else peak * 1024
+  try:
+    with open("/proc/self/statm") as f:
+      current = int(f.read().split()[1]) * resource.getpagesize()
+  except (OSError, ValueError, IndexError):
+    current = float("nan")
+  return current / 1e9, peak_bytes / 1e9

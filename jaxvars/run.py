@@ -18,7 +18,8 @@ import jax
 import ml_collections
 from absl import logging
 
-from jaxvars import ablations, atomic, configuration, families, provenance, workdir as wd
+from jaxvars import (ablations, atomic, configuration, distributed, families, provenance,
+                     workdir as wd)
 from jaxvars.errors import CheckpointError, ConfigError
 from jaxvars.evaluate import evaluate_run
 from jaxvars.evaluation.ranking import (candidate_matrix, candidate_scores, evaluate_scores,
@@ -26,6 +27,7 @@ from jaxvars.evaluation.ranking import (candidate_matrix, candidate_scores, eval
 from jaxvars.experiment import (Experiment, build, input_fingerprints,
                                 make_consts, recommender_consts)
 from jaxvars.metrics import MetricWriter
+from jaxvars.progress import memory_gb
 from jaxvars.overrides import ablation_variants
 from jaxvars.training import defense, records, recommender as rec_training
 from jaxvars.training.recommender import training_section  # noqa: F401  (jaxvars.run.training_section)
@@ -76,10 +78,10 @@ def _periodic_eval(exp: Experiment, consts: dict):
 def _writable(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
-    with atomic.atomic_path(os.path.join(workdir, ".jaxvars_write_check")) as tmp, \
-        open(tmp, "w") as f:
+    check = os.path.join(workdir, f".jaxvars_write_check.{distributed.process_index()}")
+    with atomic.atomic_path(check, every_process=True) as tmp, open(tmp, "w") as f:
       f.write("ok")
-    os.remove(os.path.join(workdir, ".jaxvars_write_check"))
+    os.remove(check)
   except OSError as e:
     raise ConfigError(f"--workdir={workdir}: cannot write there ({e.strerror or e}); choose a "
                       "directory you can write") from None
@@ -227,6 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       results["ablations"] = ablations.run_ablations(exp, rec_consts, rec_state.params, workdir,
                                                      train=True, main_ranks=wd.ranks_of(artifacts))
     results["timing"]["total_s"] = time.perf_counter() - t_start
+    results["timing"]["peak_rss_gb"] = memory_gb()[1]
     results["config"] = config.to_dict()
     results["provenance"] = provenance.describe()
     write_eval_scalars(writer, results)
@@ -308,6 +311,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     fresh["ablations"] = ablations.run_ablations(exp, rec_consts, params["recommender"], workdir,
                                                  train=False, main_ranks=wd.ranks_of(artifacts))
   fresh["timing"]["total_s"] = time.perf_counter() - t_start
+  fresh["timing"]["peak_rss_gb"] = memory_gb()[1]
   path = wd.results_path(workdir)
   results = previous or {}
   if previous is not None:
@@ -351,8 +355,10 @@ def without_timing(section):
 
 
 def finish(results: dict, workdir: str) -> None:
-  """Writes results.json and prints the ranking and detection tables."""
+  """Writes results.json and prints the ranking and detection tables (process 0)."""
   path = wd.write_results(workdir, results)
+  if not distributed.is_main():  # Process 0 prints for all.
+    return
   print("\nranking\n" + format_ranking_table(results["ranking"]))
   if results.get("detection"):
     print("\ndetection\n" + format_ranking_table(

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from jaxvars import configuration, sharding, workdir as wd
+from jaxvars import configuration, distributed, sharding, workdir as wd
 from jaxvars.data import pipeline
 from jaxvars.evaluation.probe import linear_probe
 from jaxvars.evaluation.ranking import candidate_matrix, candidate_scores, evaluate_scores
@@ -84,6 +84,8 @@ def pretrain_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
   results = {"data": data.summary(), "pretrain": {"history": history},
              "backbone": report, "timing": timing, "config": config.to_dict()}
   path = wd.write_results(workdir, results)
+  if not distributed.is_main():  # Process 0 prints for all.
+    return results
   print("\nbackbone")
   for name, row in report.items():
     probe = row["linear_probe"]

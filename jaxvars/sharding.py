@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxvars import distributed
 from jaxvars.errors import ConfigError
 
 DATA_AXIS = "data"
@@ -47,4 +48,4 @@ def check_divisible(batch_size: int, mesh: Mesh, what: str) -> None:
 
 def shard_batch(batch, mesh: Mesh):
   """Places a pytree of host arrays [B, ...] on the mesh, split along B."""
-  return jax.device_put(batch, batch_sharding(mesh))
+  return distributed.put(batch, batch_sharding(mesh))

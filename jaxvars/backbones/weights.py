@@ -206,7 +206,8 @@ def file_sha256(path: str, *, memo_dir: str | None = None) -> str:
   if memo is not None:
     try:
       os.makedirs(memo_dir, exist_ok=True)
-      atomic.write_json(memo, {"path": path, "stat": key, "sha256": digest})
+      atomic.write_json(memo, {"path": path, "stat": key, "sha256": digest},
+                        every_process=True)
     except OSError as e:
       logging.debug("cannot remember the sha256 of %s in %s (%s)", path, memo, e)
   return digest

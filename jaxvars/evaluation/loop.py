@@ -32,6 +32,7 @@ from jaxvars.evaluation.ranking import (candidate_matrix, candidate_scores, most
                                         positive_ranks)
 from jaxvars.evaluation.system_features import systems_features
 from jaxvars.evaluation.targeted import Targeted
+from jaxvars.progress import memory_gb
 from jaxvars.workdir import FULL_RANKS_PREFIX, RANKS_PREFIX
 
 SUBSET_KINDS = ("adaptive", "whitebox", "sanity")  # Ranked on the attacked users' rows.
@@ -194,7 +195,7 @@ def evaluate_all(ctx: EvalContext, plan: list[Condition], *, detect: bool = True
   idx = np.arange(data.num_items, dtype=np.int32) if subset is None else subset
   clean_feats, targeted, rows_of = {}, None, {}
   for cond in plan:
-    t = time.perf_counter()
+    t = t_cond = time.perf_counter()
     before = set(scores.rows)
     if cond.kind in ("clean", "transfer"):  # Every item's photo; one catalogue in memory.
       if cond.kind == "clean":
@@ -241,6 +242,9 @@ def evaluate_all(ctx: EvalContext, plan: list[Condition], *, detect: bool = True
     else:
       raise ConfigError(f"evaluation condition {cond.name!r} has an unknown kind {cond.kind!r}")
     rows_of.setdefault(id(cond), [k for k in scores.rows if k not in before])
+    now, peak = memory_gb()
+    logging.info("condition %s done in %.1f s; host memory %.2f GB (peak so far %.2f GB)",
+                 cond.name, time.perf_counter() - t_cond, now, peak)
   if targeted is not None:
     artifacts.update(targeted.artifacts)
   return _results(ctx, plan, scores, rows_of, names, mostpop=mostpop, det=det, fid=fid,

@@ -8,7 +8,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxvars import rng, sharding
+from jaxvars import distributed, rng, sharding
 from jaxvars.defenses import SYSTEMS
 from jaxvars.defenses import systems as systems_lib
 from jaxvars.features import batched_map, concurrent_batches
@@ -38,7 +38,7 @@ def systems_features(system_names, *, models, params, consts, images: np.ndarray
   """
   systems = {name: SYSTEMS.get(name) for name in system_names}
   frozen = ml_collections.FrozenConfigDict(config)
-  params, consts = jax.device_put((params, consts), sharding.replicated(mesh))
+  params, consts = distributed.put((params, consts), sharding.replicated(mesh))
 
   items = np.arange(len(images), dtype=np.int32) if items is None else np.asarray(items,
                                                                                  np.int32)

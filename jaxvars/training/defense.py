@@ -14,7 +14,7 @@ import numpy as np
 from absl import logging
 from flax.training import train_state
 
-from jaxvars import atomic, checkpointing, sharding, workdir as wd
+from jaxvars import distributed, atomic, checkpointing, sharding, workdir as wd
 from jaxvars.attacks.spec import attack_spec
 from jaxvars.data import splits
 from jaxvars.errors import CheckpointError
@@ -42,7 +42,7 @@ def stage_plan(exp, stage) -> tuple[int, int]:
 def _stage_state(exp, params: dict, stage) -> train_state.TrainState:
   tx = stage_optimizer(tuple(stage.trainable), stage.lr)
   params = jax.tree.map(jnp.copy, params)  # The step donates its state: keep the caller's arrays.
-  return jax.device_put(train_state.TrainState.create(apply_fn=None, params=params, tx=tx),
+  return distributed.put(train_state.TrainState.create(apply_fn=None, params=params, tx=tx),
                         sharding.replicated(exp.mesh))
 
 

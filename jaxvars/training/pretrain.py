@@ -23,7 +23,7 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from jaxvars import checkpointing, losses, sharding, workdir as wd
+from jaxvars import distributed, checkpointing, losses, sharding, workdir as wd
 from jaxvars.backbones import build_backbone
 from jaxvars.defenses.detector import ProjectionHead
 from jaxvars.pixels import to_float
@@ -88,7 +88,7 @@ def pretrain(config, data, mesh, workdir: str):
   total = steps_per_epoch * p.epochs
   schedule = optax.warmup_cosine_decay_schedule(0.0, p.lr, steps_per_epoch * p.warmup_epochs,
                                                 max(total, steps_per_epoch * p.warmup_epochs + 1))
-  state = jax.device_put(PretrainState.create(apply_fn=None, params=params,
+  state = distributed.put(PretrainState.create(apply_fn=None, params=params,
                                               tx=optax.adamw(schedule, weight_decay=p.weight_decay),
                                               batch_stats=variables["batch_stats"]),
                          sharding.replicated(mesh))

@@ -24,7 +24,7 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from jaxvars import checkpointing, losses, sharding, workdir as wd
+from jaxvars import distributed, checkpointing, losses, sharding, workdir as wd
 from jaxvars.data import splits
 from jaxvars.errors import CheckpointError, NonFiniteLossError
 from jaxvars.progress import progress
@@ -150,7 +150,7 @@ def make_epoch_fn(recommender, mesh, terms=None):
     def loop(state, triplets, features):
       rows = []
       for k in range(int(triplets["user"].shape[0])):
-        state, m = step(state, jax.device_put({n: v[k] for n, v in triplets.items()},
+        state, m = step(state, distributed.put({n: v[k] for n, v in triplets.items()},
                                               on_data), features)
         rows.append(m)
       return state, jax.tree.map(lambda *v: jnp.stack(v), *rows)
@@ -174,7 +174,7 @@ def training_source(exp, consts: dict) -> jax.Array:
   recommender that embeds the photos itself (DVBPR) the catalogue's uint8 photos
   [I, H, W, 3], replicated on the mesh."""
   if exp.models.recommender.reads_images:
-    return jax.device_put(exp.data.images, sharding.replicated(exp.mesh))
+    return distributed.put(exp.data.images, sharding.replicated(exp.mesh))
   return consts["features"]
 
 
@@ -192,7 +192,7 @@ def initial_state(exp) -> TrainState:
   rec = exp.models.recommender
   tx = (optax.identity() if rec.fitted
         else make_optimizer(exp.config.recommender, exp.rec_steps_per_epoch))
-  return jax.device_put(
+  return distributed.put(
       TrainState.create(apply_fn=None, params=jax.tree.map(jnp.copy, exp.params["recommender"]),
                         tx=tx),
       sharding.replicated(exp.mesh))
@@ -281,7 +281,7 @@ def train_recommender(exp, consts: dict, workdir: str, *, on_epoch_end=None, wri
     if triplets is None:
       triplets = epoch_triplets(exp.data, positive_keys, seed=config.seed, epoch=epoch,
                                 batch_size=rc.batch_size)
-    state, metrics = epoch_fns[stage](state, jax.device_put(triplets, steps_on_data), source)
+    state, metrics = epoch_fns[stage](state, distributed.put(triplets, steps_on_data), source)
     n_steps += triplets["user"].shape[0]
     # The next epoch's triplets are drawn on the host while this epoch runs (async dispatch).
     triplets = (epoch_triplets(exp.data, positive_keys, seed=config.seed, epoch=epoch + 1,
@@ -360,7 +360,7 @@ def fit_recommender(exp, consts: dict, workdir: str):
     if not all(np.all(np.isfinite(a)) for a in leaves):
       raise NonFiniteLossError(f"{rec.label}: the fitted parameters are not finite (are the "
                                "item features finite?); no checkpoint or results were written")
-    state = jax.device_put(TrainState.create(apply_fn=None, params=params, tx=optax.identity()),
+    state = distributed.put(TrainState.create(apply_fn=None, params=params, tx=optax.identity()),
                            sharding.replicated(exp.mesh))
     seconds = time.perf_counter() - t0
     logging.info("recommender: %s fitted on %d training pairs in %.2f s (no training)",
