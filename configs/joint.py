@@ -34,6 +34,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.task = "joint"  # What jaxvars.main runs: 'joint' (this file) | 'pretrain' (configs/pretrain.py).
   c.seed = 0  # Seed of every PRNG key: model init, triplet sampling.
   c.num_devices = 0  # Devices on the `data` mesh axis; 0 = all local devices.
+  # Compute dtype of the backbone, denoiser and detector: 'float32' | 'bfloat16' (parameters,
+  # losses, the recommender and attacked photos stay float32; docs/performance.md#bfloat16).
+  c.dtype = "float32"
   # A workdir whose stages were trained with other settings: 'error' (stop, listing the
   # differences) | 'retrain_changed' (retrain the changed stages and everything downstream).
   c.resume = "error"

@@ -75,9 +75,12 @@ def _budgets(config, path: str, *, allow_empty: bool = True) -> None:
 # ---------------------------------------------------------------------------
 
 def _top(config) -> None:
+  from jaxvars.models import COMPUTE_DTYPES
   from jaxvars.training.records import RESUME_MODES
   positive(config, "num_devices", allow_zero=True, integer=True)
   seed(config, "seed")
+  if "dtype" in config:
+    one_of(config, "dtype", COMPUTE_DTYPES)
   if "resume" in config:
     one_of(config, "resume", RESUME_MODES)
 

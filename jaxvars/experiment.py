@@ -18,13 +18,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxvars import distributed, configuration, sharding
-from jaxvars.backbones import build_backbone, load_backbone, weights
+from jaxvars import configuration, distributed, sharding
+from jaxvars.backbones import build_backbone, load_backbone, weights, with_dtype
 from jaxvars.data import pipeline
 from jaxvars.defenses.denoiser import Denoiser
 from jaxvars.defenses.detector import ProjectionHead
 from jaxvars.features import FeatureExtractor, feature_stats, normalize_features
-from jaxvars.models import Models
+from jaxvars.models import Models, compute_dtype
 from jaxvars.recommenders import build_recommender
 
 
@@ -111,7 +111,9 @@ def build_models(config: ml_collections.ConfigDict, *, num_users: int, num_items
 
   Returns:
     (models, backbone_vars {'params', 'batch_stats'}, params {'recommender', 'denoiser',
-    'detector'}), drawn from the keys of ``config.seed``.
+    'detector'}), drawn from the keys of ``config.seed``. The backbone, the denoiser and the
+    detector head compute in ``config.dtype`` (default 'float32'); every parameter is
+    float32 and the same for either dtype.
 
   Raises:
     ConfigError, CheckpointError: a bad backbone config or weights file.
@@ -119,17 +121,22 @@ def build_models(config: ml_collections.ConfigDict, *, num_users: int, num_items
   k_backbone, k_rec, k_denoiser, k_head = jax.random.split(jax.random.key(config.seed), 4)
   s = config.data.image_size
   image = jnp.zeros((1, s, s, 3), jnp.float32)
+  # config.dtype: the backbone, D and the head compute in it; their parameters are float32
+  # (initialised and loaded as in float32: the same values), their outputs float32.
+  dtype_name = config.get("dtype", "float32")
+  dtype = compute_dtype(dtype_name)
   if shapes_only:
     backbone = build_backbone(config.backbone)
     backbone_vars = jax.eval_shape(backbone.init, k_backbone, image)
   else:
     backbone, backbone_vars = load_backbone(config.backbone, image_size=s, key=k_backbone)
+  backbone = with_dtype(backbone, dtype, arch=config.backbone.arch)
   recommender = build_recommender(config.recommender, num_users=num_users,
                                   num_items=num_items, feature_dim=backbone.feature_dim)
   dn = config.denoiser
   denoiser = Denoiser(channels=dn.channels, num_blocks=dn.num_blocks, patch=dn.patch,
-                      attn_dim=dn.attn_dim, heads=dn.heads)
-  head = ProjectionHead(hidden=config.detector.hidden, out=config.detector.dim)
+                      attn_dim=dn.attn_dim, heads=dn.heads, dtype=dtype)
+  head = ProjectionHead(hidden=config.detector.hidden, out=config.detector.dim, dtype=dtype)
 
   def init(denoiser_init):
     return with_detector_encoder(
@@ -142,7 +149,8 @@ def build_models(config: ml_collections.ConfigDict, *, num_users: int, num_items
             else init(jax.jit(denoiser.init)))
   models = Models(backbone=backbone, recommender=recommender, denoiser=denoiser, head=head,
                   feature_norm=config.backbone.feature_norm, rand_min_scale=dn.rand_min_scale,
-                  rand_pad=dn.rand_pad, detector_encoder=bool(config.detector.train_encoder))
+                  rand_pad=dn.rand_pad, detector_encoder=bool(config.detector.train_encoder),
+                  dtype=dtype_name)
   return models, backbone_vars, params
 
 

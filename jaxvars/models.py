@@ -34,6 +34,21 @@ from jaxvars.recommenders import Recommender
 from jaxvars.recommenders.base import ENCODER_CONSTS
 
 PARAM_GROUPS = ("recommender", "denoiser", "detector")  # Top-level groups of ``params``.
+# config.dtype: the compute dtype of the backbone, the denoiser and the detector head. Their
+# parameters, their outputs, the losses, the recommender and the attacked photos stay float32.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str):
+  """The jnp dtype of a ``config.dtype`` name ('float32' | 'bfloat16').
+
+  Raises:
+    ConfigError: another name (the message names config.dtype and the allowed values).
+  """
+  if name not in COMPUTE_DTYPES:
+    from jaxvars.errors import ConfigError
+    raise ConfigError(f"config.dtype={name!r} is not one of {tuple(COMPUTE_DTYPES)}")
+  return COMPUTE_DTYPES[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +63,9 @@ class Models:
     rand_pad: padding of "rand": 'zero' (Xie et al.) or 'border' (the image's border colour).
     detector_encoder: the detector embeds through its own trainable copy of the backbone
       (``params['detector']['encoder']``, the paper's setting) instead of the frozen one.
+    dtype: the name of the compute dtype the backbone, denoiser and head were built with
+      (``config.dtype``, :data:`COMPUTE_DTYPES`); informational (the attack cache's
+      fingerprint reads it): the modules carry their own ``dtype``.
   """
   backbone: nn.Module
   recommender: Recommender
@@ -57,6 +75,7 @@ class Models:
   rand_min_scale: float = 0.875
   rand_pad: str = "zero"
   detector_encoder: bool = False
+  dtype: str = "float32"
 
   def backbone_out(self, consts, images: jax.Array) -> dict:
     """Backbone outputs (stage maps, 'pooled', ...) of float32 images [B, H, W, 3] in [0, 1]."""

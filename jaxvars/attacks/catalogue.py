@@ -80,14 +80,17 @@ def content_digest(array) -> str:
 
 
 def fingerprint(spec: AttackSpec, *, params, consts, image_shape, items=None,
-                settings: dict | None = None, images=None, table=None) -> str:
+                settings: dict | None = None, images=None, table=None,
+                dtype: str = "float32") -> str:
   """A hash of everything an attacked catalogue depends on: the parameters it was crafted
   against, the feature table of every item (hence the backbone and the photos), the clean
   photos of every item (``images``, uint8 [I, S, S, 3]: what the attack starts from and what
   the unattacked items keep; :func:`content_digest`), the attack spec, the attacked items,
   the defended system's settings and, where the objective read another item table than the
   clean one (``table``: a system's deployed table, ``config.attack.whitebox_table``), that
-  table's content (so a clean-table attack is never served for a deployed-table one)."""
+  table's content (so a clean-table attack is never served for a deployed-table one), and
+  the models' compute dtype (``config.dtype``) where it is not float32 (a float32 attack's
+  fingerprint is the one it had before the field existed)."""
   h = hashlib.sha256()
   for leaf in jax.tree.leaves(_attacked_params(spec, params)):
     h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
@@ -98,6 +101,8 @@ def fingerprint(spec: AttackSpec, *, params, consts, image_shape, items=None,
     h.update(np.ascontiguousarray(np.asarray(items, np.int64)).tobytes())
   if table is not None:
     h.update(b"objective_table:" + content_digest(table).encode())
+  if dtype != "float32":
+    h.update(b"dtype:" + str(dtype).encode())
   h.update(json.dumps([spec.method, spec.objective, spec.eps, list(image_shape), spec.seed,
                        spec.steps, spec.step(), spec.random_start, spec.triplets_per_item,
                        spec.through, spec.eot, spec.restarts, spec.detector_lambda,
@@ -255,8 +260,8 @@ def cached_attack_catalogue(spec: AttackSpec, *, cache_dir: str | None, **kwargs
   (stats, fingerprint and ``array_sha256``: the :func:`content_digest` of the ``.npy``'s
   array, sha256 of its dtype, shape and bytes; key = the condition, plus the attacked
   system for a white-box attack) and loaded, not recomputed, while the fingerprint matches
-  (same parameters, backbone, photos of every item, attack and attacked items:
-  :func:`fingerprint`) and the ``.npy`` is intact. A cache whose bytes no longer
+  (same parameters, backbone, compute dtype, photos of every item, attack and attacked
+  items: :func:`fingerprint`) and the ``.npy`` is intact. A cache whose bytes no longer
   match its checksum (replaced, truncated) is crafted again, with a warning naming it.
   Writes are atomic.
 
@@ -275,7 +280,8 @@ def cached_attack_catalogue(spec: AttackSpec, *, cache_dir: str | None, **kwargs
                                              (kwargs.get("constants") or {}).items()})
   key = fingerprint(spec, params=kwargs["params"], consts=kwargs["consts"],
                     image_shape=shape, items=items, settings=settings, images=images,
-                    table=kwargs.get("table"))
+                    table=kwargs.get("table"),
+                    dtype=getattr(kwargs.get("models"), "dtype", "float32"))
   stem = os.path.join(cache_dir, spec.condition + (f"@{spec.through}" if spec.through else ""))
   cached = _load_cached(stem, key, shape)
   if cached is not None:

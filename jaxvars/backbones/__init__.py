@@ -9,7 +9,9 @@ model, so attacks perturb pixels) and returns a dict of float32 arrays:
   perceptual loss's maps);
 * ``'logits'``: [B, 1000] ImageNet logits, only for backbones with a classifier head.
 
-and has the property ``feature_dim`` (F). An architecture is one module file that
+and has the property ``feature_dim`` (F). A backbone with a ``dtype`` attribute (its compute
+dtype; parameters float32, outputs cast back to float32) follows ``config.dtype``
+(:func:`with_dtype`). An architecture is one module file that
 registers a :class:`~jaxvars.backbones.base.BackboneEntry` in ``BACKBONES`` (every module
 of this package is imported here, so registering is all a new file has to do).
 
@@ -21,6 +23,7 @@ configs/pretrain.py>'``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -31,7 +34,8 @@ from jaxvars.registry import import_submodules
 
 import_submodules(__name__, __path__)
 
-__all__ = ["BACKBONES", "BackboneEntry", "load_backbone", "build_backbone", "PERCEPTUAL_MAPS"]
+__all__ = ["BACKBONES", "BackboneEntry", "load_backbone", "build_backbone", "with_dtype",
+           "PERCEPTUAL_MAPS"]
 
 PERCEPTUAL_MAPS = ("stage2", "stage3", "stage4")  # Maps of the perceptual loss (paper 3.3).
 
@@ -67,3 +71,22 @@ def load_backbone(backbone_config, *, image_size: int, key: jax.Array):
   module = build_backbone(backbone_config)
   image = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   return module, jax.jit(module.init)(key, image)
+
+
+def with_dtype(module, dtype, *, arch: str = ""):
+  """The backbone ``module`` computing in ``dtype`` (``config.dtype``: jnp.float32 or
+  jnp.bfloat16): a clone with its ``dtype`` attribute set, the same parameters (float32)
+  and outputs (float32 arrays). float32 returns ``module`` itself, unchanged.
+
+  Raises:
+    ConfigError: a non-float32 ``dtype`` for a backbone without a ``dtype`` attribute
+      (``arch`` names it).
+  """
+  if jnp.dtype(dtype) == jnp.dtype(jnp.float32):
+    return module
+  if "dtype" not in {f.name for f in dataclasses.fields(module)}:
+    from jaxvars.errors import ConfigError
+    raise ConfigError(f"config.dtype={jnp.dtype(dtype).name!r}: the backbone "
+                      f"{arch or type(module).__name__!r} has no dtype attribute to compute in "
+                      "it; use config.dtype='float32' (docs/extending.md, adding a backbone)")
+  return module.clone(dtype=dtype)

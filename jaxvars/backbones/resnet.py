@@ -46,11 +46,12 @@ class BasicBlock(nn.Module):
   strides: int = 1
   conv_bias: bool = False
   stride_in_1x1: bool = False  # Unused: no 1x1 conv in the main path.
+  dtype: jnp.dtype = jnp.float32  # Computation dtype of the convs (parameters stay float32).
   expansion = 1
 
   @nn.compact
   def __call__(self, x, *, norm):
-    conv = functools.partial(layers.Conv, use_bias=self.conv_bias)
+    conv = functools.partial(layers.Conv, use_bias=self.conv_bias, dtype=self.dtype)
     y = conv(self.filters, (3, 3), self.strides, padding=1, name="conv1")(x)
     y = nn.relu(norm(name="bn1")(y))
     y = conv(self.filters, (3, 3), padding=1, name="conv2")(y)
@@ -68,11 +69,12 @@ class Bottleneck(nn.Module):
   strides: int = 1
   conv_bias: bool = False
   stride_in_1x1: bool = False
+  dtype: jnp.dtype = jnp.float32  # Computation dtype of the convs (parameters stay float32).
   expansion = 4
 
   @nn.compact
   def __call__(self, x, *, norm):
-    conv = functools.partial(layers.Conv, use_bias=self.conv_bias)
+    conv = functools.partial(layers.Conv, use_bias=self.conv_bias, dtype=self.dtype)
     s1, s3 = (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
     y = conv(self.filters, (1, 1), s1, name="conv1")(x)
     y = nn.relu(norm(name="bn1")(y))
@@ -96,7 +98,9 @@ class ResNet(nn.Module):
     small_stem: 3x3 stride-1 stem without max-pool (for 32-64 px images) instead of
       the 7x7 stride-2 conv + 3x3 stride-2 max-pool.
     style: 'torchvision' or 'keras' (see module doc).
-    dtype: computation dtype (parameters stay float32).
+    dtype: computation dtype of every conv and BatchNorm (``config.dtype``; parameters stay
+      float32, BatchNorm's statistics are float32, the input is normalised in float32
+      then cast, and the returned maps are cast back to float32).
 
   Returns (``__call__(x, train=False)``), a dict of float32 arrays:
     'stage1' .. 'stage4': [B, h_s, w_s, C_s] outputs of each stage;
@@ -121,7 +125,7 @@ class ResNet(nn.Module):
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                              epsilon=1.001e-5 if keras else 1e-5, dtype=self.dtype)
     block_cls = functools.partial(Bottleneck if self.block == "bottleneck" else BasicBlock,
-                                  conv_bias=keras, stride_in_1x1=keras)
+                                  conv_bias=keras, stride_in_1x1=keras, dtype=self.dtype)
     if keras:
       x = x[..., ::-1] * 255.0 - jnp.asarray(CAFFE_BGR_MEAN, jnp.float32)
     else:

@@ -25,6 +25,8 @@ gradients, and attacks through D see no masked gradient there.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -46,23 +48,27 @@ def sincos_2d(h: int, w: int, dim: int) -> np.ndarray:
 
 
 class ResidualBlock(nn.Module):
-  """conv3x3 -> ReLU -> conv3x3 (zero-initialised), plus the input."""
+  """conv3x3 -> ReLU -> conv3x3 (zero-initialised), plus the input; computed in ``dtype``."""
   channels: int
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    y = nn.relu(layers.Conv(self.channels, (3, 3), padding=1, name="conv1")(x))
+    y = nn.relu(layers.Conv(self.channels, (3, 3), padding=1, dtype=self.dtype,
+                            name="conv1")(x))
     y = layers.Conv(self.channels, (3, 3), padding=1, kernel_init=nn.initializers.zeros,
-                name="conv2")(y)
+                    dtype=self.dtype, name="conv2")(y)
     return x + y
 
 
 class GlobalAttentionBlock(nn.Module):
-  """A pre-norm transformer block over patch tokens of a [B, H, W, C] map (see module doc)."""
+  """A pre-norm transformer block over patch tokens of a [B, H, W, C] map (see module doc),
+  computed in ``dtype`` (LayerNorm statistics and the softmax in float32)."""
   patch: int = 8
   dim: int = 128
   heads: int = 4
   mlp_ratio: int = 2
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
@@ -73,13 +79,17 @@ class GlobalAttentionBlock(nn.Module):
                        "config.denoiser.patch to a divisor of the image size")
     gh, gw = h // p, w // p
     tokens = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * c)
-    z = nn.Dense(self.dim, name="embed")(tokens) + jnp.asarray(sincos_2d(gh, gw, self.dim))
-    y = nn.LayerNorm(name="ln1")(z)
-    z = z + nn.MultiHeadDotProductAttention(num_heads=self.heads, name="attention")(y, y)
-    y = nn.LayerNorm(name="ln2")(z)
-    y = nn.Dense(self.dim * self.mlp_ratio, name="mlp1")(y)
-    z = z + nn.Dense(self.dim, name="mlp2")(nn.gelu(y))
-    out = nn.Dense(c, kernel_init=nn.initializers.zeros, name="unembed")(z).reshape(b, gh, gw, c)
+    dense = functools.partial(nn.Dense, dtype=self.dtype)
+    z = dense(self.dim, name="embed")(tokens) + jnp.asarray(sincos_2d(gh, gw, self.dim),
+                                                             self.dtype)
+    y = nn.LayerNorm(dtype=self.dtype, name="ln1")(z)
+    # force_fp32_for_softmax: the attention weights' softmax in float32 (a no-op in float32).
+    z = z + nn.MultiHeadDotProductAttention(num_heads=self.heads, dtype=self.dtype,
+                                            force_fp32_for_softmax=True, name="attention")(y, y)
+    y = nn.LayerNorm(dtype=self.dtype, name="ln2")(z)
+    y = dense(self.dim * self.mlp_ratio, name="mlp1")(y)
+    z = z + dense(self.dim, name="mlp2")(nn.gelu(y))
+    out = dense(c, kernel_init=nn.initializers.zeros, name="unembed")(z).reshape(b, gh, gw, c)
     return x + jax.image.resize(out, (b, h, w, c), method="bilinear")
 
 
@@ -90,6 +100,11 @@ class Denoiser(nn.Module):
     channels: width of the convolutional trunk.
     num_blocks: residual blocks (paper: 9).
     patch, attn_dim, heads: the global attention block (see module doc).
+    dtype: computation dtype of the trunk, the attention block and the output conv
+      (``config.dtype``; parameters stay float32). The residual r(x) is cast to float32
+      and the skip path ``sigmoid(logit(clip(x)) + r)`` is float32 whatever ``dtype``, so
+      an untrained D stays the identity to float32 precision (a bfloat16 pixel is only
+      2**-8 apart near 1, a third of an 8/255 budget's step).
 
   ``__call__(x)``: float32 [B, H, W, 3] in [0, 1] -> float32 [B, H, W, 3] in (0, 1).
   """
@@ -98,13 +113,18 @@ class Denoiser(nn.Module):
   patch: int = 8
   attn_dim: int = 128
   heads: int = 4
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    h = nn.relu(layers.Conv(self.channels, (9, 9), padding=4, name="conv_in")(x * 2.0 - 1.0))
+    conv = functools.partial(layers.Conv, dtype=self.dtype)
+    h = nn.relu(conv(self.channels, (9, 9), padding=4, name="conv_in")(
+        (x * 2.0 - 1.0).astype(self.dtype)))
     for k in range(self.num_blocks):
-      h = ResidualBlock(self.channels, name=f"block{k}")(h)
-    h = GlobalAttentionBlock(self.patch, self.attn_dim, self.heads, name="attention")(h)
-    r = layers.Conv(3, (9, 9), padding=4, kernel_init=nn.initializers.zeros, name="conv_out")(h)
+      h = ResidualBlock(self.channels, dtype=self.dtype, name=f"block{k}")(h)
+    h = GlobalAttentionBlock(self.patch, self.attn_dim, self.heads, dtype=self.dtype,
+                             name="attention")(h)
+    r = conv(3, (9, 9), padding=4, kernel_init=nn.initializers.zeros, name="conv_out")(h)
+    r = r.astype(jnp.float32)
     xc = x + jax.lax.stop_gradient(jnp.clip(x, _EDGE, 1.0 - _EDGE) - x)  # Straight-through.
     return jax.nn.sigmoid(jnp.log(xc) - jnp.log1p(-xc) + r)

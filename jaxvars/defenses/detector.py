@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -19,15 +20,21 @@ class ProjectionHead(nn.Module):
 
   Attributes:
     hidden: width of W1. out: embedding dimension (paper: 128).
+    dtype: computation dtype of W1 and W2 (``config.dtype``; parameters stay float32); z
+      is cast to float32 before its normalisation.
 
   ``__call__(h)``: float32 [B, F] pooled features -> float32 [B, out], unit norm.
   """
   hidden: int = 512
   out: int = 128
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, h):
-    z = nn.Dense(self.out, name="w2")(nn.relu(nn.Dense(self.hidden, name="w1")(h)))
+    h = jnp.asarray(h).astype(self.dtype)
+    z = nn.Dense(self.out, dtype=self.dtype, name="w2")(
+        nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="w1")(h)))
+    z = z.astype(jnp.float32)
     # optax.safe_norm: a finite gradient where z = 0 (a photo whose pooled features are all
     # zero, e.g. a pure white one through a ReLU6 backbone; jnp.linalg.norm's is NaN there).
     return z / optax.safe_norm(z, 1e-8, axis=-1, keepdims=True)

@@ -47,7 +47,9 @@ SPLIT_ARRAYS = ("user_ids", "item_ids", "train_users", "train_items", "test_item
                 "eval_negatives")
 
 # Config fields (dotted prefixes) each kind of stage depends on.
-_UPSTREAM = ("seed", "data.", "backbone.arch", "backbone.width", "backbone.small_stem",
+# config.dtype shapes every stage: the backbone's features (the recommender's table, the
+# perceptual maps, the detector's input) and the denoiser's and detector's compute.
+_UPSTREAM = ("seed", "dtype", "data.", "backbone.arch", "backbone.width", "backbone.small_stem",
              "backbone.init", "backbone.feature_norm", "recommender.")
 _DEFENCE = ("defense.", "loss.", "denoiser.channels", "denoiser.num_blocks", "denoiser.patch",
             "denoiser.attn_dim", "denoiser.heads", "detector.hidden", "detector.dim",
@@ -58,7 +60,7 @@ _NOT_SHAPING = ("defense.checkpoint_every_steps",)
 # Fields added after workdirs existed, at the value that reproduces the older training: left
 # out of a record at that value (as a None option is), so those workdirs' records stay valid,
 # while any other value is a recorded difference that retrains the stage.
-_LEGACY_DEFAULTS = {"defense.bpr_other": "clean"}
+_LEGACY_DEFAULTS = {"defense.bpr_other": "clean", "dtype": "float32"}
 
 
 def flatten(config) -> dict:
@@ -82,8 +84,8 @@ def stage_fields(config, stage: str, stages=()) -> dict:
   option left unset, e.g. ``loss.content_clean``) is left out, so adding such an option
   keeps the records of existing workdirs valid; so is a field of :data:`_LEGACY_DEFAULTS` at
   the value that reproduces the training from before it existed (``defense.bpr_other=
-  'clean'``), and so are the ``config.recommender`` fields only other recommenders read
-  (:func:`_unread_recommender_fields`: AMR's adv_* in a VBPR run)."""
+  'clean'``, ``dtype='float32'``), and so are the ``config.recommender`` fields only other
+  recommenders read (:func:`_unread_recommender_fields`: AMR's adv_* in a VBPR run)."""
   flat = flatten(config.to_dict() if hasattr(config, "to_dict") else config)
   prefixes = _UPSTREAM if stage == RECOMMENDER else _UPSTREAM + _DEFENCE + tuple(
       f"stages.{s}." for s in stages)
