@@ -22,7 +22,6 @@ of a remote object is not possible.
 from __future__ import annotations
 
 import builtins
-import contextlib
 import errno
 import fnmatch
 import io
@@ -32,6 +31,7 @@ import shutil
 from typing import Union
 
 import numpy as np
+from etils import epath
 
 PathLike = Union[str, os.PathLike]
 
@@ -61,10 +61,40 @@ def has_scheme(path: PathLike) -> bool:
   return "://" in os.fspath(path)
 
 
+# The packages epath opens a scheme with (etils 1.15: tf.io.gfile where tensorflow is
+# installed, else fsspec's filesystem of that scheme), the first named in the message.
+_CLIENTS = {"gs": ("gcsfs", "tensorflow"), "s3": ("s3fs", "tensorflow"),
+            "az": ("adlfs",), "hf": ("huggingface_hub",)}
+_CHECKED: set[str] = set()
+
+
+def _check_client(path: str) -> None:
+  """Raises ConfigError naming ``path`` and the package to install where no client of its
+  scheme is installed (instead of an ImportError deep inside epath)."""
+  scheme = path.split("://", 1)[0] if "://" in path else None
+  if scheme is None or scheme in _CHECKED:
+    return
+  import importlib.util
+  from jaxvars.errors import ConfigError
+  clients = _CLIENTS.get(scheme)
+  if clients is None:
+    known = ", ".join(f"{s}://" for s in _CLIENTS)
+    raise ConfigError(f"{path}: jaxvars opens local paths and {known} paths (etils.epath), "
+                      f"not {scheme}://")
+  if not any(importlib.util.find_spec(c) for c in clients):
+    raise ConfigError(f"{path}: {scheme}:// paths need a client that etils.epath uses: pip "
+                      f"install {' or '.join(clients)} (with its credentials set up)")
+  _CHECKED.add(scheme)
+
+
 def as_path(path: PathLike):
-  """``path`` as an :class:`etils.epath.Path`."""
-  from etils import epath  # Imported on first use: etils pulls in nothing heavy, but keep
-  return epath.Path(path)  # `import jaxvars.fs` free of it for the CLI's --help.
+  """``path`` as an :class:`etils.epath.Path`.
+
+  Raises:
+    ConfigError: a URI whose scheme epath cannot open here (no client installed).
+  """
+  _check_client(os.fspath(path))
+  return epath.Path(path)
 
 
 def join(path: PathLike, *parts: str) -> str:
@@ -239,22 +269,3 @@ def tree_files(path: PathLike) -> list[tuple[str, str]]:
     rel = here[len(top):].lstrip("/")
     files.extend((posixpath.join(rel, n) if rel else n, posixpath.join(here, n)) for n in names)
   return sorted(files)
-
-
-@contextlib.contextmanager
-def local_copy(path: PathLike):
-  """Yields a local file name holding the file ``path``: ``path`` itself where local, else a
-  temporary copy (removed afterwards), for readers that need a file name (PIL, torch)."""
-  if is_local(path):
-    yield os.fspath(path)
-    return
-  import tempfile
-  suffix = posixpath.splitext(os.fspath(path))[1]
-  fd, tmp = tempfile.mkstemp(prefix="jaxvars-", suffix=suffix)
-  try:
-    with os.fdopen(fd, "wb") as out, as_path(path).open("rb") as src:
-      shutil.copyfileobj(src, out)
-    yield tmp
-  finally:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)

@@ -298,3 +298,28 @@ def test_training_run_with_an_epath_workdir_writes_the_same_files(tfds_dir, tmp_
     assert za.files == zb.files
     for k in za.files:
       np.testing.assert_array_equal(za[k], zb[k], err_msg=k)
+
+
+def test_gs_workdir_without_a_client_stops_naming_what_to_install():
+  import importlib.util
+  from jaxvars.errors import ConfigError
+  if importlib.util.find_spec("gcsfs") or importlib.util.find_spec("tensorflow"):
+    pytest.skip("a gs:// client is installed here")
+  with pytest.raises(ConfigError, match=r"gs://b/run: gs:// paths need .*pip install gcsfs"):
+    locking.lock_run("gs://b/run", None, mode="train")
+  with pytest.raises(ConfigError, match=r"not ftp://"):
+    fs.exists("ftp://host/x")
+
+
+def test_weights_file_on_a_non_local_path_is_read_from_a_local_copy(tmp_path, monkeypatch):
+  from jaxvars.backbones import weights
+  source = tmp_path / "w.safetensors"
+  weights.write_safetensors({"conv1.weight": np.ones((2, 3), np.float32)}, str(source))
+  local_digest = weights.content_fingerprint(f"pretrained:{source}", "resnet18")
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  with through_epath(monkeypatch) as calls:
+    copy = weights.resolve_source(str(source), "resnet18")
+    assert weights.content_fingerprint(f"pretrained:{source}", "resnet18") == local_digest
+  assert copy.startswith(str(tmp_path / "cache" / "jaxvars" / "remote"))
+  assert pathlib.Path(copy).read_bytes() == source.read_bytes()
+  assert str(source) in calls["open"]  # Downloaded through epath.
