@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 
 from absl import logging
 
-from jaxvars import workdir as wd
+from jaxvars import fs, workdir as wd
 from jaxvars.errors import NonFiniteLossError
 from jaxvars.evaluate import attack_cache, evaluate_run
 from jaxvars.evaluation import summary
@@ -75,7 +74,7 @@ def run_ablations(exp, consts: dict, rec_params, workdir: str, *, train: bool,
     if "targeted" in cfg:
       cfg.targeted.num_targets = 0
     sub = wd.ablation_dir(workdir, name)
-    os.makedirs(sub, exist_ok=True)
+    fs.makedirs(sub, exist_ok=True)
     logging.info("ablation %s: %s", name, ", ".join(overrides))
     # The variant's first stage starts from the main run's recommender (its record's identity
     # is among the variant's stage inputs: jaxvars.training.records).
@@ -133,9 +132,9 @@ def _diverged(sub: str, name: str, overrides, message: str, seconds: float, cfg)
 
 def _recorded_divergence(sub: str) -> dict | None:
   path = wd.results_path(sub)
-  if not os.path.exists(path):
+  if not fs.exists(path):
     return None
-  with open(path) as f:
+  with fs.open(path) as f:
     row = json.load(f)
   if "diverged" not in row:
     return None

@@ -11,6 +11,25 @@ a path) refuses to rename a temporary file that became a link or another user's 
 being written. The rename replaces a link at the final name itself, not its target. Files
 get the mode a plain ``open(path, 'w')`` would give them (0666 less the umask).
 
+**Non-local paths** (``gs://``, ...: :func:`jaxvars.fs.is_local` is False) are written
+through ``etils.epath`` the same way: to ``<name>.<random hex>.tmp[<suffix>]`` beside the
+final name, then renamed over it, and the temporary object is removed when the write
+fails. What holds there:
+
+* No half-written file at the final name. A GCS object becomes visible only once its
+  upload completes, and epath's rename on GCS is a server-side copy to the final name
+  followed by a delete of the temporary object, so a reader sees the old object or the
+  complete new one. (A crash between that copy and the delete leaves a stray
+  ``*.tmp*`` object beside a complete file; it is harmless and may be deleted.)
+* The copy is not atomic with respect to other writers: two runs writing the same name
+  at once (which the workdir lock, :mod:`jaxvars.locking`, is there to prevent) end with
+  one of the two complete files.
+* There are no symlinks, modes or owners on an object store: the temporary-file checks
+  above (``O_EXCL``, :class:`UnsafeFileError`) apply to local paths only.
+* :func:`atomic_path` hands the writer a local temporary file (in the system's temporary
+  directory) and uploads it when the block succeeds; :func:`atomic_file` streams binary
+  writes to the temporary object and uploads text when the block succeeds.
+
 In a run of several processes (:mod:`jaxvars.distributed`) every process calls the same
 writers in the same order; only process 0 writes, and every process waits at a barrier
 after the write, so a file one process reads afterwards is complete for all of them. Files
@@ -22,14 +41,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
+import shutil
 import stat
 import tempfile
 
 import numpy as np
 
-from jaxvars import distributed
+from jaxvars import distributed, fs
 from jaxvars.errors import DiskFullError, JaxvarsError
 
 
@@ -116,7 +137,7 @@ def _writes_here(every_process: bool) -> bool:
 
 def _after_write(path: str, every_process: bool) -> None:
   if not every_process:
-    distributed.barrier(f"jaxvars.atomic {os.path.basename(os.fspath(path))}")
+    distributed.barrier(f"jaxvars.atomic {os.path.basename(fs.fspath(path))}")
 
 
 @contextlib.contextmanager
@@ -132,7 +153,12 @@ def atomic_path(path: str, suffix: str = "", *, every_process: bool = False):
   """
   if not _writes_here(every_process):  # Another process writes it: a private scratch file.
     with tempfile.TemporaryDirectory() as scratch:
-      yield os.path.join(scratch, os.path.basename(os.fspath(path)) + suffix)
+      yield os.path.join(scratch, os.path.basename(fs.fspath(path)) + suffix)
+    _after_write(path, every_process)
+    return
+  if not fs.is_local(path):
+    with _remote_atomic_path(path, suffix) as tmp:
+      yield tmp
     _after_write(path, every_process)
     return
   fd, tmp = _create_temporary(path, suffix)
@@ -165,6 +191,11 @@ def atomic_file(path: str, mode: str = "wb", *, every_process: bool = False, **o
       yield f
     _after_write(path, every_process)
     return
+  if not fs.is_local(path):
+    with _remote_atomic_file(path, mode, **open_kwargs) as f:
+      yield f
+    _after_write(path, every_process)
+    return
   fd, tmp = _create_temporary(path, "")
   try:
     with os.fdopen(fd, mode, **open_kwargs) as f:
@@ -173,6 +204,62 @@ def atomic_file(path: str, mode: str = "wb", *, every_process: bool = False, **o
   except BaseException as e:
     _fail(tmp, path, e)
   _after_write(path, every_process)
+
+
+def _remote_temporary(path: str, suffix: str) -> str:
+  """``<path>.<random hex>.tmp<suffix>``: the temporary name of a non-local write."""
+  return f"{fs.fspath(path)}.{os.urandom(6).hex()}.tmp{suffix}"
+
+
+def _remote_fail(tmp: str, path, e: BaseException):
+  with contextlib.suppress(Exception):
+    if fs.exists(tmp):
+      fs.remove(tmp)
+  full = _full(path, e)
+  if full is not None:
+    raise full from None
+  raise e
+
+
+@contextlib.contextmanager
+def _remote_atomic_path(path, suffix: str):
+  """:func:`atomic_path` of a non-local ``path``: the writer gets a local temporary file,
+  which is uploaded to a temporary object beside ``path`` and renamed to ``path``."""
+  fd, local = tempfile.mkstemp(prefix="jaxvars-", suffix=f".tmp{suffix}")
+  os.close(fd)
+  tmp = _remote_temporary(path, suffix)
+  try:
+    yield local
+    with io.open(local, "rb") as src, fs.as_path(tmp).open("wb") as dst:
+      shutil.copyfileobj(src, dst)
+    fs.replace(tmp, path)
+  except BaseException as e:
+    _remote_fail(tmp, path, e)
+  finally:
+    with contextlib.suppress(OSError):
+      os.remove(local)
+
+
+@contextlib.contextmanager
+def _remote_atomic_file(path, mode: str, **open_kwargs):
+  """:func:`atomic_file` of a non-local ``path``: binary writes stream to a temporary object
+  beside ``path``; text is kept in memory and uploaded (UTF-8 unless ``encoding``) when the
+  block succeeds; the temporary object is then renamed to ``path``."""
+  tmp = _remote_temporary(path, "")
+  try:
+    if mode == "wb":
+      with fs.as_path(tmp).open("wb") as f:
+        yield f
+    else:
+      text = io.StringIO(newline=open_kwargs.get("newline"))
+      yield text
+      data = text.getvalue().encode(open_kwargs.get("encoding") or "utf-8",
+                                    open_kwargs.get("errors") or "strict")
+      with fs.as_path(tmp).open("wb") as f:
+        f.write(data)
+    fs.replace(tmp, path)
+  except BaseException as e:
+    _remote_fail(tmp, path, e)
 
 
 def _json_default(x):

@@ -4,23 +4,23 @@ A checkpoint is one pytree (a train state, plus the frozen backbone variables fo
 saved with ``ocp.args.StandardSave`` under ``<directory>/<step>``; the training loops
 (:mod:`jaxvars.training`) use one directory per stage, ``<workdir>/checkpoints/<stage>``. Orbax
 writes to a temporary directory and renames it when complete, so an interrupted
-save never leaves a checkpoint that looks finished.
+save never leaves a checkpoint that looks finished. Directories are local paths or any
+path Orbax opens through ``etils.epath`` (``gs://...``: Orbax's own GCS support).
 """
 
 from __future__ import annotations
-
-import os
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from jaxvars import distributed, fs
 from jaxvars.errors import CheckpointError
 
 
 def manager(directory: str, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
   """A CheckpointManager over ``directory`` (created if absent)."""
-  directory = os.path.abspath(directory)
+  directory = fs.abspath(directory)  # A gs:// URI as it is: Orbax opens it through epath.
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          cleanup_tmp_directories=True)
   return ocp.CheckpointManager(directory, options=options)
@@ -63,12 +63,20 @@ def restore_latest(mgr: ocp.CheckpointManager, like):
       errors.append((step, f"{type(e).__name__}: {first}"))
       continue
     for bad, reason in errors:  # Newer steps failed while this one restores: damaged.
-      path = os.path.join(os.fspath(mgr.directory), str(bad))
+      path = fs.join(fs.fspath(mgr.directory), str(bad))
       logging.warning("checkpoint step %d in %s cannot be restored (%s); using step %d and "
                       "moving step %d to %s.corrupt", bad, mgr.directory, reason, step, bad, path)
-      if os.path.isdir(path):
-        os.replace(path, f"{path}.corrupt")
+      if fs.isdir(path) and distributed.is_main():  # One process moves it.
+        try:
+          fs.replace(path, f"{path}.corrupt")
+        except Exception as e:  # pylint: disable=broad-except
+          if fs.is_local(path):
+            raise
+          # gs:// through tf.io.gfile cannot rename a directory: the step stays, and the
+          # next restore falls back past it again.
+          logging.warning("cannot move %s aside (%s: %s); it stays", path, type(e).__name__, e)
     if errors:
+      distributed.barrier("jaxvars.checkpointing corrupt steps moved")
       mgr.reload()
     return step, tree
   raise CheckpointError(
@@ -80,7 +88,7 @@ def restore_latest(mgr: ocp.CheckpointManager, like):
 def save_tree(directory: str, tree) -> None:
   """Saves one pytree (e.g. converted pretrained weights) to ``directory``, atomically."""
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(directory), tree)
+  checkpointer.save(fs.abspath(directory), tree)
   checkpointer.wait_until_finished()
   checkpointer.close()
 
@@ -94,7 +102,7 @@ def load_tree(directory: str, like):
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
   checkpointer = ocp.StandardCheckpointer()
   try:
-    return checkpointer.restore(os.path.abspath(directory), abstract)
+    return checkpointer.restore(fs.abspath(directory), abstract)
   except (ValueError, KeyError, TypeError) as e:
     raise CheckpointError(f"{directory} does not hold the expected tree "
                           f"({type(e).__name__}: {str(e)[:500]})") from None

@@ -10,11 +10,11 @@ from the module that implements them. The ablations' ``'path=value'`` overrides 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 import ml_collections
 
+from jaxvars import fs
 from jaxvars.errors import ConfigError
 from jaxvars.overrides import (ablation_variants, apply_overrides, parse_override,
                                without_ablations)
@@ -130,10 +130,10 @@ def _backbone(config) -> None:
     raise ConfigError(f"config.backbone.init={init!r} is not 'random', 'pretrained:imagenet', "
                       "'pretrained:<path to .pth, .safetensors, .h5 or a converted directory>' "
                       "or 'self_supervised:<workdir of configs/pretrain.py>'")
-  if kind == "pretrained" and path != "imagenet" and not os.path.exists(path):
+  if kind == "pretrained" and path != "imagenet" and not fs.exists(path):
     raise ConfigError(f"config.backbone.init={init!r}: {path} does not exist")
-  if kind == "self_supervised" and not os.path.isdir(os.path.join(path, "backbone")):
-    raise ConfigError(f"config.backbone.init={init!r}: {os.path.join(path, 'backbone')} does "
+  if kind == "self_supervised" and not fs.isdir(fs.join(path, "backbone")):
+    raise ConfigError(f"config.backbone.init={init!r}: {fs.join(path, 'backbone')} does "
                       "not exist; run configs/pretrain.py with that --workdir first")
 
 

@@ -9,7 +9,6 @@ components (``backbones``, ``recommenders``, ``attacks``, ``defenses``, ``data``
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import jax
@@ -18,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxvars import configuration, distributed, sharding
+from jaxvars import configuration, distributed, fs, sharding
 from jaxvars.backbones import build_backbone, load_backbone, weights, with_dtype
 from jaxvars.data import pipeline
 from jaxvars.defenses.denoiser import Denoiser
@@ -183,7 +182,7 @@ def input_fingerprints(config, workdir: str | None = None, data=None) -> tuple[d
     inputs[records.SPLIT_KEY] = records.split_fingerprint(
         {k: getattr(data, k) for k in records.SPLIT_ARRAYS})
   else:
-    split = records.read_split_fingerprint(os.path.join(workdir, pipeline.SPLIT_FILE)) if (
+    split = records.read_split_fingerprint(fs.join(workdir, pipeline.SPLIT_FILE)) if (
         workdir) else None
     if split is None:
       pending.add(records.SPLIT_KEY)

@@ -22,14 +22,13 @@ attack and timing records (docs/results-json.md).
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import jax
 import numpy as np
 from absl import logging
 
-from jaxvars import distributed, workdir as wd
+from jaxvars import distributed, fs, workdir as wd
 from jaxvars.conditions import CLEAN
 from jaxvars.defenses import UNDEFENDED, row_name
 from jaxvars.evaluate import evaluate_run
@@ -59,7 +58,7 @@ def others(config) -> tuple[str, ...]:
 
 def recommender_dir(workdir: str, name: str) -> str:
   """``<workdir>/recommenders/<name>``: another recommender's own workdir."""
-  return os.path.join(workdir, RECOMMENDERS_DIR, name)
+  return fs.join(workdir, RECOMMENDERS_DIR, name)
 
 
 def config_for(config, name: str):
@@ -123,7 +122,7 @@ def run_others(exp, consts: dict, params: dict, workdir: str, *, train: bool) ->
   for name in others(exp.config):
     t = time.perf_counter()
     sub = recommender_dir(workdir, name)
-    os.makedirs(sub, exist_ok=True)
+    fs.makedirs(sub, exist_ok=True)
     ex = experiment_for(exp, name, workdir)
     rec = ex.models.recommender
     logging.info("recommender %s (%s): %s, then evaluated behind the defence trained against "

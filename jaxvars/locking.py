@@ -16,6 +16,23 @@ takes it over; a run that ends normally removes its file.
 
 Lock files are opened with ``O_NOFOLLOW`` and must be regular files with one link, so a
 symlink planted at their name is refused, never written through.
+
+**Non-local workdirs and tfds directories** (``gs://``, ...: :func:`jaxvars.fs.is_local`
+is False) have no flock and no operating system to release a lock when its holder dies.
+There :class:`ObjectLock` stands in for :class:`FileLock`: the lock is the *existence* of
+the same file, written through ``etils.epath`` with the holder's pid, host, start time and
+a random token, then read back. It is weaker than a flock, and these are its limits:
+
+* Not an atomic test-and-set (epath has no exclusive create): two runs started on the same
+  workdir within the same second or so can both find it free; the read-back of the token
+  catches most such races (the later writer wins, the other stops), not all.
+* A run killed without running its cleanup (``kill -9``, a preempted VM) leaves the file
+  behind, and the next run stops with :class:`WorkdirLockedError` naming the holder and
+  the file. A lock of this host whose pid no longer runs is taken over; one of another
+  host must be deleted by hand (``gsutil rm <workdir>/.jaxvars.lock``) once you know that
+  run is gone.
+* A preparation lock in a non-local ``config.data.tfds_dir`` is waited for (polling every
+  few seconds, logged with the file to delete if its holder is gone).
 """
 
 from __future__ import annotations
@@ -29,11 +46,12 @@ import os
 import socket
 import stat
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 
 from absl import logging
 
-from jaxvars import workdir as wd
+from jaxvars import fs, workdir as wd
 from jaxvars.errors import ConfigError, DataError, JaxvarsError
 
 LOCK_FILE = wd.LOCK_FILE
@@ -82,6 +100,8 @@ def _open_lock_file(path: str) -> int:
 
 def read_holder(path: str) -> dict:
   """The holder info written in the lock file ``path`` ({} if absent or unreadable)."""
+  if not fs.is_local(path):
+    return _read_object_holder(path)
   for _ in range(_READ_TRIES):
     try:
       fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
@@ -180,10 +200,96 @@ class FileLock:
       os.close(fd)  # Releases the flock.
 
 
+def _read_object_holder(path: str) -> dict:
+  try:
+    info = json.loads(fs.read_text(path))
+  except (OSError, ValueError):
+    return {}
+  return info if isinstance(info, dict) else {}
+
+
+def _pid_runs(pid) -> bool:
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return False
+  except (OSError, TypeError, ValueError, OverflowError):
+    return True  # Another user's process (EPERM), or no pid: assume it runs.
+  return True
+
+
+_POLL_SECONDS = 5.0
+
+
+class ObjectLock:
+  """The lock of a non-local path (see the module doc): a file that exists while a run
+  holds it, with :class:`FileLock`'s interface. Written through :mod:`jaxvars.atomic`."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._token: str | None = None
+
+  @property
+  def held(self) -> bool:
+    return self._token is not None
+
+  def _free(self) -> bool:
+    """Whether no live run holds the file (absent, empty, or this host's dead pid)."""
+    if not fs.exists(self.path):
+      return True
+    info = _read_object_holder(self.path)
+    if not info:
+      return False  # Being written, or unreadable: not ours to take.
+    if info.get("host") == socket.gethostname() and not _pid_runs(info.get("pid")):
+      logging.info("%s: taking over the lock of a run that has stopped (%s)", self.path,
+                   describe_holder(info))
+      return True
+    return False
+
+  def acquire(self, *, blocking: bool) -> bool:
+    """Takes the lock; returns False if another run holds it and not ``blocking`` (which
+    polls every few seconds).
+
+    Raises:
+      OSError: the file cannot be written.
+    """
+    from jaxvars import atomic
+    if self._token is not None:
+      return True
+    while True:
+      if self._free():
+        token = uuid.uuid4().hex
+        atomic.write_text(self.path, json.dumps(dict(_holder_info(), token=token)))
+        if _read_object_holder(self.path).get("token") == token:
+          self._token = token
+          return True
+      if not blocking:
+        return False
+      logging.info("%s is held by %s; waiting (delete it if that run is gone)", self.path,
+                   describe_holder(_read_object_holder(self.path)))
+      time.sleep(_POLL_SECONDS)
+
+  def release(self) -> None:
+    """Deletes the lock file if it is still this run's (no-op if not held)."""
+    if self._token is None:
+      return
+    token, self._token = self._token, None
+    try:
+      if _read_object_holder(self.path).get("token") == token:
+        fs.remove(self.path)
+    except OSError:
+      pass
+
+
+def _lock_for(path: str):
+  """:class:`FileLock` for a local path, :class:`ObjectLock` for any other."""
+  return FileLock(path) if fs.is_local(path) else ObjectLock(path)
+
+
 class RunLock:
   """The locks of one run (:func:`lock_run`); :meth:`release` frees all of them."""
 
-  def __init__(self, locks: list[FileLock]):
+  def __init__(self, locks: list):
     self.locks = locks
 
   def release(self) -> None:
@@ -205,9 +311,9 @@ def lock_workdir(workdir: str, *, what: str = "--workdir") -> FileLock:
     ConfigError: ``workdir`` cannot be created or written, or its lock file's name holds a
       symlink or a special file.
   """
-  lock = FileLock(os.path.join(workdir, LOCK_FILE))
+  lock = _lock_for(fs.join(workdir, LOCK_FILE))
   try:
-    os.makedirs(workdir, exist_ok=True)
+    fs.makedirs(workdir, exist_ok=True)
     taken = lock.acquire(blocking=False)
   except UnsafeLockFileError as e:
     raise ConfigError(f"{what}={workdir}: {e}") from None
@@ -246,14 +352,15 @@ def lock_run(workdir: str, config=None, *, mode: str = "train") -> RunLock:
     WorkdirLockedError: another run holds ``workdir`` or one of its sub-workdirs.
     ConfigError: see :func:`lock_workdir`.
   """
-  if mode != "train" and not os.path.isdir(workdir):
+  workdir = fs.fspath(workdir)
+  if mode != "train" and not fs.isdir(workdir):
     return RunLock([])
   locks = [lock_workdir(workdir)]
   try:
     if mode in ("train", "evaluate") and config is not None:
       for name in _ablation_names(config):
-        sub = os.path.join(workdir, ABLATIONS_DIR, name)
-        if mode == "evaluate" and not os.path.isdir(sub):
+        sub = fs.join(workdir, ABLATIONS_DIR, name)
+        if mode == "evaluate" and not fs.isdir(sub):
           continue
         locks.append(lock_workdir(sub, what=f"--workdir={workdir}'s ablation sub-workdir"))
   except BaseException:
@@ -263,7 +370,7 @@ def lock_run(workdir: str, config=None, *, mode: str = "train") -> RunLock:
 
 
 def _prepare_lock_path(root: str, dataset: str, config_name: str) -> str:
-  return os.path.join(root, f"{_PREPARE_PREFIX}{dataset}.{config_name}.lock")
+  return fs.join(root, f"{_PREPARE_PREFIX}{dataset}.{config_name}.lock")
 
 
 @contextlib.contextmanager
@@ -279,9 +386,9 @@ def preparing(root: str, tables: Iterable[tuple[str, str]]) -> Iterator[None]:
   locks = []
   try:
     for dataset, config_name in sorted(set(tables)):
-      lock = FileLock(_prepare_lock_path(root, dataset, config_name))
+      lock = _lock_for(_prepare_lock_path(root, dataset, config_name))
       try:
-        os.makedirs(root, exist_ok=True)
+        fs.makedirs(root, exist_ok=True)
         if not lock.acquire(blocking=False):
           logging.info("waiting for another run preparing %s/%s in %s (%s)", dataset,
                        config_name, root, describe_holder(read_holder(lock.path)))

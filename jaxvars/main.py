@@ -169,13 +169,12 @@ def _exit(code: int) -> None:
 def _plan() -> None:
   """``--mode=plan``: :func:`jaxvars.planner.plan_and_estimate` on every accelerator,
   printed and written to ``<workdir>/plan.json`` (nothing else is read or written there)."""
-  import os
-  from jaxvars import atomic, planner
+  from jaxvars import atomic, fs, planner
   try:
     result = planner.plan_and_estimate(_CONFIG.value)
     print(result["text"])
-    os.makedirs(_WORKDIR.value, exist_ok=True)
-    path = os.path.join(_WORKDIR.value, "plan.json")
+    fs.makedirs(_WORKDIR.value, exist_ok=True)
+    path = fs.join(_WORKDIR.value, "plan.json")
     atomic.write_json(path, {k: v for k, v in result.items() if k != "text"})
     print(f"\nplan written to {path}")
   except JaxvarsError as e:

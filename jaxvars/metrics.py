@@ -13,7 +13,8 @@ closed at its end; every write is flushed, so a killed run keeps what it wrote.
 from __future__ import annotations
 
 import math
-import os
+
+from jaxvars import fs
 
 METRICS_DIR = "metrics"
 
@@ -27,7 +28,8 @@ class MetricWriter:
     from jaxvars import distributed
     if workdir and distributed.is_main():  # Process 0 writes for every process.
       from tensorboardX import SummaryWriter
-      self._writer = SummaryWriter(os.path.join(workdir, METRICS_DIR), flush_secs=10)
+      # tensorboardX writes gs:// and s3:// itself (google-cloud-storage / boto3).
+      self._writer = SummaryWriter(fs.join(workdir, METRICS_DIR), flush_secs=10)
 
   def scalars(self, prefix: str, step: int, values: dict) -> None:
     """Writes every finite float of ``values`` as ``<prefix>/<key>`` at ``step``."""
@@ -51,10 +53,9 @@ def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
   import struct
 
   out: dict[str, list] = {}
-  directory = os.path.join(workdir, METRICS_DIR)
-  for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
-    with open(os.path.join(directory, name), "rb") as f:
-      data = f.read()
+  directory = fs.join(workdir, METRICS_DIR)
+  for name in sorted(fs.listdir(directory)) if fs.isdir(directory) else []:
+    data = fs.read_bytes(fs.join(directory, name))
     pos = 0
     while pos + 12 <= len(data):
       (length,) = struct.unpack("<Q", data[pos:pos + 8])

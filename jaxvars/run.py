@@ -18,7 +18,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from jaxvars import (ablations, atomic, configuration, distributed, families, provenance,
+from jaxvars import (ablations, atomic, configuration, distributed, families, fs, provenance,
                      workdir as wd)
 from jaxvars.errors import CheckpointError, ConfigError
 from jaxvars.evaluate import evaluate_run
@@ -49,8 +49,8 @@ def backbone_probe(exp: Experiment, consts: dict) -> dict | None:
 
 
 def _check_layout(workdir: str) -> None:
-  if (os.path.isdir(os.path.join(workdir, _OLD_LAYOUT))
-      and not os.path.isdir(wd.checkpoint_dir(workdir, rec_training.CHECKPOINT_DIR))):
+  if (fs.isdir(fs.join(workdir, _OLD_LAYOUT))
+      and not fs.isdir(wd.checkpoint_dir(workdir, rec_training.CHECKPOINT_DIR))):
     raise CheckpointError(
         f"{workdir} was written by jaxvars 0.1 (checkpoints/vbpr); its checkpoints cannot be "
         "restored by this version: run again with a fresh --workdir")
@@ -77,11 +77,12 @@ def _periodic_eval(exp: Experiment, consts: dict):
 
 def _writable(workdir: str) -> None:
   try:
-    os.makedirs(workdir, exist_ok=True)
-    check = os.path.join(workdir, f".jaxvars_write_check.{distributed.process_index()}")
-    with atomic.atomic_path(check, every_process=True) as tmp, open(tmp, "w") as f:
+    fs.makedirs(workdir, exist_ok=True)
+    check = fs.join(workdir, f".jaxvars_write_check.{distributed.process_index()}")
+    with atomic.atomic_path(check, every_process=True) as tmp, \
+        open(tmp, "w") as f:  # A local file, uploaded by atomic_path for a gs:// workdir.
       f.write("ok")
-    os.remove(check)
+    fs.remove(check)
   except OSError as e:
     raise ConfigError(f"--workdir={workdir}: cannot write there ({e.strerror or e}); choose a "
                       "directory you can write") from None
@@ -191,6 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   before the ablation study starts, so an error or a kill there loses none of them.
   """
   t_start = time.perf_counter()
+  workdir = fs.fspath(workdir)  # A str, pathlib.Path or etils.epath.Path (gs://...).
   _writable(workdir)
   _check_layout(workdir)
   configuration.validate(config)
@@ -198,7 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   check_stages(config, workdir, inputs, pending=pending, remove=False)  # Before any work.
   exp = build(config, workdir)
   _check_inputs(config, workdir, exp, pending)
-  atomic.write_json(wd.config_path(workdir), config.to_dict())
+  wd.write_config(workdir, config.to_dict())
   logging.info("data: %s", json.dumps(exp.data.summary()))
   logging.info("mesh: %d %s device(s)", exp.mesh.size, jax.devices()[0].platform)
   writer = MetricWriter(workdir)
@@ -283,7 +285,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   from jaxvars.report.writer import read_results
   t_start = time.perf_counter()
-  if not os.path.isdir(wd.checkpoints_root(workdir)):
+  workdir = fs.fspath(workdir)
+  if not fs.isdir(wd.checkpoints_root(workdir)):
     raise CheckpointError(f"{workdir}/checkpoints does not exist; run with --mode=train first")
   _writable(workdir)
   _check_layout(workdir)

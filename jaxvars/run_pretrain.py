@@ -13,7 +13,6 @@ backbone, then what it buys against a randomly initialised one.
 from __future__ import annotations
 
 import copy
-import os
 import time
 
 import jax
@@ -21,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from jaxvars import configuration, distributed, sharding, workdir as wd
+from jaxvars import configuration, distributed, fs, sharding, workdir as wd
 from jaxvars.data import pipeline
 from jaxvars.evaluation.probe import linear_probe
 from jaxvars.evaluation.ranking import candidate_matrix, candidate_scores, evaluate_scores
@@ -60,7 +59,7 @@ def backbone_report(config, data, mesh, workdir, candidates: dict) -> dict:
       sub.unlock()
       sub.task = "joint"
       sub.backbone.init = init
-      row["vbpr"] = recommender_metrics(sub, os.path.join(workdir, f"vbpr_{name}"))
+      row["vbpr"] = recommender_metrics(sub, fs.join(workdir, f"vbpr_{name}"))
     out[name] = row
     logging.info("backbone %s: %s", name, row)
   return out
@@ -70,7 +69,8 @@ def pretrain_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
   """Pretrains, exports the backbone, measures random vs pretrained; writes results.json."""
   configuration.validate(config)
   t_start = time.perf_counter()
-  os.makedirs(workdir, exist_ok=True)
+  workdir = fs.fspath(workdir)
+  fs.makedirs(workdir, exist_ok=True)
   data = pipeline.load(config.data, workdir)
   mesh = sharding.make_mesh(config.num_devices)
   backbone, exported, history, timing = pretrain(config, data, mesh, workdir)
@@ -79,7 +79,7 @@ def pretrain_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
   report = backbone_report(config, data, mesh, workdir,
                            {"random": (backbone, random_vars, "random"),
                             "self_supervised": (backbone, exported,
-                                                f"self_supervised:{os.path.abspath(workdir)}")})
+                                                f"self_supervised:{fs.abspath(workdir)}")})
   timing["total_s"] = time.perf_counter() - t_start
   results = {"data": data.summary(), "pretrain": {"history": history},
              "backbone": report, "timing": timing, "config": config.to_dict()}
@@ -95,6 +95,6 @@ def pretrain_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> di
       rec = config.recommender.name  # results.json keeps the key 'vbpr' (the default's).
       line += f"  {rec} HR@10 {row['vbpr']['HR@10']:.4f} NDCG@10 {row['vbpr']['NDCG@10']:.4f}"
     print(line)
-  print(f"\nbackbone exported to {os.path.join(workdir, BACKBONE_DIR)}; results written to "
+  print(f"\nbackbone exported to {fs.join(workdir, BACKBONE_DIR)}; results written to "
         f"{path}")
   return results

@@ -13,17 +13,24 @@
     metrics/            TensorBoard event files
     .jaxvars.lock       held while a run, an evaluation or a report uses the workdir
 
+A workdir may be a local path or any path ``etils.epath`` opens (``gs://bucket/run``), given
+as a ``str``, a ``pathlib.Path`` or an ``epath.Path``. Every function here returns the path
+as a string (:func:`jaxvars.fs.join`: ``'gs://bucket/run/results.json'``); reads and writes
+go through :mod:`jaxvars.fs` and :mod:`jaxvars.atomic`, which keep ``os`` for local paths and
+use ``epath`` for the others.
+
 This module only names paths and writes files atomically (:mod:`jaxvars.atomic`); it imports
-nothing else of jaxvars, so every layer may use it.
+nothing else of jaxvars but :mod:`jaxvars.fs`, so every layer may use it. The writers of a
+run's outputs are :func:`write_results`, :func:`write_artifacts` and :func:`write_config`
+(and :func:`jaxvars.report.writer.write_report`), the places to gate for multi-process runs.
 """
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from jaxvars import atomic
+from jaxvars import atomic, fs
+from jaxvars.fs import PathLike
 
 RESULTS_FILE = "results.json"
 ARTIFACTS_FILE = "artifacts.npz"  # Per-user ranks, detector scores, embeddings, sample images.
@@ -38,57 +45,57 @@ RANKS_PREFIX = "ranks/"  # artifacts.npz: 'ranks/<row key>' int16 [U] or [K, U] 
 FULL_RANKS_PREFIX = "full_ranks/"  # ... and int32 ranks of the full-ranking protocol.
 
 
-def results_path(workdir: str) -> str:
-  return os.path.join(workdir, RESULTS_FILE)
+def results_path(workdir: PathLike) -> str:
+  return fs.join(workdir, RESULTS_FILE)
 
 
-def artifacts_path(workdir: str) -> str:
-  return os.path.join(workdir, ARTIFACTS_FILE)
+def artifacts_path(workdir: PathLike) -> str:
+  return fs.join(workdir, ARTIFACTS_FILE)
 
 
-def config_path(workdir: str) -> str:
-  return os.path.join(workdir, CONFIG_FILE)
+def config_path(workdir: PathLike) -> str:
+  return fs.join(workdir, CONFIG_FILE)
 
 
-def split_path(workdir: str) -> str:
-  return os.path.join(workdir, SPLIT_FILE)
+def split_path(workdir: PathLike) -> str:
+  return fs.join(workdir, SPLIT_FILE)
 
 
-def checkpoint_dir(workdir: str, stage: str) -> str:
+def checkpoint_dir(workdir: PathLike, stage: str) -> str:
   """``<workdir>/checkpoints/<stage>``: a stage's Orbax checkpoints and its record."""
-  return os.path.join(workdir, CHECKPOINTS_DIR, stage)
+  return fs.join(workdir, CHECKPOINTS_DIR, stage)
 
 
-def checkpoints_root(workdir: str) -> str:
-  return os.path.join(workdir, CHECKPOINTS_DIR)
+def checkpoints_root(workdir: PathLike) -> str:
+  return fs.join(workdir, CHECKPOINTS_DIR)
 
 
-def attacks_dir(workdir: str) -> str:
+def attacks_dir(workdir: PathLike) -> str:
   """``<workdir>/attacks``: the attack cache (:mod:`jaxvars.attacks.catalogue`)."""
-  return os.path.join(workdir, ATTACKS_DIR)
+  return fs.join(workdir, ATTACKS_DIR)
 
 
-def ablation_dir(workdir: str, name: str) -> str:
+def ablation_dir(workdir: PathLike, name: str) -> str:
   """``<workdir>/ablations/<name>``: the workdir of ablation variant ``name``."""
-  return os.path.join(workdir, ABLATIONS_DIR, name)
+  return fs.join(workdir, ABLATIONS_DIR, name)
 
 
-def metrics_dir(workdir: str) -> str:
-  return os.path.join(workdir, METRICS_DIR)
+def metrics_dir(workdir: PathLike) -> str:
+  return fs.join(workdir, METRICS_DIR)
 
 
-def lock_path(workdir: str) -> str:
-  return os.path.join(workdir, LOCK_FILE)
+def lock_path(workdir: PathLike) -> str:
+  return fs.join(workdir, LOCK_FILE)
 
 
-def write_results(workdir: str, results: dict) -> str:
+def write_results(workdir: PathLike, results: dict) -> str:
   """Writes ``<workdir>/results.json`` atomically; returns its path."""
   path = results_path(workdir)
   atomic.write_json(path, results)
   return path
 
 
-def write_artifacts(workdir: str, artifacts: dict) -> str:
+def write_artifacts(workdir: PathLike, artifacts: dict) -> str:
   """Writes ``<workdir>/artifacts.npz`` (plain arrays) atomically; returns its path."""
   path = artifacts_path(workdir)
   atomic.write_npz(path, artifacts)
@@ -99,3 +106,11 @@ def ranks_of(artifacts: dict, prefix: str = RANKS_PREFIX) -> dict[str, np.ndarra
   """{row key: ranks} of the arrays of an artifacts dict (or of a loaded artifacts.npz)."""
   keys = artifacts.files if hasattr(artifacts, "files") else list(artifacts)
   return {k.removeprefix(prefix): np.asarray(artifacts[k]) for k in keys if k.startswith(prefix)}
+
+
+def write_config(workdir: PathLike, config: dict) -> str:
+  """Writes ``<workdir>/config.json`` (the run's config as a dict) atomically; returns its
+  path."""
+  path = config_path(workdir)
+  atomic.write_json(path, config)
+  return path

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from jaxvars import atomic, rng as rng_streams
+from jaxvars import atomic, fs, rng as rng_streams
 from jaxvars.attacks.objectives import OBJECTIVES
 from jaxvars.attacks.spec import METHODS, AttackSpec
 from jaxvars.attacks.whitebox import attack_loss
@@ -196,6 +196,10 @@ _VERIFIED: dict[str, tuple[list, str]] = {}  # .npy path -> (stat key, array sha
 
 
 def _stat_key(path: str) -> list:
+  if not fs.is_local(path):  # An object store: size and modification time (seconds).
+    size, mtime = fs.stat_signature(path)
+    mtime_ns = int(mtime * 1_000_000_000)
+    return [size, mtime_ns, mtime_ns, 0, 0]
   st = os.stat(path)
   return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
@@ -224,7 +228,7 @@ def _load_cached(stem: str, key: str, shape) -> tuple | None:
   with a warning naming the file where it is damaged rather than just made for other inputs."""
   npy = stem + ".npy"
   try:
-    with open(stem + ".json") as f:
+    with fs.open(stem + ".json") as f:
       meta = json.load(f)
   except FileNotFoundError:
     return None
@@ -235,7 +239,7 @@ def _load_cached(stem: str, key: str, shape) -> tuple | None:
     return None  # Made for other parameters, photos or settings: crafted again.
   problem = None
   try:
-    adv = np.load(npy, mmap_mode="r", allow_pickle=False)
+    adv = fs.np_load(npy, mmap_mode="r", allow_pickle=False)  # Non-local: read, not mapped.
     if adv.shape != tuple(shape) or adv.dtype != np.uint8:
       problem = f"holds {adv.dtype} {list(adv.shape)}, expected uint8 {list(shape)}"
     elif "array_sha256" not in meta:
@@ -282,14 +286,14 @@ def cached_attack_catalogue(spec: AttackSpec, *, cache_dir: str | None, **kwargs
                     image_shape=shape, items=items, settings=settings, images=images,
                     table=kwargs.get("table"),
                     dtype=getattr(kwargs.get("models"), "dtype", "float32"))
-  stem = os.path.join(cache_dir, spec.condition + (f"@{spec.through}" if spec.through else ""))
+  stem = fs.join(cache_dir, spec.condition + (f"@{spec.through}" if spec.through else ""))
   cached = _load_cached(stem, key, shape)
   if cached is not None:
     logging.info("%s: attacked catalogue loaded from %s.npy", spec.condition, stem)
     return cached[0], dict(cached[1], cached=True)
   adv, stats = attack_catalogue(spec, **kwargs)
   digest = content_digest(adv)
-  os.makedirs(cache_dir, exist_ok=True)
+  fs.makedirs(cache_dir, exist_ok=True)
   atomic.write_npy(stem + ".npy", adv)
   atomic.write_json(stem + ".json", {"fingerprint": key, "array_sha256": digest,
                                      "stats": stats})

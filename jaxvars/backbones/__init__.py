@@ -24,11 +24,11 @@ configs/pretrain.py>'``.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
 
+from jaxvars import fs
 from jaxvars.backbones.base import BACKBONES, BackboneEntry
 from jaxvars.registry import import_submodules
 
@@ -64,7 +64,7 @@ def load_backbone(backbone_config, *, image_size: int, key: jax.Array):
   from jaxvars.backbones import weights
   kind, _, path = backbone_config.init.partition(":")
   if kind == "self_supervised":  # A configs/pretrain.py workdir: its exported backbone.
-    path, kind = os.path.join(path, "backbone"), "pretrained"
+    path, kind = fs.join(path, "backbone"), "pretrained"
   if kind == "pretrained":
     return weights.load_pretrained(path, arch=backbone_config.arch,
                                    backbone_config=backbone_config)

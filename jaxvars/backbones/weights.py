@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxvars import atomic, checkpointing
+from jaxvars import atomic, checkpointing, fs
 from jaxvars.backbones.base import BACKBONES
 from jaxvars.errors import ConfigError, DataError
 
@@ -120,17 +120,52 @@ def write_safetensors(tensors: dict[str, np.ndarray], path: str) -> None:
 def resolve_source(source: str, arch: str) -> str:
   """``'imagenet'`` -> the weights file its registered pip package installed; else ``source``.
 
+  A weights *file* on a non-local path (``gs://...``) is copied once into the user cache
+  (:func:`remote_copy`) and the local copy returned: the converters (torch, safetensors,
+  h5py) read local files. A non-local Orbax directory is returned as it is (Orbax reads
+  it through epath).
+
   Raises:
     ConfigError: the architecture has no installable ImageNet weights.
     DataError: the package is not installed (naming the install command).
   """
   if source != IMAGENET:
+    if not fs.is_local(source) and fs.isfile(source):
+      return remote_copy(source)
     return source
   entry = BACKBONES.get(arch, "config.backbone.arch")
   if entry.imagenet_weights is None:
     raise ConfigError(f"config.backbone.init='pretrained:{IMAGENET}': no ImageNet weights can be "
                       f"installed for {arch!r} here; pass pretrained:<path to a weights file>")
   return entry.imagenet_weights()
+
+
+def _user_cache() -> str:
+  home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(home, "jaxvars")
+
+
+def remote_copy(source: str) -> str:
+  """A local copy of the non-local weights file ``source``:
+  ``<user cache>/remote/<sha256 of the URI, size and mtime: 16 digits>/<file name>`` (see
+  :func:`cache_dir`), downloaded through epath unless present (written atomically).
+
+  Raises:
+    DataError: naming ``source`` when it cannot be read.
+  """
+  try:
+    size, mtime = fs.stat_signature(source)
+    key = hashlib.sha256(f"{source}\t{size}\t{mtime}".encode()).hexdigest()[:16]
+    local = os.path.join(_user_cache(), "remote", key, os.path.basename(fs.fspath(source)))
+    if not os.path.isfile(local):
+      os.makedirs(os.path.dirname(local), exist_ok=True)
+      with atomic.atomic_file(local, "wb") as out, fs.open(source, "rb") as src:
+        while chunk := src.read(_CHUNK):
+          out.write(chunk)
+      logging.info("copied %s to %s", source, local)
+  except OSError as e:
+    raise DataError(f"{source}: cannot read the weights file ({e.strerror or e})") from None
+  return local
 
 
 def cache_dir(source: str, *, user_cache: bool = False) -> str:
@@ -140,8 +175,7 @@ def cache_dir(source: str, *, user_cache: bool = False) -> str:
   parent = os.path.dirname(os.path.abspath(source))
   if not user_cache and os.access(parent, os.W_OK):
     return parent
-  home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(home, "jaxvars")
+  return _user_cache()
 
 
 _CHUNK = 1 << 20
@@ -221,6 +255,14 @@ def tree_sha256(path: str) -> str:
     OSError: a file cannot be read.
   """
   lines = []
+  if not fs.is_local(path):  # An Orbax directory on gs://: the same lines, read through epath.
+    for rel, full in fs.tree_files(path):
+      h = hashlib.sha256()
+      with fs.open(full, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+          h.update(chunk)
+      lines.append(f"{rel}\t{h.hexdigest()}")
+    return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
   for root, dirs, files in os.walk(path):
     dirs.sort()
     for name in sorted(files):
@@ -242,12 +284,12 @@ def content_fingerprint(init: str, arch: str) -> str | None:
   """
   kind, _, path = init.partition(":")
   if kind == "self_supervised":
-    path, kind = os.path.join(path, "backbone"), "pretrained"
+    path, kind = fs.join(path, "backbone"), "pretrained"
   if kind != "pretrained":
     return None
   from_package = path == IMAGENET
   source = resolve_source(path, arch)
-  if os.path.isdir(source):
+  if fs.isdir(source):
     return tree_sha256(source)
   if not os.path.isfile(source):
     return None
@@ -289,7 +331,7 @@ def load_pretrained(source: str, *, arch: str, backbone_config):
   source = resolve_source(source, arch)
   model = entry.build(backbone_config, entry.style_of(source))
   like = expected_variables(model)
-  if os.path.isdir(source):
+  if fs.isdir(source):
     return model, checkpointing.load_tree(source, like)
   if entry.convert is None:
     raise ConfigError(f"backbone {arch!r} has no weight import; pass an Orbax directory")

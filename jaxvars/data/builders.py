@@ -59,6 +59,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxvars import fs
 from jaxvars.data import synthetic
 from jaxvars.data.sources import (  # noqa: F401 - MISSING_TIMESTAMP etc. are read from here too.
     MISSING_TIMESTAMP, OutsideError, _real_bases, csv_line, directory_fingerprint,
@@ -182,7 +183,7 @@ class _VarsBuilder(tfds.core.GeneratorBasedBuilder):
       DataError: naming the interactions CSV, the line and the id of the first id whose
         photo would lie outside the dataset folder (see :func:`resolve_inside`).
     """
-    image_dir = os.path.join(self._dir(), "images")
+    image_dir = fs.join(self._dir(), "images")
     bases = _real_bases(self._dir(), image_dir)
     out = {}
     for item in item_ids:
@@ -191,11 +192,11 @@ class _VarsBuilder(tfds.core.GeneratorBasedBuilder):
         for rel in self._image_relpaths(item):
           path = resolve_inside(image_dir, rel, bases)
           first = first or path
-          if os.path.exists(path):
+          if fs.exists(path):
             first = path
             break
       except OutsideError as e:
-        csv_path = os.path.join(self._dir(), self.INTERACTIONS_CSV)
+        csv_path = fs.join(self._dir(), self.INTERACTIONS_CSV)
         line = csv_line(csv_path, self.ITEM_COLUMN, item)
         raise DataError(f"{csv_path}{f':{line}' if line else ''}: {self.ITEM_COLUMN} {item!r} "
                         f"names a photo outside the dataset folder ({e}); an id must name a file "
@@ -254,8 +255,8 @@ def source_files(name: str, manual_dir: str, *,
     DataError: naming a file or directory that exists but cannot be read.
   """
   cls = BUILDERS[name]
-  out = {f: file_sha256(os.path.join(manual_dir, f)) for f in cls.CSV_FILES}
-  images = os.path.join(manual_dir, "images")
+  out = {f: file_sha256(fs.join(manual_dir, f)) for f in cls.CSV_FILES}
+  images = fs.join(manual_dir, "images")
   stat = directory_fingerprint(images)
   known = known_images or {}
   if stat is not None and known.get("stat") == stat and known.get("sha256"):
@@ -304,14 +305,14 @@ class HMFashion(_VarsBuilder):
 
   def _transactions(self, columns=("t_dat", "customer_id", "article_id")) -> dict[str, list]:
     """Columns of transactions_train.csv; ``t_dat`` as day ordinals."""
-    return read_csv_columns(os.path.join(self._dir(), "transactions_train.csv"), columns,
+    return read_csv_columns(fs.join(self._dir(), "transactions_train.csv"), columns,
                             converters={"t_dat": parse_day},
                             nonempty=("customer_id", "article_id"))
 
   def _categories(self) -> dict[str, str]:
     """article_id -> product_type_name of articles.csv ({} if it is absent)."""
-    path = os.path.join(self._dir(), "articles.csv")
-    if not os.path.exists(path):
+    path = fs.join(self._dir(), "articles.csv")
+    if not fs.exists(path):
       return {}
     cols = read_csv_columns(path, ("article_id", "product_type_name"), nonempty=("article_id",),
                             unique="article_id")
@@ -352,14 +353,14 @@ class FolderDataset(_VarsBuilder):
   def _interactions(self, columns=("user_id", "item_id"),
                     optional=("timestamp", "rating")) -> dict[str, list]:
     """Columns of interactions.csv; ``timestamp`` as seconds (-1: none), ``rating`` floats."""
-    return read_csv_columns(os.path.join(self._dir(), "interactions.csv"), columns, optional,
+    return read_csv_columns(fs.join(self._dir(), "interactions.csv"), columns, optional,
                             converters={"timestamp": parse_timestamp, "rating": parse_rating},
                             nonempty=("user_id", "item_id"))
 
   def _categories(self) -> dict[str, str]:
     """item_id -> category of items.csv ({} if it is absent)."""
-    path = os.path.join(self._dir(), "items.csv")
-    if not os.path.exists(path):
+    path = fs.join(self._dir(), "items.csv")
+    if not fs.exists(path):
       return {}
     cols = read_csv_columns(path, ("item_id", "category"), nonempty=("item_id",),
                             unique="item_id")

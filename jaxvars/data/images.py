@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from jaxvars import fs
 from jaxvars.errors import DataError
 
 WHITE = (255, 255, 255)
@@ -67,7 +68,8 @@ def load_image(path: str | os.PathLike, size: int,
       :data:`MAX_PIXELS` pixels or float pixels without a known white level.
   """
   try:
-    with Image.open(path) as img:
+    # A non-local photo (gs://) is read into memory through epath; PIL reads the bytes.
+    with Image.open(path if fs.is_local(path) else fs.open(path, "rb")) as img:
       img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when much larger.
       _check_size(img.size, path)
       rawmode = _rawmode(img)

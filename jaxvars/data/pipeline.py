@@ -20,12 +20,10 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import errno
-import glob
 import hashlib
 import json
 import numbers
 import os
-import shutil
 import tempfile
 import time
 import zipfile
@@ -35,7 +33,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from jaxvars import atomic, locking
+from jaxvars import atomic, fs, locking
 from jaxvars.data import builders, splits
 from jaxvars.errors import ConfigError, DataError, JaxvarsError
 from jaxvars.progress import progress
@@ -116,8 +114,8 @@ def _builder_class(data_config) -> type:
 
 
 def _manual_dir(data_config) -> str:
-  manual = os.path.abspath(os.path.expanduser(data_config.manual_dir))
-  if not os.path.isdir(manual):
+  manual = fs.expand(data_config.manual_dir)  # A gs:// URI as it is.
+  if not fs.isdir(manual):
     raise DataError(f"data.manual_dir {data_config.manual_dir!r} ({manual}) is not a directory")
   return manual
 
@@ -125,8 +123,8 @@ def _manual_dir(data_config) -> str:
 def _tfds_root(data_config) -> str:
   """The tfds data directory: ``data.tfds_dir``, else $TFDS_DATA_DIR, else
   ~/tensorflow_datasets (tfds's own default)."""
-  return os.path.abspath(os.path.expanduser(data_config.tfds_dir or os.environ.get(
-      "TFDS_DATA_DIR", os.path.join("~", "tensorflow_datasets"))))
+  return fs.expand(data_config.tfds_dir or os.environ.get(
+      "TFDS_DATA_DIR", os.path.join("~", "tensorflow_datasets")))
 
 
 def _source_files(data_config) -> dict:
@@ -185,8 +183,8 @@ def _builder(data_config, table: str, files: dict | None = None) -> tfds.core.Da
   try:
     return cls(config=config, data_dir=data_config.tfds_dir or None, file_format="array_record")
   except Exception as e:  # pylint: disable=broad-except  (a damaged dataset_info.json, ...)
-    directory = os.path.join(_tfds_root(data_config), cls.name, config.name)
-    if not os.path.isdir(directory):
+    directory = fs.join(_tfds_root(data_config), cls.name, config.name)
+    if not fs.isdir(directory):
       raise
     text = " ".join(str(e).split())[:200]
     raise DataError(f"{directory}: the prepared {table} table cannot be opened "
@@ -202,8 +200,10 @@ def _short(files: dict) -> str:
 def _remove_incomplete(builder) -> None:
   """Removes tfds's partly written directories of ``builder`` and empty parents."""
   config_dir = builder.data_path.parent
-  for path in glob.glob(os.path.join(os.fspath(config_dir), "incomplete.*")):
-    shutil.rmtree(path, ignore_errors=True)
+  for path in fs.glob(fs.join(config_dir, "incomplete.*")):
+    fs.rmtree(path, ignore_errors=True)
+  if not fs.is_local(config_dir):
+    return  # An object store has no empty directories to remove.
   for d in (config_dir, config_dir.parent):
     try:
       os.rmdir(os.fspath(d))  # Only if empty.
@@ -241,10 +241,16 @@ _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ER
 def _check_writable(root: str, data_config) -> None:
   """Raises DataError naming ``config.data.tfds_dir`` unless tables can be written in ``root``."""
   try:
-    os.makedirs(root, exist_ok=True)
-    fd, probe = tempfile.mkstemp(dir=root, prefix=".jaxvars_write_check.")
-    os.close(fd)
-    os.unlink(probe)
+    fs.makedirs(root, exist_ok=True)
+    if fs.is_local(root):
+      fd, probe = tempfile.mkstemp(dir=root, prefix=".jaxvars_write_check.")
+      os.close(fd)
+      os.unlink(probe)
+    else:
+      probe = fs.join(root, f".jaxvars_write_check.{os.urandom(6).hex()}")
+      with fs.open(probe, "wb"):
+        pass
+      fs.remove(probe)
   except OSError as e:
     raise DataError(f"config.data.tfds_dir={data_config.tfds_dir!r} ({root}): cannot write the "
                     f"prepared tables there ({e.strerror or e}); choose a writable directory "
@@ -262,7 +268,7 @@ def _damaged_table(builder, e: BaseException) -> DataError:
 def _is_prepared(builder) -> bool:
   """Whether tfds finished the table (``builder.is_prepared()`` without its warning
   about a missing directory)."""
-  return os.path.exists(os.path.join(builder.data_dir, "dataset_info.json"))
+  return fs.exists(fs.join(builder.data_dir, "dataset_info.json"))
 
 
 def _index_key(data_config) -> str:
@@ -270,9 +276,9 @@ def _index_key(data_config) -> str:
 
 
 def _read_index(root: str) -> dict:
-  path = os.path.join(root, SOURCES_INDEX)
+  path = fs.join(root, SOURCES_INDEX)
   try:
-    with open(path, encoding="utf-8") as f:
+    with fs.open(path, encoding="utf-8") as f:
       index = json.load(f)
     return index if isinstance(index, dict) else {}
   except FileNotFoundError:
@@ -286,12 +292,16 @@ def _write_index(root: str, key: str, entry: dict, *, merge: bool = False) -> No
   """Sets ``key`` of ``<root>/jaxvars_sources.json`` to ``entry`` (with ``merge``: updates
   its fields with ``entry``'s) (atomic replace; a concurrent writer may lose its entry,
   which costs only a log line or a second hashing of the photos)."""
-  path = os.path.join(root, SOURCES_INDEX)
+  path = fs.join(root, SOURCES_INDEX)
   try:
-    os.makedirs(root, exist_ok=True)
+    fs.makedirs(root, exist_ok=True)
     index = _read_index(root)
     old = index.get(key)
     index[key] = dict(old, **entry) if merge and isinstance(old, dict) else entry
+    if not fs.is_local(root):
+      with atomic.atomic_file(path, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=1, sort_keys=True)
+      return
     fd, tmp = tempfile.mkstemp(dir=root, prefix=SOURCES_INDEX + ".", suffix=".tmp")
     try:
       with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -507,8 +517,8 @@ def _check_stored_split(data_config, workdir, split_source: dict) -> None:
     ConfigError: naming split.npz if it was made with other data settings.
     DataError: naming split.npz and the source files changed since it was made.
   """
-  path = os.path.join(workdir, SPLIT_FILE) if workdir else None
-  if not (path and os.path.exists(path)):
+  path = fs.join(workdir, SPLIT_FILE) if workdir else None
+  if not (path and fs.exists(path)):
     return
   fingerprint = _fingerprint(data_config)
   z = _read_split(path)
@@ -538,7 +548,7 @@ def _read_split(path: str) -> dict:
   rebuild = ("delete it and rerun to rebuild it (the same data and config.data.split_seed "
              "give the same split)")
   try:
-    with np.load(path, allow_pickle=False) as z:
+    with fs.np_load(path, allow_pickle=False) as z:
       arrays = {k: z[k] for k in z.files}
   except (zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
     raise DataError(f"{path} is damaged ({type(e).__name__}: {e}); {rebuild}") from None
@@ -562,9 +572,9 @@ def _load_or_make_split(data_config, workdir, u, i, t, user_ids, item_ids, has_t
                         split_source: dict):
   """The stored split of ``workdir`` (checked by :func:`_check_stored_split` first)
   or a new one, stored there with the data settings, ids and source fingerprints."""
-  path = os.path.join(workdir, SPLIT_FILE) if workdir else None
+  path = fs.join(workdir, SPLIT_FILE) if workdir else None
   fingerprint = _fingerprint(data_config)
-  if path and os.path.exists(path):
+  if path and fs.exists(path):
     z = _read_split(path)
     if not (np.array_equal(z["user_ids"], user_ids) and np.array_equal(z["item_ids"], item_ids)):
       raise DataError(f"{path}: the dataset's users or items changed since this split was made; "
@@ -592,7 +602,7 @@ def _load_or_make_split(data_config, workdir, u, i, t, user_ids, item_ids, has_t
   split = {"train_users": train_u, "train_items": train_i, "test_items": test,
            "eval_negatives": negatives}
   if path:
-    os.makedirs(workdir, exist_ok=True)
+    fs.makedirs(workdir, exist_ok=True)
     atomic.write_npz(path, dict(fingerprint=np.array(fingerprint), user_ids=user_ids,
                                 item_ids=item_ids,
                                 source=np.array(json.dumps(split_source, sort_keys=True)),

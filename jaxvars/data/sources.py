@@ -9,8 +9,10 @@ import datetime
 import hashlib
 import math
 import os
+import posixpath
 from collections.abc import Callable, Mapping, Sequence
 
+from jaxvars import fs
 from jaxvars.errors import DataError
 
 _HASH_CHUNK = 1 << 20  # Bytes read at a time when hashing a file.
@@ -21,7 +23,9 @@ class OutsideError(ValueError):
 
 def _real_bases(manual_dir: str, image_dir: str) -> tuple[str, ...]:
   """The real paths a photo may resolve into: the dataset folder and its ``images/`` (which
-  may be a link to another disk)."""
+  may be a link to another disk). A non-local folder (``gs://``) has no links: itself."""
+  if not fs.is_local(manual_dir):
+    return (fs.fspath(manual_dir), fs.fspath(image_dir))
   return tuple(dict.fromkeys(os.path.realpath(d) for d in (manual_dir, image_dir)))
 
 
@@ -40,6 +44,12 @@ def resolve_inside(image_dir: str, relative: str, bases: Sequence[str] | None = 
     raise OutsideError("it holds a NUL byte")
   if os.path.isabs(relative):
     raise OutsideError("it is an absolute path")
+  if not fs.is_local(image_dir):  # An object store: no links; by name only.
+    top = fs.fspath(image_dir).rstrip("/")
+    lexical = posixpath.normpath(relative)
+    if lexical == ".." or lexical.startswith("../"):
+      raise OutsideError(f"it leads to {posixpath.join(top, lexical)}")
+    return posixpath.join(top, relative)
   top = os.path.abspath(image_dir)
   path = os.path.join(image_dir, relative)
   lexical = os.path.normpath(os.path.join(top, relative))
@@ -56,7 +66,7 @@ def csv_line(path: str, column: str, value: str) -> int | None:
   """The line where the first row of the CSV file ``path`` whose ``column`` (stripped) is
   ``value`` starts; None if there is none or the file cannot be read."""
   try:
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with fs.open(path, newline="", encoding="utf-8-sig") as f:
       reader = csv.reader(f)
       header = [h.strip() for h in next(reader, [])]
       if column not in header:
@@ -80,7 +90,7 @@ def file_sha256(path: str) -> str | None:
   """
   digest = hashlib.sha256()
   try:
-    with open(path, "rb") as f:
+    with fs.open(path, "rb") as f:
       while chunk := f.read(_HASH_CHUNK):
         digest.update(chunk)
   except FileNotFoundError:
@@ -118,6 +128,18 @@ def _tree_files(path: str) -> list[tuple[str, os.DirEntry | None]]:
   return sorted(files, key=lambda f: f[0])
 
 
+def _remote_tree_files(path: str) -> list[tuple[str, str]]:
+  """(relative path, full path) of every file under the non-local folder ``path``, sorted.
+
+  Raises:
+    DataError: naming ``path`` when it cannot be listed.
+  """
+  try:
+    return fs.tree_files(path)
+  except OSError as err:
+    raise DataError(f"{path}: cannot list the directory ({err.strerror or err})") from None
+
+
 def _digest(lines: list[str]) -> str:
   return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
 
@@ -133,9 +155,14 @@ def directory_fingerprint(path: str) -> str | None:
   Raises:
     DataError: naming a directory that cannot be listed.
   """
-  if not os.path.isdir(path):
+  if not fs.isdir(path):
     return None
   lines = []
+  if not fs.is_local(path):  # Object stores give sizes and mtimes in seconds.
+    for name, full in _remote_tree_files(path):
+      size, mtime = fs.stat_signature(full)
+      lines.append(f"{name}\t{size}\t{int(mtime * 1_000_000_000)}")
+    return _digest(lines)
   for name, entry in _tree_files(path):
     try:
       info = entry.stat() if entry is not None else None
@@ -156,9 +183,13 @@ def directory_sha256(path: str) -> str | None:
   Raises:
     DataError: naming a directory that cannot be listed or a file that cannot be read.
   """
-  if not os.path.isdir(path):
+  if not fs.isdir(path):
     return None
   lines = []
+  if not fs.is_local(path):
+    for name, full in _remote_tree_files(path):
+      lines.append(f"{name}\t{file_sha256(full) or '-'}")
+    return _digest(lines)
   for name, entry in _tree_files(path):
     digest = None if entry is None else file_sha256(entry.path)
     lines.append(f"{name}\t{digest or '-'}")
@@ -167,7 +198,7 @@ def directory_sha256(path: str) -> str | None:
 
 def _utf8_error(path: str) -> DataError:
   """The DataError for the first line of ``path`` that is not valid UTF-8."""
-  with open(path, "rb") as f:
+  with fs.open(path, "rb") as f:
     for lineno, line in enumerate(f, start=1):
       if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
         line = line[3:]
@@ -218,7 +249,7 @@ def read_csv_columns(path: str, required: Sequence[str], optional: Sequence[str]
   """
   converters = converters or {}
   try:
-    f = open(path, newline="", encoding="utf-8-sig")
+    f = fs.open(path, newline="", encoding="utf-8-sig")
   except FileNotFoundError:
     raise DataError(f"{path}: file is missing") from None
   except OSError as e:

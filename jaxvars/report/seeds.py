@@ -21,7 +21,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from jaxvars import atomic, workdir as wd
+from jaxvars import atomic, fs, workdir as wd
 from jaxvars.errors import JaxvarsError
 from jaxvars.report.rows import records
 from jaxvars.report.tables import fmt, label, md_table
@@ -38,7 +38,7 @@ FIDELITY = ("psnr", "ssim")
 def _load(workdir: str) -> dict:
   path = wd.results_path(workdir)
   try:
-    with open(path) as f:
+    with fs.open(path) as f:
       return json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise JaxvarsError(f"{path}: cannot read results ({e})") from None
@@ -167,7 +167,9 @@ def main(argv) -> None:
       raise JaxvarsError("--workdirs needs at least two comma-separated workdirs")
     runs = [_load(w) for w in _WORKDIRS.value]
     summary = summarize(runs)
-    out = _OUT.value or os.path.join(_WORKDIRS.value[0], "..", "seeds.md")
+    first = _WORKDIRS.value[0]
+    out = _OUT.value or (os.path.join(first, "..", "seeds.md") if fs.is_local(first) else
+                         fs.join(first.rstrip("/").rsplit("/", 1)[0], "seeds.md"))
     atomic.write_text(out, "\n".join(markdown(summary, runs[0])))
     atomic.write_json(os.path.splitext(out)[0] + ".json", summary)
   except JaxvarsError as e:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 
 import numpy as np
 
-from jaxvars import atomic, workdir as wd
+from jaxvars import atomic, fs, workdir as wd
 from jaxvars.conditions import condition_key
 from jaxvars.errors import DataError, JaxvarsError
 from jaxvars.report import (checks_tables, claims, families, figures, full_ranking, robustness, tables,
@@ -26,7 +25,7 @@ def read_results(path: str) -> dict | None:
       or holds no JSON object.
   """
   try:
-    with open(path, encoding="utf-8") as f:
+    with fs.open(path, encoding="utf-8") as f:
       results = json.load(f)
   except FileNotFoundError:
     return None
@@ -48,10 +47,10 @@ def read_artifacts(path: str) -> dict:
     DataError: naming ``path`` when it is not a readable .npz of plain arrays (truncated,
       or holding pickled objects).
   """
-  if not os.path.exists(path):
+  if not fs.exists(path):
     return {}
   try:
-    with np.load(path, allow_pickle=False) as z:
+    with fs.np_load(path, allow_pickle=False) as z:
       return {k: z[k] for k in z.files}
   except ValueError as e:
     if "pickle" in str(e):
@@ -80,7 +79,7 @@ def _load(workdir: str) -> tuple[dict, dict]:
 def _header(workdir: str, results: dict) -> list[str]:
   data, cfg = results.get("data", {}), results.get("config", {})
   lines = ["# jaxvars report", ""]
-  lines.append(f"Workdir `{os.path.abspath(workdir)}`; presets `{cfg.get('presets', '?')}`; "
+  lines.append(f"Workdir `{fs.abspath(workdir)}`; presets `{cfg.get('presets', '?')}`; "
                f"data `{data.get('name', '?')}`: {data.get('users', '?')} users, "
                f"{data.get('items', '?')} items, {data.get('image_size', '?')} px images, "
                f"{data.get('eval_negatives_per_user', '?')} sampled negatives per test user "
@@ -155,15 +154,16 @@ def write_report(workdir: str) -> str:
   Raises:
     JaxvarsError: ``<workdir>/results.json`` is missing or not valid JSON.
   """
+  workdir = fs.fspath(workdir)  # A str, pathlib.Path or etils.epath.Path (gs://...).
   results, art = _load(workdir)
-  fig_dir = os.path.join(workdir, FIGURES_DIR)
-  os.makedirs(fig_dir, exist_ok=True)
+  fig_dir = fs.join(workdir, FIGURES_DIR)
+  fs.makedirs(fig_dir, exist_ok=True)
   eps = tables.report_eps(results)
   cfg = results.get("config", {})
   lines = _header(workdir, results)
 
   def add_figure(name, fn, *args, caption):
-    with atomic.atomic_path(os.path.join(fig_dir, name)) as tmp:
+    with atomic.atomic_path(fs.join(fig_dir, name)) as tmp:
       fn(*args, tmp)
     lines.extend([f"![{caption}]({FIGURES_DIR}/{name})", "", f"*{caption}*", ""])
 
@@ -327,6 +327,6 @@ def write_report(workdir: str) -> str:
     missing.append("no detection results (no detector trained or no attack evaluated)")
   if missing:
     lines += ["## Not shown", ""] + [f"* {m}" for m in missing] + [""]
-  out = os.path.join(workdir, REPORT_FILE)
+  out = fs.join(workdir, REPORT_FILE)
   atomic.write_text(out, "\n".join(lines))
   return out

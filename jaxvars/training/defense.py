@@ -5,7 +5,6 @@ mix and loss terms, and checkpointed under ``<workdir>/checkpoints/<stage>``."""
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
@@ -14,7 +13,7 @@ import numpy as np
 from absl import logging
 from flax.training import train_state
 
-from jaxvars import distributed, atomic, checkpointing, sharding, workdir as wd
+from jaxvars import atomic, checkpointing, distributed, fs, sharding, workdir as wd
 from jaxvars.attacks.spec import attack_spec
 from jaxvars.data import splits
 from jaxvars.errors import CheckpointError
@@ -164,8 +163,8 @@ def train_defense(exp, consts: dict, params: dict, workdir: str, *, writer=None)
 
 def record_partial(directory: str, step: int, steps: list) -> None:
   """Adds the metrics of the current epoch's steps so far to the stage's record."""
-  path = os.path.join(directory, records.RECORD)
-  with open(path) as f:
+  path = fs.join(directory, records.RECORD)
+  with fs.open(path) as f:
     record = json.load(f)
   record["partial"] = {"step": step, "steps": steps}
   atomic.write_json(path, record)
@@ -256,7 +255,7 @@ def adopt_stages(src_exp, src_params: dict, src_workdir: str, exp, workdir: str,
       # a record whose checkpoint a kill prevented is completed here on the next run.
       records.save(directory, fields=records.stage_fields(exp.config, name, names[:i + 1]),
                    history=src_record.get("history", []), seconds=0.0, done=True,
-                   adopted_from=os.path.abspath(src_dir),
+                   adopted_from=fs.abspath(src_dir),
                    inputs=records.stage_inputs(exp.inputs, workdir, name, names[:i + 1],
                                                exp.recommender_workdir))
       total = stage_plan(exp, stage)[1]

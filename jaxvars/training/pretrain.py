@@ -11,8 +11,6 @@ The ``pretrain`` task that runs it and measures the result is :mod:`jaxvars.run_
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from typing import Any
 
@@ -23,7 +21,7 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from jaxvars import distributed, checkpointing, losses, sharding, workdir as wd
+from jaxvars import checkpointing, distributed, fs, losses, sharding, workdir as wd
 from jaxvars.backbones import build_backbone
 from jaxvars.defenses.detector import ProjectionHead
 from jaxvars.pixels import to_float
@@ -134,9 +132,10 @@ def pretrain(config, data, mesh, workdir: str):
   mgr.close()
   elapsed = time.perf_counter() - t0
   exported = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
-  export_dir = os.path.join(workdir, BACKBONE_DIR)
-  if os.path.isdir(export_dir):
-    shutil.rmtree(export_dir)
+  export_dir = fs.join(workdir, BACKBONE_DIR)
+  if fs.isdir(export_dir) and distributed.is_main():  # One process removes it.
+    fs.rmtree(export_dir)
+  distributed.barrier("jaxvars.pretrain export")
   checkpointing.save_tree(export_dir, jax.device_get(exported))
   timing = {"pretrain_s": elapsed, "pretrain_steps": int(state.step) - start,
             "pretrain_images_per_s": images_seen / max(elapsed, 1e-9),

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
+import posixpath
 import zipfile
 
 import numpy as np
 from absl import logging
 
-from jaxvars import atomic, workdir as wd
+from jaxvars import atomic, distributed, fs, workdir as wd
 from jaxvars.errors import CheckpointError, ConfigError
 
 RECORD = "jaxvars_stage.json"
@@ -149,10 +148,10 @@ def split_fingerprint(arrays) -> str:
 def read_split_fingerprint(path: str) -> str | None:
   """:func:`split_fingerprint` of the split.npz at ``path``; None where it is absent or
   unreadable (the data pipeline names a damaged one when it reads it)."""
-  if not os.path.exists(path):
+  if not fs.exists(path):
     return None
   try:
-    with np.load(path, allow_pickle=False) as z:
+    with fs.np_load(path, allow_pickle=False) as z:
       return split_fingerprint({k: z[k] for k in SPLIT_ARRAYS})
   except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError):
     return None
@@ -188,7 +187,7 @@ def stage_inputs(base: dict, workdir: str, stage: str, stages=(),
   inputs = dict(base or {})
   if stage != RECOMMENDER:
     up = upstream_dir(workdir, stages, recommender_workdir)
-    inputs[UPSTREAM_PREFIX + os.path.basename(up)] = identity(load(up))
+    inputs[UPSTREAM_PREFIX + posixpath.basename(up)] = identity(load(up))
   return inputs
 
 
@@ -198,11 +197,11 @@ def load(directory: str) -> dict | None:
   Raises:
     CheckpointError: an unreadable record (named, with how to recover).
   """
-  path = os.path.join(directory, RECORD)
-  if not os.path.exists(path):
+  path = fs.join(directory, RECORD)
+  if not fs.exists(path):
     return None
   try:
-    with open(path) as f:
+    with fs.open(path) as f:
       return json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise CheckpointError(f"{path} is unreadable ({e}); delete {directory} to retrain that "
@@ -215,13 +214,13 @@ def save(directory: str, *, fields: dict, history: list, seconds: float, done: b
   on (:func:`stage_inputs`; None writes none, as before issue 33); ``adopted_from``: the
   stage directory whose parameters this one took instead of training (``seconds`` is then
   0)."""
-  os.makedirs(directory, exist_ok=True)
+  fs.makedirs(directory, exist_ok=True)
   record = {"fields": fields, "history": history, "seconds": seconds, "done": done}
   if inputs is not None:
     record["inputs"] = inputs
   if adopted_from:
     record["adopted_from"] = adopted_from
-  atomic.write_json(os.path.join(directory, RECORD), record)
+  atomic.write_json(fs.join(directory, RECORD), record)
 
 
 # ---- Comparing a workdir's records with what this run would train --------------------------
@@ -299,7 +298,7 @@ def changes(workdir: str, expected: dict, *, pending=(), upstream_changed: bool 
 def has_checkpoints(directory: str) -> bool:
   """Whether ``directory`` holds an Orbax checkpoint step (a sub-directory named by digits)."""
   try:
-    return any(e.is_dir() and e.name.isdigit() for e in os.scandir(directory))
+    return any(name.isdigit() for name in fs.subdirs(directory))
   except OSError:
     return False
 
@@ -331,7 +330,7 @@ def refuse_or_remove(workdir: str, changed: dict, *, resume: str, remove: bool =
     lines = [f"{stage}: " + "; ".join(diff[:8]) + (f"; ... ({len(diff)} differences)"
                                                    if len(diff) > 8 else "")
              for stage, diff in changed.items()]
-    split = os.path.join(workdir, "split.npz")
+    split = wd.split_path(workdir)
     retrain = ("pass --config.resume=retrain_changed to retrain exactly these stages (and "
                "everything downstream of them) here")
     if split_misfit:
@@ -345,7 +344,9 @@ def refuse_or_remove(workdir: str, changed: dict, *, resume: str, remove: bool =
     for stage, diff in changed.items():
       logging.warning("config.resume=retrain_changed: retraining stage %s (%s)", stage,
                       "; ".join(diff[:4]))
-      shutil.rmtree(stage_path(workdir, stage), ignore_errors=True)
+      if distributed.is_main():  # One process removes; the others wait for it.
+        fs.rmtree(stage_path(workdir, stage), ignore_errors=True)
+    distributed.barrier("jaxvars.records retrain_changed")
   return list(changed)
 
 
@@ -353,7 +354,7 @@ def stage_path(workdir: str, stage: str) -> str:
   """The checkpoint directory of a stage named as :func:`changes` names it ('joint', or
   'ablations/<variant>/joint')."""
   head, _, name = stage.rpartition("/")
-  return wd.checkpoint_dir(os.path.join(workdir, head) if head else workdir, name)
+  return wd.checkpoint_dir(fs.join(workdir, head) if head else workdir, name)
 
 
 def warn_unrecorded(workdir: str, unrecorded: list) -> None:
