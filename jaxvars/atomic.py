@@ -32,7 +32,8 @@ fails. What holds there:
 
 In a run of several processes (:mod:`jaxvars.distributed`) every process calls the same
 writers in the same order; only process 0 writes, and every process waits at a barrier
-after the write, so a file one process reads afterwards is complete for all of them. Files
+before the write (so none can see the file before deciding to write it) and after it (so a
+file one process reads afterwards is complete for all of them). Files
 that each process keeps for itself (a data directory local to each host, a memo of a
 weights file's hash) pass ``every_process=True``: written by each, no barrier.
 """
@@ -131,13 +132,20 @@ def _fail(tmp: str, path: str, e: BaseException):
   raise e
 
 
-def _writes_here(every_process: bool) -> bool:
-  return every_process or distributed.is_main()
+def _writes_here(path, every_process: bool) -> bool:
+  """Whether this process writes ``path``. Without ``every_process``, every process first
+  waits until all have reached this write: a process that is behind then cannot see the
+  file before it decides to write it (its existence check came before the write, for all
+  of them), so every process takes the same path through the program."""
+  if every_process:
+    return True
+  distributed.barrier(f"jaxvars.atomic before {os.path.basename(fs.fspath(path))}")
+  return distributed.is_main()
 
 
 def _after_write(path: str, every_process: bool) -> None:
   if not every_process:
-    distributed.barrier(f"jaxvars.atomic {os.path.basename(fs.fspath(path))}")
+    distributed.barrier(f"jaxvars.atomic after {os.path.basename(fs.fspath(path))}")
 
 
 @contextlib.contextmanager
@@ -151,7 +159,7 @@ def atomic_path(path: str, suffix: str = "", *, every_process: bool = False):
       block wrote it; nothing is renamed.
     OSError: the directory of ``path`` cannot be written.
   """
-  if not _writes_here(every_process):  # Another process writes it: a private scratch file.
+  if not _writes_here(path, every_process):  # Another process writes it: a private scratch file.
     with tempfile.TemporaryDirectory() as scratch:
       yield os.path.join(scratch, os.path.basename(fs.fspath(path)) + suffix)
     _after_write(path, every_process)
@@ -186,7 +194,7 @@ def atomic_file(path: str, mode: str = "wb", *, every_process: bool = False, **o
   """
   if mode not in ("w", "wb"):
     raise ValueError(f"mode={mode!r} is not 'w' or 'wb'")
-  if not _writes_here(every_process):  # Another process writes it.
+  if not _writes_here(path, every_process):  # Another process writes it.
     with open(os.devnull, mode, **open_kwargs) as f:
       yield f
     _after_write(path, every_process)

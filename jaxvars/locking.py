@@ -259,7 +259,8 @@ class ObjectLock:
     while True:
       if self._free():
         token = uuid.uuid4().hex
-        atomic.write_text(self.path, json.dumps(dict(_holder_info(), token=token)))
+        atomic.write_text(self.path, json.dumps(dict(_holder_info(), token=token)),
+                          every_process=True)  # Only the process that locks writes it.
         if _read_object_holder(self.path).get("token") == token:
           self._token = token
           return True

@@ -311,6 +311,8 @@ def plan(config: ml_collections.ConfigDict, *, data=None) -> dict:
     add(f"systems feature pass for {name} ({', '.join(names)})",
         batches * (1 + len(specs)), jax.jit(systems_pass), p, c,
         {"images": photos(b_att), "items": ints(b_att)})
+    if name == main:
+      _plan_whitebox(add, config, cfg, craft, p, c, batch, n_items)
 
   totals = {"flops": sum(st.flops * st.count for st in steps),
             "bytes": sum(st.bytes * st.count for st in steps),
@@ -323,7 +325,38 @@ def plan(config: ml_collections.ConfigDict, *, data=None) -> dict:
           "not_planned": NOT_PLANNED, "backend": jax.default_backend()}
 
 
-NOT_PLANNED = ["adaptive and white-box attacks (config.attack.adaptive)",
+def _plan_whitebox(add, config, cfg, craft, p, c, batch, n_items: int) -> None:
+  """The white-box attacks of ``config.attack.adaptive`` through each defended system: one
+  gradient batch through the system (EOT draws included) per PGD step, on the items the
+  item-subset attacks perturb (``eval.max_items``), counted for the base attack, its
+  detector-aware variants and restarts (the twice-the-steps and eps-64 sanity checks are
+  not counted)."""
+  from jaxvars.attacks.spec import attack_spec
+  from jaxvars.defenses import SYSTEMS, UNDEFENDED
+  from jaxvars.evaluate import evaluated_systems
+  ad = config.attack.get("adaptive")
+  if ad is None or not ad.eps:
+    return
+  b_att = int(config.attack.batch_size)
+  max_items = int(config.eval.max_items) or n_items
+  batches = math.ceil(min(max_items, n_items) / b_att)
+  systems = evaluated_systems(config)
+  variants = 1 + sum(1 for lam in ad.detector_lambdas if lam > 0)
+  for target in (t for t in ad.systems if t in systems and t != UNDEFENDED):
+    eot = int(ad.eot_samples) if SYSTEMS.get(target).randomized else 1
+    for method in ad.methods:
+      spec = attack_spec(config.attack, method, float(ad.eps[0]), objective="bpr",
+                         through=target, eot=eot, restarts=int(ad.restarts))
+      one = dataclasses.replace(attack_spec(config.attack, "fgsm", float(ad.eps[0]),
+                                            objective="bpr"), through=target, eot=eot)
+      n_grad = (1 if method == "fgsm" else int(spec.steps) + 1) * int(ad.restarts)
+      add(f"white-box gradient batch through {target}" + (f" (EOT {eot})" if eot > 1 else ""),
+          batches * n_grad * variants * len(ad.eps), jax.jit(
+              lambda p, c, b, spec=one: craft(p, c, b, spec=spec)), p, c, batch)
+
+
+NOT_PLANNED = ["the adaptive transfer objectives and the white-box sanity checks "
+               "(config.attack.adaptive)",
                "targeted attacks (config.targeted)", "detection scores and fidelity",
                "full-ranking metrics and the bootstrap", "ablation variants (config.ablation)",
                "data preparation, checkpoint and cache I/O"]

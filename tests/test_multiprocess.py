@@ -40,6 +40,10 @@ def _free_port() -> int:
 
 def _env(devices: int) -> dict:
   env = cli_env()
+  # No persistent compilation cache: a program compiled for one process's place in the
+  # mesh, read back by another process, computes wrong collectives (seen with jax 0.10.2:
+  # sync_global_devices failed its own name check).
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                       f" --xla_force_host_platform_device_count={devices}").strip()
   return env

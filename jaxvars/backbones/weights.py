@@ -159,7 +159,8 @@ def remote_copy(source: str) -> str:
     local = os.path.join(_user_cache(), "remote", key, os.path.basename(fs.fspath(source)))
     if not os.path.isfile(local):
       os.makedirs(os.path.dirname(local), exist_ok=True)
-      with atomic.atomic_file(local, "wb") as out, fs.open(source, "rb") as src:
+      with atomic.atomic_file(local, "wb", every_process=True) as out, \
+          fs.open(source, "rb") as src:  # Each host's own cache.
         while chunk := src.read(_CHUNK):
           out.write(chunk)
       logging.info("copied %s to %s", source, local)

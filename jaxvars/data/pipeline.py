@@ -299,8 +299,8 @@ def _write_index(root: str, key: str, entry: dict, *, merge: bool = False) -> No
     old = index.get(key)
     index[key] = dict(old, **entry) if merge and isinstance(old, dict) else entry
     if not fs.is_local(root):
-      with atomic.atomic_file(path, "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=1, sort_keys=True)
+      with atomic.atomic_file(path, "w", encoding="utf-8", every_process=True) as f:
+        json.dump(index, f, indent=1, sort_keys=True)  # Written by whoever prepared.
       return
     fd, tmp = tempfile.mkstemp(dir=root, prefix=SOURCES_INDEX + ".", suffix=".tmp")
     try:
