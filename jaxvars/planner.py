@@ -87,6 +87,28 @@ ACCELERATORS = {
 DEFAULT_UTILIZATION = 0.4
 
 
+def accelerator_for(device_kind: str) -> str | None:
+  """The key of :data:`ACCELERATORS` of a ``jax.Device.device_kind`` ('NVIDIA H100 80GB
+  HBM3' -> 'h100', 'NVIDIA H200' -> 'h200', 'TPU v5 lite' -> 'tpu_v5e'), or None where the
+  table has no such device: CPUs, and the H100 PCIe / NVL and H200 NVL, whose peaks are
+  lower than the SXM parts' in the table."""
+  k = device_kind.lower().strip()
+  if "h100" in k and "pcie" not in k and "nvl" not in k:
+    return "h100"
+  if "h200" in k and "nvl" not in k:
+    return "h200"
+  if "a100" in k:  # SXM and PCIe: the same peak numbers.
+    return "a100"
+  if k.startswith("tpu"):
+    if "v4" in k:
+      return "tpu_v4"
+    if "v5 lite" in k or "v5e" in k or "v5litepod" in k:
+      return "tpu_v5e"
+    if "v5p" in k or k == "tpu v5":
+      return "tpu_v5p"
+  return None
+
+
 @dataclasses.dataclass
 class Step:
   """One planned step: what XLA says one call costs, and how often the run calls it.
@@ -112,6 +134,13 @@ def _cost(lowered_fn, *args) -> tuple[float, float, float, float]:
   t = time.perf_counter()
   compiled = lowered_fn.lower(*args).compile()
   seconds = time.perf_counter() - t
+  return cost_of(compiled) + (seconds,)
+
+
+def cost_of(compiled) -> tuple[float, float, float]:
+  """(FLOPs, bytes accessed, device bytes) of a compiled executable (``jax.stages.
+  Compiled``), from XLA's cost and memory analyses (0 where the backend gives none).
+  ``cost_analysis()`` is a dict in newer jax and a one-element list of dicts in older."""
   ca = compiled.cost_analysis()
   ca = ca[0] if isinstance(ca, (list, tuple)) else (ca or {})
   mem = compiled.memory_analysis()
@@ -119,7 +148,7 @@ def _cost(lowered_fn, *args) -> tuple[float, float, float, float]:
   if mem is not None:
     need = float(mem.argument_size_in_bytes + mem.output_size_in_bytes
                  + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
-  return float(ca.get("flops", 0.0)), float(ca.get("bytes accessed", 0.0)), need, seconds
+  return float(ca.get("flops", 0.0)), float(ca.get("bytes accessed", 0.0)), need
 
 
 def _spec(shape, dtype, sharding_=None):
