@@ -15,6 +15,7 @@ import functools
 import jax
 import numpy as np
 import optax
+from absl import logging
 
 from jaxvars import distributed, sharding
 from jaxvars.pixels import to_float
@@ -56,6 +57,14 @@ def feature_stats(features: np.ndarray) -> dict:
 # through more batches per second than one at a time (benchmarks/concurrent_batches.py).
 CPU_CONCURRENT_BATCHES = 2
 
+# A program whose XLA temporaries (``memory_analysis().temp_size_in_bytes``) exceed this
+# runs one batch at a time even where ``CPU_CONCURRENT_BATCHES`` would run two: two at once
+# hold both programs' temporaries. At ``cpu,hm``'s shapes a white-box PGD-5 batch through
+# the denoiser and the detector needs 2.0 GB of them, and two at once set the run's peak
+# host memory (docs/performance.md#host-memory-what-sets-a-runs-peak); the transferred
+# attacks and feature passes stay below and keep the overlap.
+CPU_CONCURRENT_MAX_TEMP_BYTES = 1 << 30
+
 
 def concurrent_batches(mesh) -> int:
   """How many batches :func:`batched_map` keeps running at once on ``mesh``:
@@ -69,7 +78,7 @@ def concurrent_batches(mesh) -> int:
 
 
 def batched_map(fn, inputs: dict, *, batch_size: int, mesh, desc: str,
-                workers: int | None = None):
+                workers: int | None = None, max_temp_bytes: int | None = None):
   """Applies a jitted ``fn(batch: dict) -> array [b, ...]`` (or a pytree of such arrays)
   over host arrays in batches.
 
@@ -82,6 +91,12 @@ def batched_map(fn, inputs: dict, *, batch_size: int, mesh, desc: str,
   alone (``fn`` compiles once). Every batch is computed independently, so the outputs do
   not depend on ``workers``.
 
+  Where more than one would run at once and ``fn`` is a ``jax.jit`` function, it is
+  compiled ahead of the first batch and its XLA temporaries read: a program needing more
+  than ``max_temp_bytes`` (default ``CPU_CONCURRENT_MAX_TEMP_BYTES``) runs one batch at a
+  time, so that a memory-heavy program (a white-box PGD through the denoiser) does not hold
+  its temporaries twice. The same executable runs either way (same outputs).
+
   Returns:
     numpy array [N, ...] (or the pytree of them), the concatenated outputs without the
     padding.
@@ -92,17 +107,19 @@ def batched_map(fn, inputs: dict, *, batch_size: int, mesh, desc: str,
   total = -(-n // batch_size)
 
   def send(start):
-    chunk = {k: v[start:start + batch_size] for k, v in inputs.items()}
-    m = len(next(iter(chunk.values())))
-    if m < batch_size:
-      chunk = {k: np.concatenate([v, np.repeat(v[:1], batch_size - m, axis=0)])
-               for k, v in chunk.items()}
-    return fn(sharding.shard_batch(chunk, mesh)), m
+    m = min(batch_size, n - start)
+    return fn(sharding.shard_batch(_chunk(inputs, start, batch_size), mesh)), m
 
   def fetch(sent):
     result, m = sent
     return jax.tree.map(lambda a: distributed.to_host(a)[:m], result)
 
+  if workers > 1 and total > 1 and hasattr(fn, "lower"):
+    fn, workers = _compiled_for_concurrency(
+        fn, send_args=lambda: sharding.shard_batch(_chunk(inputs, 0, batch_size), mesh),
+        workers=workers, desc=desc,
+        max_temp_bytes=(CPU_CONCURRENT_MAX_TEMP_BYTES if max_temp_bytes is None
+                        else int(max_temp_bytes)))
   starts = range(0, n, batch_size)
   if workers == 1 or total <= 1:
     out, pending = [], None
@@ -117,6 +134,33 @@ def batched_map(fn, inputs: dict, *, batch_size: int, mesh, desc: str,
     out = list(progress(_concurrent(lambda s: fetch(send(s)), starts, workers), desc=desc,
                         total=total))
   return jax.tree.map(lambda *parts: np.concatenate(parts, axis=0), *out)
+
+
+def _chunk(inputs: dict, start: int, batch_size: int) -> dict:
+  """Rows [start, start + batch_size) of every input, the last batch padded by repeating
+  its first row."""
+  chunk = {k: v[start:start + batch_size] for k, v in inputs.items()}
+  m = len(next(iter(chunk.values())))
+  if m < batch_size:
+    chunk = {k: np.concatenate([v, np.repeat(v[:1], batch_size - m, axis=0)])
+             for k, v in chunk.items()}
+  return chunk
+
+
+def _compiled_for_concurrency(fn, *, send_args, workers: int, desc: str,
+                              max_temp_bytes: int):
+  """(executable, workers): ``fn`` (a ``jax.jit`` function of one batch) compiled for the
+  first batch's shapes and shardings, and ``workers``, or 1 where its XLA temporaries
+  exceed ``max_temp_bytes`` (backends without a memory analysis keep ``workers``)."""
+  compiled = fn.lower(send_args()).compile()
+  memory = compiled.memory_analysis()
+  temp = int(getattr(memory, "temp_size_in_bytes", 0) or 0) if memory is not None else 0
+  if temp > max_temp_bytes:
+    logging.info("%s: one batch at a time (the program's XLA temporaries are %.2f GB, above "
+                 "the %.2f GB that runs %d at once)", desc, temp / 1e9, max_temp_bytes / 1e9,
+                 workers)
+    workers = 1
+  return compiled, workers
 
 
 def _concurrent(run, starts, workers: int):

@@ -45,6 +45,44 @@ def test_concurrent_batches_only_on_a_one_device_cpu_mesh(monkeypatch):
   assert features.concurrent_batches(sharding.make_mesh(1)) == 1
 
 
+def test_a_program_with_large_temporaries_runs_one_batch_at_a_time(monkeypatch):
+  """The memory guard: a jitted program whose XLA temporaries exceed ``max_temp_bytes``
+  runs one batch at a time (no thread pool), one below it keeps the concurrent batches, and
+  both return what the plain one-at-a-time map returns."""
+  mesh = sharding.make_mesh(1)
+  inputs = _inputs(37)
+  pools = []
+  original = features._concurrent
+
+  def spy(run, starts, workers):
+    pools.append(workers)
+    return original(run, starts, workers)
+
+  monkeypatch.setattr(features, "_concurrent", spy)
+  plain = features.batched_map(_fn, inputs, batch_size=8, mesh=mesh, desc="t", workers=1)
+  assert pools == []
+  guarded = features.batched_map(_fn, inputs, batch_size=8, mesh=mesh, desc="t", workers=2,
+                                 max_temp_bytes=-1)  # Every program's temporaries exceed it.
+  assert pools == []
+  overlapped = features.batched_map(_fn, inputs, batch_size=8, mesh=mesh, desc="t",
+                                    workers=2, max_temp_bytes=1 << 40)
+  assert pools == [2]
+  for key in plain:
+    np.testing.assert_array_equal(guarded[key], plain[key])
+    np.testing.assert_array_equal(overlapped[key], plain[key])
+  # The temporaries are XLA's own count for the compiled program.
+  big = jax.jit(lambda b: {"y": jnp.cumsum(jnp.outer(b["x"][:, 0], jnp.ones(4096)), axis=1)
+                           .sum(1)})
+  temp = big.lower(sharding.shard_batch({"x": inputs["x"][:8]}, mesh)).compile(
+      ).memory_analysis().temp_size_in_bytes
+  assert temp > 0
+  features.batched_map(big, {"x": inputs["x"]}, batch_size=8, mesh=mesh, desc="t", workers=2,
+                       max_temp_bytes=temp - 1)
+  features.batched_map(big, {"x": inputs["x"]}, batch_size=8, mesh=mesh, desc="t", workers=2,
+                       max_temp_bytes=temp)
+  assert pools == [2, 2]
+
+
 def test_an_error_in_a_concurrent_batch_reaches_the_caller():
   mesh = sharding.make_mesh(1)
   calls = []
