@@ -94,6 +94,9 @@ def _data(config) -> None:
         "from it; pass --config.data.manual_dir=/path/to/data")
   one_of(config, "data.split", ("random", "time"))
   one_of(config, "data.missing_images", ("error", "drop"))
+  if "image_store" in config.data:
+    from jaxvars.data.pipeline import IMAGE_STORES
+    one_of(config, "data.image_store", IMAGE_STORES)
   for path in ("data.image_size", "data.min_user_interactions", "data.eval_negatives"):
     positive(config, path, integer=True)
   if config.data.image_size < 16:

@@ -78,7 +78,8 @@ def concurrent_batches(mesh) -> int:
 
 
 def batched_map(fn, inputs: dict, *, batch_size: int, mesh, desc: str,
-                workers: int | None = None, max_temp_bytes: int | None = None):
+                workers: int | None = None, max_temp_bytes: int | None = None,
+                out: dict | None = None):
   """Applies a jitted ``fn(batch: dict) -> array [b, ...]`` (or a pytree of such arrays)
   over host arrays in batches.
 
@@ -97,21 +98,45 @@ def batched_map(fn, inputs: dict, *, batch_size: int, mesh, desc: str,
   time, so that a memory-heavy program (a white-box PGD through the denoiser) does not hold
   its temporaries twice. The same executable runs either way (same outputs).
 
+  ``out`` ({key: writable array [N, ...]}, for a ``fn`` returning a dict) receives those
+  outputs batch by batch instead of a concatenation in memory: a memory-mapped ``.npy``
+  (``np.lib.format.open_memmap``) then holds a catalogue larger than host memory, e.g. an
+  attacked catalogue of ``config.data.image_store='mmap'``.
+
+  The inputs are only sliced (``v[start:start + batch_size]``), so a memory-mapped input
+  is read one batch at a time.
+
   Returns:
     numpy array [N, ...] (or the pytree of them), the concatenated outputs without the
-    padding.
+    padding (the keys of ``out``: those arrays, filled).
+
+  Raises:
+    ValueError: an ``out`` array whose length, shape or dtype is not the output's.
   """
   sharding.check_divisible(batch_size, mesh, f"batch size of {desc!r}")
   n = len(next(iter(inputs.values())))
   workers = concurrent_batches(mesh) if workers is None else max(1, int(workers))
   total = -(-n // batch_size)
 
+  out = dict(out or {})
+  for key, target in out.items():
+    if len(target) != n:
+      raise ValueError(f"{desc}: out[{key!r}] holds {len(target)} rows for {n} inputs")
+
   def send(start):
     m = min(batch_size, n - start)
-    return fn(sharding.shard_batch(_chunk(inputs, start, batch_size), mesh)), m
+    return fn(sharding.shard_batch(_chunk(inputs, start, batch_size), mesh)), start, m
 
   def fetch(sent):
-    result, m = sent
+    result, start, m = sent
+    if out:
+      result = dict(result)
+      for key, target in out.items():
+        part = distributed.to_host(result.pop(key))[:m]
+        if part.shape[1:] != target.shape[1:] or part.dtype != target.dtype:
+          raise ValueError(f"{desc}: out[{key!r}] is {target.dtype} {list(target.shape)}, "
+                           f"the output is {part.dtype} [{n}, {', '.join(map(str, part.shape[1:]))}]")
+        target[start:start + m] = part
     return jax.tree.map(lambda a: distributed.to_host(a)[:m], result)
 
   if workers > 1 and total > 1 and hasattr(fn, "lower"):
@@ -122,18 +147,19 @@ def batched_map(fn, inputs: dict, *, batch_size: int, mesh, desc: str,
                         else int(max_temp_bytes)))
   starts = range(0, n, batch_size)
   if workers == 1 or total <= 1:
-    out, pending = [], None
+    parts_list, pending = [], None
     for start in progress(starts, desc=desc, total=total):
       sent = send(start)
       if pending is not None:
-        out.append(fetch(pending))
+        parts_list.append(fetch(pending))
       pending = sent
     if pending is not None:
-      out.append(fetch(pending))
+      parts_list.append(fetch(pending))
   else:
-    out = list(progress(_concurrent(lambda s: fetch(send(s)), starts, workers), desc=desc,
-                        total=total))
-  return jax.tree.map(lambda *parts: np.concatenate(parts, axis=0), *out)
+    parts_list = list(progress(_concurrent(lambda s: fetch(send(s)), starts, workers),
+                               desc=desc, total=total))
+  result = jax.tree.map(lambda *parts: np.concatenate(parts, axis=0), *parts_list)
+  return dict(result, **out) if out else result
 
 
 def _chunk(inputs: dict, start: int, batch_size: int) -> dict:

@@ -129,7 +129,7 @@ def _objective_inputs(spec: AttackSpec, data, items: np.ndarray, rng,
 def attack_catalogue(spec: AttackSpec, *, models, params, consts, data, mesh, batch_size: int,
                      config=None, items: np.ndarray | None = None,
                      threshold: float | None = None, constants: dict | None = None,
-                     table: np.ndarray | None = None):
+                     table: np.ndarray | None = None, out: np.ndarray | None = None):
   """Attacks the item photos of the catalogue, in jitted sharded batches of ``batch_size``.
 
   Objective inputs (triplets) and random starts come from ``spec.seed`` (and method, eps),
@@ -144,6 +144,9 @@ def attack_catalogue(spec: AttackSpec, *, models, params, consts, data, mesh, ba
     table: the objective's item table (float32 [I, F], or [K, I, F] for a randomised
       system's draws; :func:`jaxvars.attacks.whitebox.attack_loss`), e.g. the attacked
       system's deployed table; None = the clean table ``consts['features']``.
+    out: a writable uint8 array of the result's shape (e.g. a memory-mapped ``.npy``) that
+      receives the attacked photos batch by batch and is returned (a catalogue larger than
+      host memory); None = a new array.
 
   Returns:
     (uint8 attacked photos: [I, S, S, 3] the whole catalogue where ``items`` is None, else
@@ -173,14 +176,17 @@ def attack_catalogue(spec: AttackSpec, *, models, params, consts, data, mesh, ba
                                                                    curve.shape)}
 
   t = time.perf_counter()
-  out = batched_map(craft, {"images": data.images[attacked], "items": attacked, **inputs},
+  # The whole catalogue is sliced batch by batch, not copied (a memory map stays on disk).
+  clean = data.images if items is None else data.images[attacked]
+  out = batched_map(craft, {"images": clean, "items": attacked, **inputs},
                     batch_size=batch_size, mesh=mesh,
                     desc=f"{spec.condition} attack" + (f" on {spec.through}" if spec.through
                                                        else ""),
                     workers=1 if spec.through and SYSTEMS.get(spec.through).host_callback
-                    else None)  # One batch at a time through host callbacks (System doc).
+                    else None,  # One batch at a time through host callbacks (System doc).
+                    out=None if out is None else {"adv": out})
   elapsed = time.perf_counter() - t
-  stats = {**perturbation_stats(data.images[attacked], out["adv"]), "time_s": elapsed,
+  stats = {**perturbation_stats(clean, out["adv"]), "time_s": elapsed,
            "items_attacked": int(len(attacked)),
            "loss_curve": [float(v) for v in out["curve"][0]],
            "threat_model": spec.threat_model, "threat": spec.threat_short,
@@ -291,9 +297,21 @@ def cached_attack_catalogue(spec: AttackSpec, *, cache_dir: str | None, **kwargs
   if cached is not None:
     logging.info("%s: attacked catalogue loaded from %s.npy", spec.condition, stem)
     return cached[0], dict(cached[1], cached=True)
+  fs.makedirs(cache_dir, exist_ok=True)
+  if isinstance(images, np.memmap) and items is None and fs.is_local(stem):
+    # config.data.image_store='mmap': the attacked catalogue is written to its cache file
+    # batch by batch and mapped back, never held in memory.
+    with atomic.atomic_path(stem + ".npy") as tmp:
+      target = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=tuple(shape))
+      adv, stats = attack_catalogue(spec, out=target, **kwargs)
+      digest = content_digest(adv)
+      target.flush()
+      del adv, target
+    atomic.write_json(stem + ".json", {"fingerprint": key, "array_sha256": digest,
+                                       "stats": stats})
+    return fs.np_load(stem + ".npy", mmap_mode="r", allow_pickle=False), dict(stats, cached=False)
   adv, stats = attack_catalogue(spec, **kwargs)
   digest = content_digest(adv)
-  fs.makedirs(cache_dir, exist_ok=True)
   atomic.write_npy(stem + ".npy", adv)
   atomic.write_json(stem + ".json", {"fingerprint": key, "array_sha256": digest,
                                      "stats": stats})

@@ -39,6 +39,12 @@ from jaxvars.errors import ConfigError, DataError, JaxvarsError
 from jaxvars.progress import progress
 
 SPLIT_FILE = "split.npz"
+# config.data.image_store: where the catalogue's decoded photos live during a run.
+IMAGE_STORES = ("auto", "memory", "mmap")
+# 'auto' maps the photos from disk when they would take more than this share of the host's
+# physical memory (a catalogue of 10^6 photos at 224 px is 150 GB), else holds them in memory.
+AUTO_MMAP_SHARE = 0.25
+PIXELS_PREFIX = "jaxvars_pixels-"  # <images table dir>/jaxvars_pixels-<item ids>.npy
 SOURCES_INDEX = "jaxvars_sources.json"  # In the tfds directory: last fingerprint of each source.
 _WHITE = (255, 255, 255)
 
@@ -429,6 +435,15 @@ class _CheckedImages:
     self._source, self._builder = source, builder
     self._shape = (builder.builder_config.image_size,) * 2 + (3,)
 
+  @property
+  def data_dir(self) -> str:
+    """The prepared table's directory (its name holds the source fingerprint)."""
+    return str(self._builder.data_dir)
+
+  @property
+  def config_name(self) -> str:
+    return str(self._builder.builder_config.name)
+
   def __len__(self) -> int:
     return len(self._source)
 
@@ -494,11 +509,104 @@ def load(data_config: ml_collections.ConfigDict, workdir: str | None = None) -> 
 
   split = _load_or_make_split(data_config, workdir, u, i, t, user_ids, item_ids, has_timestamps,
                               split_source)
-  images = np.stack([imgs[image_index[item]]["image"]
-                     for item in progress(item_ids, desc="load images", total=len(item_ids))])
+  if image_store(data_config, len(item_ids)) == "mmap":
+    images = _mapped_pixels(data_config, imgs, image_index, item_ids)
+  else:
+    images = np.stack([imgs[image_index[item]]["image"]
+                       for item in progress(item_ids, desc="load images", total=len(item_ids))])
   return RecData(name=data_config.name, user_ids=user_ids, item_ids=item_ids,
                  categories=np.array([categories[x] for x in item_ids]), images=images,
                  has_timestamps=has_timestamps, **split)
+
+
+def host_memory_bytes() -> int:
+  """The host's physical memory in bytes (0 where the OS does not say)."""
+  try:
+    return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+  except (AttributeError, ValueError, OSError):
+    return 0
+
+
+def image_store(data_config, num_items: int) -> str:
+  """Where a run keeps the decoded photos of its ``num_items`` items: 'memory' (one uint8
+  array [I, S, S, 3]) or 'mmap' (a ``.npy`` beside the prepared images table, written once
+  from it and memory-mapped: the OS pages in the photos the batches read, so host memory
+  holds the batches in flight, not the catalogue). ``config.data.image_store='auto'`` (the
+  default) chooses 'mmap' when the catalogue exceeds ``AUTO_MMAP_SHARE`` of the host's
+  physical memory.
+
+  Raises:
+    ConfigError: naming config.data.image_store unless it is one of ``IMAGE_STORES``.
+  """
+  mode = data_config.get("image_store", "auto")
+  if mode not in IMAGE_STORES:
+    raise ConfigError(f"config.data.image_store={mode!r} is not one of {IMAGE_STORES}")
+  if mode != "auto":
+    return mode
+  need = int(num_items) * int(data_config.image_size) ** 2 * 3
+  total = host_memory_bytes()
+  return "mmap" if total and need > AUTO_MMAP_SHARE * total else "memory"
+
+
+def _mapped_pixels(data_config, imgs, image_index: dict, item_ids) -> np.ndarray:
+  """The photos of ``item_ids`` (in that order) as a read-only memory map of
+  ``<images table dir>/jaxvars_pixels-<sha256 of the item ids>.npy`` (or under
+  ``config.data.mmap_dir``), written from the images table the first time (in item order,
+  one photo at a time, to a temporary file renamed when complete; concurrent runs wait on
+  a lock and reuse it). The table's directory name holds the source fingerprint, so a
+  changed photo gets another directory, hence another file.
+
+  Raises:
+    ConfigError: the directory is not local (a memory map needs a local file; set
+      config.data.mmap_dir).
+    DataError: as reading the images table.
+  """
+  directory = data_config.get("mmap_dir", "") or imgs.data_dir
+  directory = fs.expand(directory)
+  if not fs.is_local(directory):
+    raise ConfigError(f"config.data.image_store='mmap' maps the photos from a local file, and "
+                      f"{directory} is not local; set config.data.mmap_dir to a local directory")
+  s = int(data_config.image_size)
+  shape = (len(item_ids), s, s, 3)
+  h = hashlib.sha256(str(imgs.config_name).encode())
+  for item in item_ids:
+    h.update(str(item).encode() + b"\n")
+  path = os.path.join(directory, f"{PIXELS_PREFIX}{h.hexdigest()[:20]}.npy")
+  pixels = _open_pixels(path, shape)
+  if pixels is not None:
+    return pixels
+  with locking.preparing(directory, [("pixels", os.path.basename(path))]):
+    pixels = _open_pixels(path, shape)
+    if pixels is None:
+      with atomic.atomic_path(path, every_process=True) as tmp:
+        target = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        for k, item in enumerate(progress(item_ids, desc="map images", total=len(item_ids))):
+          target[k] = imgs[image_index[item]]["image"]
+        target.flush()
+        del target
+      pixels = _open_pixels(path, shape)
+  if pixels is None:
+    raise DataError(f"{path}: written but not readable back as uint8 {list(shape)}")
+  logging.info("photos memory-mapped from %s (%.2f GB; config.data.image_store)", path,
+               np.prod(shape) / 1e9)
+  return pixels
+
+
+def _open_pixels(path: str, shape) -> np.ndarray | None:
+  """The memory map at ``path`` if it holds uint8 ``shape``; None where it is absent, or
+  (with a warning naming it) damaged or of another shape."""
+  try:
+    pixels = np.load(path, mmap_mode="r", allow_pickle=False)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as e:  # Truncated (mmap past the end), bad header.
+    logging.warning("%s cannot be read (%s); writing it again", path, e)
+    return None
+  if pixels.shape != tuple(shape) or pixels.dtype != np.uint8:
+    logging.warning("%s holds %s %s, expected uint8 %s; writing it again", path, pixels.dtype,
+                    list(pixels.shape), list(shape))
+    return None
+  return pixels
 
 
 def _split_source(files: dict) -> dict:

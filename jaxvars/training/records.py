@@ -55,7 +55,7 @@ _DEFENCE = ("defense.", "loss.", "denoiser.channels", "denoiser.num_blocks", "de
             "detector.temperature", "detector.train_encoder", "detector.holdout_items",
             "attack.pgd_steps", "attack.pgd_alpha", "attack.pgd_alpha_ratio",
             "attack.random_start")
-_NOT_SHAPING = ("defense.checkpoint_every_steps",)
+_NOT_SHAPING = ("defense.checkpoint_every_steps", "data.image_store", "data.mmap_dir")
 # Fields added after workdirs existed, at the value that reproduces the older training: left
 # out of a record at that value (as a None option is), so those workdirs' records stay valid,
 # while any other value is a recorded difference that retrains the stage.
