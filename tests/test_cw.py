@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import tiny_config, tiny_models
+from conftest import tiny_config
 from jaxvars import configuration, sharding
 from jaxvars.attacks import pgd
 from jaxvars.attacks.catalogue import attack_catalogue
@@ -229,11 +229,41 @@ def _data(images, users, items):
                  has_timestamps=False)
 
 
+def _small_models(num_users=20, num_items=8, size=8):
+  """conftest.tiny_models' backbone and VBPR without the defence (a transfer attack needs
+  neither D nor the head), initialised under jit: seconds instead of tiny_models' ~20 s
+  of eager Flax init on a busy CI core."""
+  from jaxvars.backbones.resnet import make_resnet
+  from jaxvars.data import splits
+  from jaxvars.features import normalize_features
+  from jaxvars.models import Models
+  from jaxvars.recommenders import build_recommender
+  backbone = make_resnet("resnet18", width=4, small_stem=True)
+  bvars = jax.jit(backbone.init)(jax.random.key(0), jnp.zeros((1, size, size, 3)))
+  rec = build_recommender(ml_collections.ConfigDict(dict(
+      name="vbpr", form="tang", factors=4, visual_factors=4, init_scale=0.3, reg=1e-4,
+      reg_visual=1e-4)), num_users=num_users, num_items=num_items,
+      feature_dim=backbone.feature_dim)
+  params = {"recommender": rec.init(jax.random.key(1), backbone.feature_dim)}
+  images = np.asarray(jax.random.randint(jax.random.key(4), (num_items, size, size, 3), 0, 256),
+                      np.uint8)
+  raw = jax.jit(lambda x: backbone.apply(bvars, x)["pooled"])(images / 255.0)
+  stats = {"mean": raw.mean(0), "std": raw.std(0) + 1e-6}
+  consts = {"backbone": bvars, "stats": stats,
+            "features": normalize_features(raw, stats, "standardize")}
+  rng = np.random.default_rng(0)
+  n = 3 * num_items
+  users, items = rng.integers(0, num_users, n), rng.integers(0, num_items, n)
+  users, items, _ = splits.binarize(users, items, np.zeros(n, np.int64))
+  models = Models(backbone=backbone, recommender=rec, denoiser=None, head=None)
+  return models, params, consts, images, users, items
+
+
 def test_cw_attacks_a_catalogue_on_eq3_and_reports_its_success_rate():
   """Through the catalogue (the recommender's BPR triplets, its margin objective): 8-bit
   photos, failures returned clean, the mean margin value raised, a success rate in the
   stats; C&W's settings are part of the fingerprint."""
-  models, params, consts, images, users, items = tiny_models(num_items=8, size=8)
+  models, params, consts, images, users, items = _small_models(num_items=8, size=8)
   data = _data(images, users, items)
   spec = AttackSpec(method="cw", objective="bpr", eps=255.0, steps=10, binary_search_steps=2,
                     initial_c=1.0, lr=0.05)
@@ -285,3 +315,15 @@ def test_a_wrong_cw_setting_is_named(tfds_dir, field, value, message):
   config.attack.cw = ml_collections.ConfigDict(dict(config.attack.cw.to_dict(), **{field: value}))
   with pytest.raises(ConfigError, match=message):
     configuration.validate(config)
+
+
+def test_the_report_shows_an_unbounded_attack_beside_the_main_eps():
+  """The main table is at one eps (8): an attack the run has only unbounded ('cw@255')
+  appears there too, and the sweep's column for it says so."""
+  from jaxvars.report import tables
+  row = {m: 0.5 for m in tables.METRICS}
+  results = {"ranking": {f"vbpr/{c}": dict(row) for c in ("clean", "fgsm@8", "cw@255")}}
+  lines = tables.main_table(results, 8.0, paper_columns=False)
+  assert [ln.split(" | ")[0].lstrip("| ") for ln in lines[2:]] == ["clean", "fgsm@8", "cw@255"]
+  assert tables.at_eps(results, "fgsm", 8.0) == "fgsm@8"
+  assert "| unbounded |" in tables.sweep_table(results)[0]

@@ -1,18 +1,19 @@
 """Carlini & Wagner's L2 attack (C&W; Carlini and Wagner, "Towards Evaluating the Robustness
-of Neural Networks", IEEE S&P 2017, section V.A; their reference code
-github.com/carlini/nn_robust_attacks, ``l2_attack.py``), for any per-image ``loss_fn``.
+of Neural Networks", IEEE S&P 2017, section VI.A, with the change of variables of V.B and
+the objective f_6 of V.A; their reference code github.com/carlini/nn_robust_attacks,
+``l2_attack.py``), for any per-image ``loss_fn``.
 
 C&W looks for the *smallest* L2 perturbation that makes an image adversarial, rather than
 the most damaging one within a budget (FGSM, PGD: :mod:`jaxvars.attacks.linf`). Per image:
 
-* change of variables (the paper's eq. after "box constraints"): the attacked image is
+* change of variables (section V.B): the attacked image is
   ``x' = lo + (hi - lo) * (tanh(w) + 1) / 2`` with ``[lo, hi]`` the box of allowed pixel
   values, so ``x'`` stays in it for every ``w``: ``[0, 1]`` (the paper's box) or, with an
   L-inf cap ``eps`` < 255, ``[max(x - eps/255, 0), min(x + eps/255, 1)]`` (the eps-ball
   inside [0, 1]; ``eps=255`` is no cap: the ball then holds the whole [0, 1] box).
   ``w`` starts at the clean image, ``arctanh((2 (x - lo) / (hi - lo) - 1) * 0.999999)``
   (the reference's 0.999999 keeps it finite at the box's edges).
-* objective (the paper's eq. for f_6 with confidence kappa): Adam on
+* objective (f_6 with confidence kappa, section VI.A): Adam on
   ``||x' - x||_2^2 + c * max(kappa - v(x'), 0)`` where ``v = loss_fn`` is what the attacker
   raises and the image counts as adversarial where ``v(x') > kappa``. For a classifier
   ``v = Z_t - max_{i != t} Z_i`` (targeted) gives the paper's
@@ -27,12 +28,15 @@ the most damaging one within a budget (FGSM, PGD: :mod:`jaxvars.attacks.linf`). 
   ``binary_search_steps >= 10`` the last run uses ``c = upper`` (the reference's
   ``repeat``; 1e10 where no run succeeded).
 * each image keeps its smallest-L2 adversarial iterate over every run; an image for which
-  no iterate was adversarial is returned **clean** (the reference returns zeros there;
-  cleverhans and foolbox the clean image), and ``success`` says which.
+  no iterate was adversarial is returned **clean** (the reference returns zeros in its
+  [-0.5, 0.5] space there, a grey image), and ``return_trace``'s ``success`` says which.
 
+Adam is ``optax.adam(lr)`` (beta1 0.9, beta2 0.999, epsilon 1e-8: the defaults of the
+TensorFlow optimizer the reference uses, whose epsilon sits outside the bias correction).
 Differences from the reference: a fixed number of Adam steps per run (jittable: no early
 abort, which only saves time); the distance is to ``x`` itself (the reference's is to
-``tanh(arctanh(x * 0.999999))``); images in [0, 1] instead of [-0.5, 0.5].
+``tanh(arctanh(x * 0.999999))``); images in [0, 1] instead of [-0.5, 0.5]; ``v > kappa``
+is the success test where the reference takes an argmax (ties count as failures here).
 
 8 bits: with ``quantize=True`` (default) the loss is evaluated at the iterate rounded to
 the 8-bit grid (``quantize_8bit``, then clipped into the box), with an identity backward
@@ -56,6 +60,7 @@ import optax
 
 from jaxvars.attacks.linf import project_linf, quantize_8bit
 from jaxvars.conditions import UNBOUNDED  # 255: an L-inf cap of 255/255 is none.
+
 _NO_UPPER = 1e10  # The reference's "no successful c yet" upper bound ...
 _KNOWN_UPPER = 1e9  # ... and the test for "an upper bound is known".
 _TANH_SCALE = 0.999999  # The reference's arctanh margin (finite w at the box's edges).

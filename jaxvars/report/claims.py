@@ -7,7 +7,7 @@ unmodified system on the same users.
 
 from __future__ import annotations
 
-from jaxvars.conditions import condition_key, parse_condition
+from jaxvars.conditions import UNBOUNDED, condition_key
 from jaxvars.report import paper
 from jaxvars.report.tables import at_eps, attacks, cell, fmt, label, md_table, systems
 
@@ -28,10 +28,11 @@ def claims(results: dict, eps: float | None) -> list[str]:
   names = systems(results)
   wanted = []
   conds = [at_eps(results, a, eps) for a in attacks(results)]
+  shown = [f"{a.upper()}@{UNBOUNDED if c == condition_key(a, UNBOUNDED) else eps:g}"
+           for a, c in zip(attacks(results), conds)]
   for name in names:
-    wanted += [(f"{name}/{cond} - {name}/clean",
-                f"{a.upper()}@{parse_condition(cond)[1]:g} on {label(results, name)}")
-               for a, cond in zip(attacks(results), conds)]
+    wanted += [(f"{name}/{cond} - {name}/clean", f"{what} on {label(results, name)}")
+               for what, cond in zip(shown, conds)]
   for name in names[1:]:
     for cond in ["clean"] + conds:
       wanted.append((f"{name}/{cond} - {names[0]}/{cond}",
