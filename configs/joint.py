@@ -116,7 +116,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # ---- Attacks (paper eq. 3-4; DESIGN.md) ------------------------------------
   c.attack = a = ml_collections.ConfigDict()
   a.eval_eps = (8,)  # L-inf budgets evaluated, in 1/255 units (8 = 8/255).
-  a.methods = ("fgsm", "pgd")  # Attack methods evaluated at every eps (jaxvars/attacks/spec.py).
+  a.methods = ("fgsm", "pgd")  # Attack methods evaluated at every eps (jaxvars/attacks/spec.py): 'fgsm' | 'pgd' | 'cw'.
   a.objective = "bpr"  # What the attacker maximises (jaxvars/attacks/objectives/): 'bpr' (paper eq. 3) | 'feature'.
   a.pgd_steps = 10  # PGD iterations.
   a.pgd_alpha = 2.0  # PGD step size, 1/255 units (used when pgd_alpha_ratio = 0).
@@ -130,6 +130,21 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # objective's reference): 'clean' f(x) | 'deployed' the attacked system's own table, e.g.
   # f(D(x)) of every item for OURS (docs/evaluation.md).
   a.whitebox_table = "clean"
+  # C&W (method 'cw', opt-in: --config.attack.methods="('fgsm','pgd','cw')"; Carlini & Wagner
+  # 2017, L2; jaxvars/attacks/cw.py, docs/evaluation.md). Defaults: Carlini & Wagner's
+  # reference code (github.com/carlini/nn_robust_attacks, l2_attack.py) but for `steps`.
+  a.cw = cw = ml_collections.ConfigDict()
+  cw.steps = 1000  # Adam steps per binary-search run (reference: up to 10000, aborting early once stuck).
+  cw.binary_search_steps = 9  # Runs of the binary search over c (reference: 9).
+  cw.initial_c = 1e-3  # c of the first run (reference: 1e-3); x10 per run until one succeeds.
+  cw.lr = 1e-2  # Adam's learning rate in tanh space (reference: 1e-2).
+  cw.kappa = 0.0  # Confidence, in the units of the objective's margin (reference: 0).
+  # Objectives without a success criterion of their own (demote, insa, expa, feature): a
+  # photo counts as adversarial where the loss exceeds the clean photo's by this (its units).
+  cw.loss_margin = 1.0
+  # False: C&W as published, no L-inf budget (condition 'cw@255': 255/255 is the whole [0,1]
+  # box), once whatever eval_eps holds; True: at every eps of eval_eps, kept in the eps-ball.
+  cw.bounded = False
   # Beyond the paper's transfer attacks (jaxvars/evaluation/adaptive.py): on config.eval.max_items items.
   a.adaptive = ad = ml_collections.ConfigDict()
   ad.eps = (8.0,)  # Budgets (1/255) of the attacks below.
@@ -309,6 +324,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     dt.holdout_items = 40
     dt.calibration_items = 40
     a.pgd_steps = 2
+    cw.steps = 10
+    cw.binary_search_steps = 3
     a.batch_size = 32
     a.triplets_per_item = 2
     df.batch_size = 16

@@ -1,13 +1,16 @@
 """Names of evaluation conditions and result rows, in one place.
 
 A *condition* is what the catalogue's photos went through: ``'clean'``, or an attack at a
-budget, ``'<attack>@<eps>'`` (eps in 1/255 units, ``%g``-formatted: ``'pgd@8'``). A result
-row of ``results.json['ranking']`` is ``'<system>/<condition>'``.
+budget, ``'<attack>@<eps>'`` (eps in 1/255 units, ``%g``-formatted: ``'pgd@8'``). An attack
+without an L-inf budget (C&W as published) is at :data:`UNBOUNDED`, ``'cw@255'``: 255/255
+bounds nothing in [0, 1]. A result row of ``results.json['ranking']`` is
+``'<system>/<condition>'``.
 """
 
 from __future__ import annotations
 
 CLEAN = "clean"
+UNBOUNDED = 255.0  # The budget of an attack with no L-inf bound: the whole [0, 1] box.
 
 
 def condition_key(attack: str, eps: float) -> str:

@@ -194,6 +194,8 @@ def _attack(config) -> None:
     one_of(config, "attack.whitebox_table", WHITEBOX_TABLES)
   if "seed" in a:
     seed(config, "attack.seed")
+  if a.get("cw") is not None:
+    _cw(config)
   ad = a.get("adaptive")
   if ad is not None:
     from jaxvars.defenses import SYSTEMS
@@ -210,6 +212,21 @@ def _attack(config) -> None:
       if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0:
         raise ConfigError(f"config.attack.adaptive.detector_lambdas={tuple(ad.detector_lambdas)!r} "
                           "must hold numbers >= 0")
+
+
+def _cw(config) -> None:
+  """config.attack.cw: C&W's settings (jaxvars/attacks/cw.py)."""
+  cw = config.attack.cw
+  for path in ("steps", "binary_search_steps"):
+    positive(config, f"attack.cw.{path}", integer=True)
+  for path in ("initial_c", "lr"):
+    positive(config, f"attack.cw.{path}")
+  for path in ("kappa", "loss_margin"):
+    positive(config, f"attack.cw.{path}", allow_zero=True)
+  if not isinstance(cw.get("bounded", False), bool):
+    raise ConfigError(f"config.attack.cw.bounded={cw.bounded!r} must be True (C&W at every "
+                      "eps of config.attack.eval_eps, kept in the eps-ball) or False (no L-inf "
+                      "budget: condition 'cw@255')")
 
 
 def _targeted(config) -> None:

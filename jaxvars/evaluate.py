@@ -40,10 +40,11 @@ def evaluated_systems(config, *, only_trained: bool = False) -> tuple[str, ...]:
 
 def attack_specs(config, *, eval_eps=None, methods=None) -> list:
   """The transfer attacks: every eps of ``eval_eps`` (default ``config.attack.eval_eps``),
-  every method of ``methods`` (default ``config.attack.methods``), in that order."""
+  every method of ``methods`` (default ``config.attack.methods``), in that order, each
+  once (an unbounded C&W is the same attack at every eps: listed at the first)."""
   eps_list = config.attack.eval_eps if eval_eps is None else eval_eps
   methods = tuple(config.attack.methods) if methods is None else methods
-  return [attack_spec(config.attack, m, e) for e in eps_list for m in methods]
+  return list(dict.fromkeys(attack_spec(config.attack, m, e) for e in eps_list for m in methods))
 
 
 def attack_cache(config, workdir: str | None) -> str | None:

@@ -325,7 +325,7 @@ def plan(config: ml_collections.ConfigDict, *, data=None) -> dict:
     batch = {"images": photos(b_att), "items": ints(b_att),
              **_triplet_shapes(b_att, int(cfg.attack.triplets_per_item), on_data)}
     batches = math.ceil(n_items / b_att)
-    n_grad = sum(1 if sp.method == "fgsm" else int(sp.steps) + 1 for sp in specs)
+    n_grad = sum(sp.gradient_batches for sp in specs)
     add(f"FGSM batch against {name} (PGD-k as k + 1)", batches * n_grad, jax.jit(craft),
         p, c, batch)
     names = tuple(systems) if name == main else tuple(
@@ -378,7 +378,7 @@ def _plan_whitebox(add, config, cfg, craft, p, c, batch, n_items: int) -> None:
                          through=target, eot=eot, restarts=int(ad.restarts))
       one = dataclasses.replace(attack_spec(config.attack, "fgsm", float(ad.eps[0]),
                                             objective="bpr"), through=target, eot=eot)
-      n_grad = (1 if method == "fgsm" else int(spec.steps) + 1) * int(ad.restarts)
+      n_grad = spec.gradient_batches * (int(ad.restarts) if method != "cw" else 1)
       add(f"white-box gradient batch through {target}" + (f" (EOT {eot})" if eot > 1 else ""),
           batches * n_grad * variants * len(ad.eps), jax.jit(
               lambda p, c, b, spec=one: craft(p, c, b, spec=spec)), p, c, batch)

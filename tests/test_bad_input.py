@@ -67,7 +67,8 @@ def test_missing_manual_dir(tmp_path):
     ("data.name", "amazon", r"config.data.name='amazon' is not one of"),
     ("recommender.lr", -1.0, r"config.recommender.lr=-1.0 must be a number > 0"),
     ("attack.objective", "bprr", r"config.attack.objective='bprr' is not a known attack objective"),
-    ("attack.methods", ("fgsm", "cw"), r"config.attack.methods='cw' is not a known attack method"),
+    ("attack.methods", ("fgsm", "deepfool"), r"config.attack.methods='deepfool' is not a known "
+     r"attack method"),
     ("systems.evaluate", ("defended", "jpg"), r"config.systems.evaluate='jpg' is not a known "
      r"defended system"),
     ("eval.ks", (5, 500), r"a cut-off exceeds the 101 ranked candidates"),

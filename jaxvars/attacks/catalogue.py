@@ -107,6 +107,8 @@ def fingerprint(spec: AttackSpec, *, params, consts, image_shape, items=None,
                        spec.steps, spec.step(), spec.random_start, spec.triplets_per_item,
                        spec.through, spec.eot, spec.restarts, spec.detector_lambda,
                        settings or {}], sort_keys=True, default=str).encode())
+  if spec.cw_settings:  # C&W only: FGSM's and PGD's fingerprints are as they were.
+    h.update(b"cw:" + json.dumps(spec.cw_settings, sort_keys=True).encode())
   return h.hexdigest()[:20]
 
 
@@ -153,7 +155,9 @@ def attack_catalogue(spec: AttackSpec, *, models, params, consts, data, mesh, ba
     [n, S, S, 3] the photos of ``np.sort(items)`` only (the others are the clean photos,
     which are not copied), stats: {'linf', 'linf_255', 'l2' (over the attacked photos),
     'time_s', 'items_attacked', 'loss_curve' (mean loss of the first batch at every
-    iterate), 'threat_model', and 'objective_table': 'deployed' where ``table`` is given}).
+    iterate), 'threat_model', 'objective_table': 'deployed' where ``table`` is given, and
+    for C&W 'success_rate': the share of the photos it made adversarial, the others being
+    returned clean}).
   """
   attacked = np.arange(data.num_items, dtype=np.int32) if items is None else np.sort(
       np.asarray(items, np.int32))
@@ -169,11 +173,15 @@ def attack_catalogue(spec: AttackSpec, *, models, params, consts, data, mesh, ba
         items=batch["items"], inputs={k: batch[k] for k in inputs} or None,
         constants=constants or None, num_users=data.num_users, threshold=threshold,
         table=table)
-    adv, curve = spec.run_loss(loss_fn, to_float(batch["images"]),
-                               jax.random.fold_in(base_key, batch["items"][0]),
-                               stochastic=stochastic, return_curve=True)
-    return {"adv": to_uint8(adv), "curve": jax.numpy.broadcast_to(curve, (adv.shape[0],) +
-                                                                   curve.shape)}
+    adv, curve, success = spec.run_loss(loss_fn, to_float(batch["images"]),
+                                        jax.random.fold_in(base_key, batch["items"][0]),
+                                        stochastic=stochastic, return_curve=True,
+                                        return_success=True)
+    out = {"adv": to_uint8(adv), "curve": jax.numpy.broadcast_to(curve, (adv.shape[0],) +
+                                                                  curve.shape)}
+    if success is not None:  # C&W: the photos it made adversarial (the others stay clean).
+      out["success"] = success
+    return out
 
   t = time.perf_counter()
   # The whole catalogue is sliced batch by batch, not copied (a memory map stays on disk).
@@ -191,6 +199,8 @@ def attack_catalogue(spec: AttackSpec, *, models, params, consts, data, mesh, ba
            "loss_curve": [float(v) for v in out["curve"][0]],
            "threat_model": spec.threat_model, "threat": spec.threat_short,
            "objective": spec.objective}
+  if "success" in out:
+    stats["success_rate"] = float(np.mean(out["success"]))
   if table is not None:  # The report's threat-model legend says so.
     stats["objective_table"] = "deployed"
     stats["threat_model"] += ("; its objective scores the other items with the attacked "

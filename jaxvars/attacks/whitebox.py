@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxvars.attacks.linf import quantize_8bit
-from jaxvars.attacks.objectives import OBJECTIVES
+from jaxvars.attacks.objectives import OBJECTIVES, cw_value
 from jaxvars.defenses.systems import SYSTEMS, draw_keys
 
 # config.attack.whitebox_table: what a white-box attack's objective reads as the item table.
@@ -58,12 +58,15 @@ def attack_loss(spec, *, models, params, consts, config, items, inputs=None, con
       draw d mod K); None = ``consts['features']``, the clean table f(x).
 
   Returns:
-    (loss_fn, stochastic): ``loss_fn(images[, key]) -> float32 [B]``.
+    (loss_fn, stochastic): ``loss_fn(images[, key]) -> float32 [B]``; for C&W the
+    objective's :func:`~jaxvars.attacks.objectives.cw_value` (minus its margin) instead of
+    its loss, through the same pipeline, EOT and detector penalty.
 
   Raises:
     ValueError: a detector-aware spec without a threshold.
   """
   objective = OBJECTIVES.get(spec.objective)
+  value_of = cw_value(objective) if spec.method == "cw" else objective.loss
   ctx = models.attack_context(params["recommender"], consts, items, inputs)
   ctx = dataclasses.replace(ctx, constants=constants, num_users=num_users)
   tables = None
@@ -72,7 +75,7 @@ def attack_loss(spec, *, models, params, consts, config, items, inputs=None, con
     tables = tables[None] if tables.ndim == 2 else tables  # [K, I, F]
     ctx = dataclasses.replace(ctx, table=tables[0])
   if spec.through is None and spec.detector_lambda <= 0:
-    return (lambda x: objective.loss(ctx, x)), False
+    return (lambda x: value_of(ctx, x)), False
   if spec.detector_lambda > 0 and threshold is None:
     raise ValueError(f"{spec.name}: a detector-aware attack needs the deployed threshold")
   system = SYSTEMS.get(spec.through) if spec.through else None
@@ -99,7 +102,7 @@ def attack_loss(spec, *, models, params, consts, config, items, inputs=None, con
           ctx, features=lambda _, f=feats[d]: f,
           logits=(lambda _, z=logits[d]: z) if logits is not None else None,
           **({"table": tables[d % tables.shape[0]]} if tables is not None else {}))
-      total = total + objective.loss(view, xq)
+      total = total + value_of(view, xq)
     value = total / k
     if spec.detector_lambda > 0:
       excess = models.detection_scores(params, consts, xq) - threshold

@@ -221,11 +221,13 @@ def _floor(config, p: PlanInputs) -> list[Condition]:
 
 def make_plan(config, inputs: PlanInputs) -> list[Condition]:
   """Every condition of the evaluation, in order (clean, transfer, adaptive / white-box /
-  sanity, targeted, floor): the planners of :data:`PLANNERS` in registration order."""
+  sanity, targeted, floor): the planners of :data:`PLANNERS` in registration order, each
+  condition once (an unbounded C&W, ``'cw@255'``, comes out of every eps of a planner's
+  loop the same)."""
   plan = []
   for name in PLANNERS.names():
     plan += PLANNERS.get(name)(config, inputs)
-  return plan
+  return list(dict.fromkeys(plan))
 
 
 def row_order(plan: list[Condition], names: dict[str, str], mostpop: bool) -> list[str]:

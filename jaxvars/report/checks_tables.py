@@ -4,7 +4,7 @@ and the denoiser's image fidelity."""
 
 from __future__ import annotations
 
-from jaxvars.conditions import condition_key
+from jaxvars.conditions import UNBOUNDED, condition_key
 from jaxvars.report import paper
 from jaxvars.report.tables import attacks, cell, fmt, md_table, sweep_eps
 
@@ -14,7 +14,7 @@ def detection_table(results: dict) -> list[str]:
   deployed threshold's TPR and FPR, the oracle TPR, and the paper's row."""
   det, eps = results.get("detection", {}), sweep_eps(results, paper_only=True)
   fpr = results.get("config", {}).get("detector", {}).get("fpr", 0.05)
-  header = ["attack", "metric"] + [f"eps={e:g}" for e in eps]
+  header = ["attack", "metric"] + ["unbounded" if e == UNBOUNDED else f"eps={e:g}" for e in eps]
   rows = []
   for attack in attacks(results, paper_only=True):
     for metric, name in (("accuracy", "accuracy (deployed threshold)"), ("roc_auc", "ROC AUC"),

@@ -7,9 +7,9 @@ unmodified system on the same users.
 
 from __future__ import annotations
 
-from jaxvars.conditions import condition_key
+from jaxvars.conditions import UNBOUNDED, condition_key
 from jaxvars.report import paper
-from jaxvars.report.tables import attacks, cell, fmt, label, md_table, systems
+from jaxvars.report.tables import at_eps, attacks, cell, fmt, label, md_table, systems
 
 VERDICT = {"higher": "helps", "lower": "hurts", "none": "no measurable change"}
 
@@ -27,11 +27,14 @@ def claims(results: dict, eps: float | None) -> list[str]:
     return out
   names = systems(results)
   wanted = []
+  conds = [at_eps(results, a, eps) for a in attacks(results)]
+  shown = [f"{a.upper()}@{UNBOUNDED if c == condition_key(a, UNBOUNDED) else eps:g}"
+           for a, c in zip(attacks(results), conds)]
   for name in names:
-    wanted += [(f"{name}/{condition_key(a, eps)} - {name}/clean",
-                f"{a.upper()}@{eps:g} on {label(results, name)}") for a in attacks(results)]
+    wanted += [(f"{name}/{cond} - {name}/clean", f"{what} on {label(results, name)}")
+               for what, cond in zip(shown, conds)]
   for name in names[1:]:
-    for cond in ["clean"] + [condition_key(a, eps) for a in attacks(results)]:
+    for cond in ["clean"] + conds:
       wanted.append((f"{name}/{cond} - {names[0]}/{cond}",
                      f"{label(results, name)} vs {label(results, names[0])} on {cond}"))
   for key, what in wanted:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from jaxvars.conditions import CLEAN, condition_key
+from jaxvars.conditions import CLEAN, UNBOUNDED, condition_key
 from jaxvars.report import paper
 from jaxvars.report.rows import records
 
@@ -59,6 +59,16 @@ def attacks(results: dict, *, paper_only: bool = False) -> list[str]:
     if c.eps is not None and not (paper_only and not c.paper):
       seen.setdefault(c.family, None)
   return list(seen)
+
+
+def at_eps(results: dict, attack: str, eps: float) -> str:
+  """The condition of ``attack`` shown in a table at ``eps``: ``attack@eps``, or where the
+  run has no such condition but has the attack unbounded (C&W as published, ``'cw@255'``),
+  that one."""
+  key = condition_key(attack, eps)
+  unbounded = condition_key(attack, UNBOUNDED)
+  have = set(conditions(results))
+  return unbounded if key not in have and unbounded in have else key
 
 
 def sweep_eps(results: dict, *, paper_only: bool = False) -> list[float]:
@@ -118,7 +128,7 @@ def main_table(results: dict, eps: float | None, *, section: str = "ranking",
     header += [f"paper {m} (eps not stated)" for m in METRICS]
   rows = []
   conds = [(CLEAN, CLEAN)] + ([] if eps is None else [
-      (a, condition_key(a, eps)) for a in attacks(results, paper_only=True)])
+      (a, at_eps(results, a, eps)) for a in attacks(results, paper_only=True)])
   for attack, cond in conds:
     for name in baselines(results) * (cond == CLEAN) + systems(results):
       row = ranking.get(f"{name}/{cond}")
@@ -136,7 +146,7 @@ def draws_table(results: dict, eps: float | None) -> list[str]:
   """The spread of the randomised systems over their draws (HR@10 and NDCG@10 of each draw:
   min and max), beside their mean in the main table."""
   rows = []
-  conds = [CLEAN] + ([] if eps is None else [condition_key(a, eps)
+  conds = [CLEAN] + ([] if eps is None else [at_eps(results, a, eps)
                                              for a in attacks(results, paper_only=True)])
   for name in systems(results):
     for cond in conds:
@@ -150,7 +160,8 @@ def draws_table(results: dict, eps: float | None) -> list[str]:
 def sweep_table(results: dict, metric: str = "HR@10") -> list[str]:
   """``metric`` (95% interval) of every system under the paper's attacks, by eps (Figure 6)."""
   ranking, eps = results["ranking"], sweep_eps(results, paper_only=True)
-  header = ["system", "attack", "clean"] + [f"eps={e:g}" for e in eps]
+  header = ["system", "attack", "clean"] + [
+      "unbounded" if e == UNBOUNDED else f"eps={e:g}" for e in eps]
   rows = []
   for name in systems(results):
     for attack in attacks(results, paper_only=True):
@@ -163,8 +174,13 @@ def sweep_table(results: dict, metric: str = "HR@10") -> list[str]:
 
 
 def attack_table(results: dict) -> list[str]:
-  """Size and crafting time of every attacked catalogue."""
-  header = ["condition", "mean L-inf (1/255)", "mean L2 ([0,1] pixels)", "crafting time (s)"]
+  """Size and crafting time of every attacked catalogue; where the run has a C&W attack, the
+  share of photos it made adversarial (its others stay clean and count in the means)."""
+  attacks_ = results.get("attack", {})
+  cw = any("success_rate" in a for a in attacks_.values())
+  header = (["condition", "mean L-inf (1/255)", "mean L2 ([0,1] pixels)", "crafting time (s)"]
+            + ["adversarial (C&W)"] * cw)
   rows = [[cond, fmt(a["linf_255"]), fmt(a["l2"]), f"{a['time_s']:.0f}"]
-          for cond, a in results.get("attack", {}).items()]
+          + ([fmt(a["success_rate"]) if "success_rate" in a else ""] if cw else [])
+          for cond, a in attacks_.items()]
   return md_table(header, rows)

@@ -69,6 +69,11 @@ class Objective:
       triplets; None = triplets when ``needs_triplets``.
     constants: ``(data, rng) -> {name: array}``, inputs shared by every batch.
     needs_logits: the objective reads the backbone's classifier head (``ctx.logits``).
+    margin: ``(ctx, images) -> float32 [B]``, the objective's own success criterion as C&W's
+      margin g (:mod:`jaxvars.attacks.cw`): the attack has succeeded on photo b where
+      ``g_b < -kappa`` (``kappa`` = C&W's confidence, in g's units); None = the objective has
+      none, and C&W counts a photo as a success where its ``loss`` exceeds the clean
+      photo's by ``config.attack.cw.loss_margin`` (:func:`cw_value`).
   """
   loss: Callable[[AttackContext, jax.Array], jax.Array]
   needs_triplets: bool = False
@@ -77,6 +82,17 @@ class Objective:
   batch_inputs: Callable | None = None
   constants: Callable | None = None
   needs_logits: bool = False
+  margin: Callable[[AttackContext, jax.Array], jax.Array] | None = None
+
+
+def cw_value(objective: Objective) -> Callable[[AttackContext, jax.Array], jax.Array]:
+  """What C&W (:func:`jaxvars.attacks.cw.cw_l2`) raises on ``objective``: minus its margin
+  ``-g`` (a photo is adversarial where this exceeds kappa) where the objective defines one,
+  else its loss (which :meth:`jaxvars.attacks.spec.AttackSpec.run_loss` makes relative to
+  the clean photo's: ``loss(x') - loss(x) - loss_margin``)."""
+  if objective.margin is None:
+    return objective.loss
+  return lambda ctx, images: -objective.margin(ctx, images)
 
 
 import_submodules(__name__, __path__)

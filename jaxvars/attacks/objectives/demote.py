@@ -2,6 +2,10 @@
 AIP's INSA objective, Liu & Larson 2021): a score drop for everybody, buyers or not, so it
 also moves items without a training buyer (about 40% of H&M's held-out items), where
 eq. 3's triplets can only raise the item's score.
+
+No success criterion of its own: C&W (:mod:`jaxvars.attacks.cw`) counts a photo as
+adversarial where the item's mean score fell by more than ``config.attack.cw.loss_margin``
+(score units).
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """``expa``: AIP's expert attack (Liu & Larson 2021, eq. 7): move the target item's visual
 feature towards a hook: ``min ||f(x') - f_hook||_2`` with f the recommender's (normalised)
 backbone feature and f_hook the mean feature of the ``config.targeted.hook_items`` most
-popular training items (AIP: the single most interacted item)."""
+popular training items (AIP: the single most interacted item). C&W
+(:mod:`jaxvars.attacks.cw`): adversarial where the distance to the hook fell by more than
+``config.attack.cw.loss_margin`` (units of the normalised features)."""
 
 from __future__ import annotations
 

@@ -6,6 +6,10 @@ embedding moves as far as the budget allows from the clean one, whoever buys the
 This is the common untargeted feature-space attack on visually-aware recommenders (cf.
 TAaMR / Anelli et al.'s feature loss); where the recommender has no visual embedding the
 distance is taken between the normalised features themselves.
+
+No success criterion of its own: C&W (:mod:`jaxvars.attacks.cw`) counts a photo as
+adversarial where the distance exceeds the clean photo's (1e-6) by
+``config.attack.cw.loss_margin`` (units of the visual embedding).
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """``insa``: AIP's insider attack (Liu & Larson 2021, eq. 6): raise the target item's
 predicted preference for every user, i.e. its mean score over all users (needs the
-recommender's user embeddings: a high-knowledge attack)."""
+recommender's user embeddings: a high-knowledge attack). C&W (:mod:`jaxvars.attacks.cw`):
+adversarial where the mean score rose by more than ``config.attack.cw.loss_margin`` (score
+units)."""
 
 from __future__ import annotations
 
