@@ -158,6 +158,7 @@ class SystemRegistry(Registry):
       value = int(m.group(1))
       system = dataclasses.replace(
           entry, label=sw.label.format(value), make=lambda config, sw=sw, v=value: sw.at(v),
+          description=f"{entry.description} (this row: {sw.field}={value})",
           settings=lambda config, f=sw.field, v=value: {f: v},
           validate=lambda config: None, sweep=None)
       self._instances[name] = (base, system)

@@ -296,9 +296,11 @@ def write_report(workdir: str) -> str:
       lines += ["Benign noise (the paper: not flagged):", ""] + noise + [""]
     versus = checks_tables.baselines_table(results)
     if versus:
-      described = "; ".join(f"{b.get('label', n)}: {b.get('description', '')} (settings "
-                            f"{b.get('settings', {})})"
-                            for n, b in results["detection_baselines"].items())
+      described = "; ".join(
+          f"{b.get('label', n)}: {b.get('description', '')} ("
+          + ", ".join(f"{k}={v}" for k, v in b.get("settings", {}).items()
+                      if not isinstance(v, (list, dict))) + ")"
+          for n, b in results["detection_baselines"].items())
       lines += ["### Detection baselines (Table 4 layout)", "",
                 "Detectors that need no training, scored on the same held-out clean and "
                 "attacked photos, each with its threshold set the same way (on the same clean "
