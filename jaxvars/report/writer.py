@@ -294,6 +294,12 @@ def write_report(workdir: str) -> str:
     noise = checks_tables.noise_table(results)
     if noise:
       lines += ["Benign noise (the paper: not flagged):", ""] + noise + [""]
+    if art and in_art("detector"):
+      add_figure("fig8_detector_distances.png", figures.distances, results, art, eps,
+                 caption=f"Figure 8: detector distances of held-out items, clean vs attacked "
+                         f"(eps = {eps:g}), with the threshold")
+      add_figure("fig9_roc.png", figures.roc, results, art, eps,
+                 caption=f"Figure 9: ROC of the detector (eps = {eps:g}) with the operating point")
     versus = checks_tables.baselines_table(results)
     if versus:
       described = "; ".join(
@@ -308,12 +314,6 @@ def write_report(workdir: str) -> str:
                 ""] + versus + [""]
       lines += ["False alarms on the same clean and benign-noise photos:", ""]
       lines += checks_tables.baselines_noise_table(results) + [""]
-    if art and in_art("detector"):
-      add_figure("fig8_detector_distances.png", figures.distances, results, art, eps,
-                 caption=f"Figure 8: detector distances of held-out items, clean vs attacked "
-                         f"(eps = {eps:g}), with the threshold")
-      add_figure("fig9_roc.png", figures.roc, results, art, eps,
-                 caption=f"Figure 9: ROC of the detector (eps = {eps:g}) with the operating point")
   fidelity = checks_tables.fidelity_table(results)
   if fidelity or (art and in_art("images")):
     lines += ["## Images, fidelity and embeddings", ""]
