@@ -13,8 +13,10 @@ The argument after ``:`` is a comma-separated list of presets: at most one size
 (default), ``hm``, ``folder``), and optionally ``vbpr`` (VBPR and most-popular on clean
 images only: no defence stages, no attacks) or ``full`` (the paper's whole section 4: the
 eps sweep {2, 4, 8, 16, 32, 64} and the Table 5 ablations; the ``paper`` size always runs
-it). Any field can then be overridden on the command line, e.g.
-``--config.recommender.factors=32``.
+it), and ``input_sweep`` (AIP's section 7.2: JPEG quality 90, 70, 50, 30, 10 and bit depth
+7..3, one system each, instead of the one JPEG and bit-depth system). Any field can then be
+overridden on the command line, e.g. ``--config.recommender.factors=32`` or
+``--config.systems.jpeg_quality="(90, 50, 10)"``.
 
 Every run ends by writing ``<workdir>/report.md`` and its figures (``jaxvars.report``).
 """
@@ -27,7 +29,7 @@ DATASETS = ("synthetic", "hm", "folder")
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """Returns the config for the presets named in ``arg`` (see module docstring)."""
-  size, dataset, vbpr_only, full = _parse_presets(arg)
+  size, dataset, vbpr_only, full, input_sweep = _parse_presets(arg)
   full = (full or size == "paper") and not vbpr_only
   c = ml_collections.ConfigDict()
   c.presets = f"{size},{dataset}"  # The presets this config was built from (informational).
@@ -161,8 +163,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.systems = sy = ml_collections.ConfigDict()
   # Systems ranked under every condition; those whose parts no stage trained are skipped.
   sy.evaluate = ("undefended", "defended", "defended_rand", "jpeg", "bit_depth")
-  sy.jpeg_quality = 75  # 'jpeg': JPEG quality (AIP sweeps 90..10; 75 = Guo et al. 2018).
-  sy.bit_depth = 5  # 'bit_depth': bits per colour channel (AIP sweeps 7..3; 5 = Xu et al. 2018).
+  # An int, or a tuple of ints: a sweep, one system (row) per value, named jpeg_q<quality>
+  # and bit_depth_<bits>bit (AIP 7.2 sweeps quality 90..10 and depth 7..3: preset 'input_sweep').
+  sy.jpeg_quality = _int_or_sweep(75)  # 'jpeg': JPEG quality, 1..95 (75 = Guo et al. 2018).
+  sy.bit_depth = _int_or_sweep(5)  # 'bit_depth': bits per colour channel, 1..8 (5 = Xu et al. 2018).
 
   # ---- Targeted item promotion (AIP, TAaMR; the paper's Table 6) ----------------
   c.targeted = tg = ml_collections.ConfigDict()
@@ -197,6 +201,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   dt.holdout_items = 1000  # Items never used to train the defence; detection is evaluated on them.
   dt.calibration_items = 1000  # Clean training items whose scores set the threshold.
   dt.noise_sigmas = (2.0, 4.0, 8.0)  # Benign Gaussian noise (1/255) whose false-alarm rate is measured.
+  # Detection baselines scored beside the detector on the same photos, threshold and metrics
+  # (no training): 'feature_squeezing' (Xu et al. 2018: max over the squeezers below of the
+  # L1 distance of the recommender's visual embedding E f of x and of the squeezed x).
+  dt.baselines = ("feature_squeezing",)
+  dt.squeeze_jpeg_quality = 75  # Feature squeezing's JPEG squeezer: quality 1..95.
+  dt.squeeze_bit_depth = 5  # Feature squeezing's bit-depth squeezer: bits per channel 1..8.
   dt.train_encoder = False  # True: the detector trains its own copy of the backbone (the paper); False: frozen.
 
   # ---- Joint loss weights (eq. 12: L = L_content + l1 L_perc + l2 L_contr + l3 L_bpr) ----
@@ -408,6 +418,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       df.items_per_epoch = 2048
       st.denoiser_fgsm.epochs = 10
       st.denoiser_mix.epochs = 3
+  if input_sweep:
+    # AIP (Liu & Larson 2021) section 7.2 / Table 8: one row per setting (docs/evaluation.md).
+    c.presets += ",input_sweep"
+    sy.jpeg_quality = (90, 70, 50, 30, 10)
+    sy.bit_depth = (7, 6, 5, 4, 3)
   if vbpr_only:
     c.presets += ",vbpr"
     c.recommenders = ()
@@ -430,8 +445,14 @@ def _stage(epochs, trainable, mix, lr, terms) -> ml_collections.ConfigDict:
   })
 
 
-def _parse_presets(arg: str) -> tuple[str, str, bool, bool]:
-  size, dataset, vbpr_only, full = "paper", "synthetic", False, False
+def _int_or_sweep(value: int) -> ml_collections.FieldReference:
+  """A config field holding an int or a tuple of ints (a sweep), e.g. from the command line
+  ``--config.systems.jpeg_quality="(90, 50)"`` (a plain int field refuses a tuple)."""
+  return ml_collections.FieldReference(value, field_type=object)
+
+
+def _parse_presets(arg: str) -> tuple[str, str, bool, bool, bool]:
+  size, dataset, vbpr_only, full, input_sweep = "paper", "synthetic", False, False, False
   seen_size = seen_data = False
   for token in (t.strip() for t in (arg or "").split(",")):
     if not token:
@@ -444,11 +465,13 @@ def _parse_presets(arg: str) -> tuple[str, str, bool, bool]:
       vbpr_only = True
     elif token == "full" and not full:
       full = True
+    elif token == "input_sweep" and not input_sweep:
+      input_sweep = True
     else:
       raise ValueError(
           f"configs/joint.py: unknown or repeated preset {token!r} in {arg!r}; expected at "
-          f"most one size of {SIZES}, one dataset of {DATASETS}, 'vbpr' and 'full', "
-          "comma-separated")
+          f"most one size of {SIZES}, one dataset of {DATASETS}, 'vbpr', 'full' and "
+          "'input_sweep', comma-separated")
   if vbpr_only and full:
     raise ValueError(f"configs/joint.py: presets 'vbpr' and 'full' exclude each other ({arg!r})")
-  return size, dataset, vbpr_only, full
+  return size, dataset, vbpr_only, full, input_sweep

@@ -205,7 +205,7 @@ def _attack(config) -> None:
     for o in ad.objectives:
       OBJECTIVES.check(o, "config.attack.adaptive.objectives")
     for s in ad.systems:
-      SYSTEMS.check(s, "config.attack.adaptive.systems")
+      _whitebox_system(config, s, "config.attack.adaptive.systems")
     positive(config, "attack.adaptive.eot_samples", integer=True)
     positive(config, "attack.adaptive.restarts", integer=True)
     for lam in ad.detector_lambdas:
@@ -244,13 +244,31 @@ def _targeted(config) -> None:
   for m in t.methods:
     METHODS.check(m, "config.targeted.methods")
   for s in t.whitebox_systems:
-    SYSTEMS.check(s, "config.targeted.whitebox_systems")
+    _whitebox_system(config, s, "config.targeted.whitebox_systems")
   _budgets(config, "targeted.eps", allow_empty=False)
   positive(config, "targeted.hook_items", integer=True)
   for field in ("targeted.hr_n", "targeted.chr_k"):
     values = tuple(_get(config, field))
     if not values or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
       raise ConfigError(f"config.{field}={values!r} must be a non-empty tuple of positive integers")
+
+
+def _whitebox_system(config, name: str, field: str) -> None:
+  """A system a white-box attack goes through: a registered name or a swept system's instance
+  (``jpeg_q50``); not a swept system's registered name, which stands for several settings
+  (a white-box attack goes through one: name it).
+
+  Raises:
+    ConfigError: an unknown name, or the registered name of a swept system.
+  """
+  from jaxvars.defenses import SYSTEMS
+  SYSTEMS.check(name, field)
+  names = SYSTEMS.expand(config, (name,))
+  if SYSTEMS.swept(config, name) and names:  # An empty sweep: _systems names the field.
+    sw = SYSTEMS.get(name).sweep
+    raise ConfigError(f"{field} names {name!r}, but config.systems.{sw.field}="
+                      f"{tuple(_get(config, 'systems.' + sw.field))!r} sweeps it into {names}; "
+                      f"a white-box attack goes through one setting: name it (e.g. {names[0]!r})")
 
 
 def _systems(config) -> None:
@@ -291,6 +309,13 @@ def _detector(config) -> None:
   if not isinstance(config.detector.train_encoder, bool):
     raise ConfigError(f"config.detector.train_encoder={config.detector.train_encoder!r} must be "
                       "True or False")
+  from jaxvars.defenses.baselines import DETECTION_BASELINES
+  baselines = config.detector.get("baselines", ())
+  if isinstance(baselines, str) or len(set(baselines)) != len(tuple(baselines)):
+    raise ConfigError(f"config.detector.baselines={baselines!r} must be a tuple of distinct names "
+                      f"of {DETECTION_BASELINES.names()}")
+  for name in baselines:
+    DETECTION_BASELINES.get(name, "config.detector.baselines").validate(config)
 
 
 def _loss(config) -> None:

@@ -31,9 +31,11 @@ def detector_trained(config) -> bool:
 
 def evaluated_systems(config, *, only_trained: bool = False) -> tuple[str, ...]:
   """``config.systems.evaluate`` without the systems whose parts no stage trained (with
-  ``only_trained``: only the systems that have trained parts, as the ablations need)."""
+  ``only_trained``: only the systems that have trained parts, as the ablations need), a swept
+  system (``config.systems.jpeg_quality`` or ``bit_depth`` a tuple) as one instance per value
+  (``jpeg_q90``, ...: :meth:`jaxvars.defenses.systems.SystemRegistry.expand`)."""
   trained = trained_groups(config)
-  return tuple(s for s in config.systems.evaluate
+  return tuple(s for s in SYSTEMS.expand(config, config.systems.evaluate)
                if set(SYSTEMS.get(s).needs) <= trained
                and (SYSTEMS.get(s).needs or not only_trained))
 
@@ -72,7 +74,7 @@ def plan_for(exp: Experiment, consts: dict, *, eval_eps=None, methods=None,
 def evaluate_run(exp: Experiment, params: dict, consts: dict, *, eval_eps=None, methods=None,
                  only_trained: bool = False, cache_dir=-1, cached_time: bool = False,
                  detect: bool | None = None, fidelity: bool | None = None,
-                 mostpop: bool | None = None) -> tuple[dict, dict]:
+                 mostpop: bool | None = None, baselines: bool | None = None) -> tuple[dict, dict]:
   """Every system under every condition for the trained ``params``.
 
   A defended system is evaluated only when a stage trained its parts, detection only when
@@ -83,7 +85,9 @@ def evaluate_run(exp: Experiment, params: dict, consts: dict, *, eval_eps=None, 
   recorded crafting time: a run resumed after a kill reports what an uninterrupted one does,
   as the stages' seconds come from their records). ``detect``, ``fidelity``, ``mostpop``:
   False leaves out detection, the denoiser's fidelity, the most-popular baseline (the other
-  recommenders of a run, :mod:`jaxvars.families`); None: as described above.
+  recommenders of a run, :mod:`jaxvars.families`); None: as described above. ``baselines``:
+  score the detection baselines (``config.detector.baselines``) beside the detector; None: unless
+  ``only_trained`` (an ablation variant's would repeat the main run's: they read neither D nor g).
 
   Returns:
     (results: results.json's evaluation sections, artifacts: the arrays of artifacts.npz,
@@ -100,7 +104,8 @@ def evaluate_run(exp: Experiment, params: dict, consts: dict, *, eval_eps=None, 
       ctx, plan, detect=detector_trained(config) if detect is None else detect and
       detector_trained(config), fidelity=("denoiser" in trained_groups(config)) if fidelity is
       None else fidelity and "denoiser" in trained_groups(config),
-      mostpop=(not only_trained) if mostpop is None else mostpop)
+      mostpop=(not only_trained) if mostpop is None else mostpop,
+      baselines=(not only_trained) if baselines is None else baselines)
   artifacts = out.pop("artifacts")
   timing = dict(exp.timing, **out.pop("timing"))
   timing.update({f"attack_{k}_s": v["time_s"] for k, v in out["attack"].items()

@@ -141,6 +141,16 @@ class Models:
     """Detector embeddings z [B, D] of float32 images [B, H, W, 3]."""
     return self.embed_pooled(params, self.detector_pooled(params, consts, images))
 
+  def visual_embedding(self, rec_params, consts, images: jax.Array) -> jax.Array:
+    """The recommender's visual embedding float32 [B, K] of float32 images [B, H, W, 3] in
+    [0, 1]: what its score reads of a photo, ``visual_fn(f)`` (VBPR: E f, K = its factors)
+    where the recommender has one, else the item features f [B, F] themselves (AlexRank's
+    visual space, DVBPR's Phi(x)). Used by feature squeezing
+    (:mod:`jaxvars.defenses.feature_squeezing`)."""
+    f = self.features(consts, images)
+    visual = self.recommender.visual_fn(rec_params)
+    return f if visual is None else visual(f)
+
   def score_fn(self, rec_params):
     """(users, items, features) -> recommender scores, with ``rec_params`` bound."""
     return self.recommender.score_fn(rec_params)

@@ -88,3 +88,112 @@ def test_systems_rank_what_the_transform_makes_on_eight_devices(name, reference,
 def test_settings_are_validated(field, value, message, tfds_dir):
   with pytest.raises(ConfigError, match=message):
     configuration.validate(tiny_config(tfds_dir, **{field: value}))
+
+
+# ---- Sweeps (AIP 7.2): a tuple of settings, one system per value --------------------------
+
+
+def test_a_sweep_is_one_system_per_setting(tfds_dir):
+  from configs import joint
+  from jaxvars.evaluate import evaluated_systems
+  from jaxvars.evaluation.tables import systems_table
+  config = tiny_config(tfds_dir)
+  assert evaluated_systems(config)[-2:] == ("jpeg", "bit_depth")  # An int: as before sweeps.
+  assert SYSTEMS.get("jpeg").settings(config) == {"jpeg_quality": 75}
+  config = tiny_config(tfds_dir, **{"systems.jpeg_quality": (90, 10),
+                                    "systems.bit_depth": [7, 3]})
+  configuration.validate(config)
+  assert evaluated_systems(config)[-4:] == ("jpeg_q90", "jpeg_q10", "bit_depth_7bit",
+                                            "bit_depth_3bit")
+  q10, b3 = SYSTEMS.get("jpeg_q10"), SYSTEMS.get("bit_depth_3bit")
+  assert (q10.label, q10.settings(config), q10.host_callback) == ("JPEG q10",
+                                                                  {"jpeg_quality": 10}, True)
+  assert (b3.label, b3.settings(config), SYSTEMS.base_of("bit_depth_3bit")) == (
+      "BitDepth 3-bit", {"bit_depth": 3}, "bit_depth")
+  assert SYSTEMS.get("jpeg_q10") is q10  # One object per name (jit caches stay warm).
+  # An instance's setting is its name's, whatever the config holds (white-box cache keys).
+  assert SYSTEMS.get("jpeg_q50").settings(tiny_config(tfds_dir)) == {"jpeg_quality": 50}
+  table = systems_table(evaluated_systems(config), tiny_models()[0].recommender, config)
+  assert table["jpeg_q90"]["sweep"] == {"of": "jpeg", "field": "jpeg_quality", "value": 90}
+  assert "sweep" not in table["defended"]
+  with pytest.raises(ConfigError, match=r"is a sweep: each value is its own system "
+                                        r"\('jpeg_q90', 'jpeg_q10'\)"):
+    SYSTEMS.get("jpeg").make(config)
+  for bad in ("jpeg_q0", "jpeg_q96", "jpeg_q050", "bit_depth_9bit", "bit_depth_3"):
+    assert bad not in SYSTEMS
+  sweep = joint.get_config("tiny,input_sweep")
+  assert (sweep.systems.jpeg_quality, sweep.systems.bit_depth) == ((90, 70, 50, 30, 10),
+                                                                   (7, 6, 5, 4, 3))
+  assert joint.get_config("cpu,hm").systems.jpeg_quality == 75  # The presets keep their ints.
+
+
+@pytest.mark.parametrize("name,value,reference", [
+    ("jpeg_q30", 30, lambda x: np.stack([_pil_jpeg(i, 30) for i in x])),
+    ("bit_depth_3bit", 3, lambda x: np.round(x * 7) / 7)])
+def test_a_swept_setting_ranks_what_its_transform_makes(name, value, reference, tfds_dir):
+  models, params, consts, images, _, _ = tiny_models()
+  config = tiny_config(tfds_dir, **{"systems.jpeg_quality": (90, 30), "systems.bit_depth": (7, 3)})
+  got = system_features(name, models=models, params=params, consts=consts, images=images,
+                        mesh=sharding.make_mesh(8), batch_size=16, seed=0, config=config)
+  transformed = reference(images / 255.0).astype(np.float32)
+  want = np.asarray(models.features(consts, jnp.asarray(transformed)))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("systems.jpeg_quality", (90, 0), r"config.systems.jpeg_quality=\(90, 0\) must be an integer "
+                                      r"in \[1, 95\] or a non-empty tuple of distinct"),
+    ("systems.jpeg_quality", (), r"config.systems.jpeg_quality=\(\) must be"),
+    ("systems.bit_depth", (5, 5), r"config.systems.bit_depth=\(5, 5\) must be"),
+    ("systems.bit_depth", (4, True), r"config.systems.bit_depth=\(4, True\) must be"),
+    ("systems.bit_depth", "5", r"config.systems.bit_depth='5' must be an integer in \[1, 8\]")])
+def test_sweeps_are_validated(field, value, message, tfds_dir):
+  with pytest.raises(ConfigError, match=message):
+    configuration.validate(tiny_config(tfds_dir, **{field: value}))
+
+
+def test_white_box_attacks_go_through_one_named_setting(tfds_dir):
+  from jaxvars.evaluate import attack_specs, evaluated_systems
+  from jaxvars.evaluation.plan import PlanInputs, make_plan
+  config = tiny_config(tfds_dir, **{"systems.jpeg_quality": (90, 30),
+                                    "attack.adaptive.systems": ("defended", "jpeg")})
+  with pytest.raises(ConfigError, match=r"config.attack.adaptive.systems names 'jpeg', but "
+                                        r"config.systems.jpeg_quality=\(90, 30\) sweeps it into "
+                                        r"\('jpeg_q90', 'jpeg_q30'\)"):
+    configuration.validate(config)
+  config.attack.adaptive.systems = ("jpeg_q30",)
+  config.targeted.whitebox_systems = ("jpeg_q90",)
+  configuration.validate(config)
+  plan = make_plan(config, PlanInputs(systems=evaluated_systems(config),
+                                      transfer=tuple(attack_specs(config)), detector=False))
+  wb = [c for c in plan if c.kind == "whitebox"]
+  assert [(c.name, c.systems, c.cache_key) for c in wb] == [
+      ("pgd-wb@8", ("jpeg_q30",), "pgd-wb@8@jpeg_q30")]
+  assert [c.name for c in plan if c.kind == "targeted" and c.spec and c.spec.through] == [
+      "pgd-insa-wb@8@jpeg_q90"]
+  assert next(c for c in plan if c.kind == "clean").systems[-3:] == ("jpeg_q90", "jpeg_q30",
+                                                                     "bit_depth")
+  # An int setting: the registered name, as before.
+  configuration.validate(tiny_config(tfds_dir, **{"attack.adaptive.systems": ("jpeg",)}))
+
+
+def test_report_has_one_sweep_row_per_setting():
+  from jaxvars.report import tables
+  row = lambda hr: {"HR@10": hr, "ci95": {"HR@10": [hr - 0.1, hr + 0.1]}}
+  names = ("vbpr", "jpeg_q90", "jpeg_q10")
+  results = {
+      "ranking": {f"{s}/{c}": row(0.5) for s in names for c in ("clean", "pgd@8")},
+      "rows": {f"{s}/{c}": {"system": s, "condition": c} for s in names for c in ("clean", "pgd@8")},
+      "systems": {"vbpr": {"label": "VBPR"},
+                  "jpeg_q90": {"label": "JPEG q90", "sweep": {"of": "jpeg", "field": "jpeg_quality",
+                                                              "value": 90}},
+                  "jpeg_q10": {"label": "JPEG q10", "sweep": {"of": "jpeg", "field": "jpeg_quality",
+                                                              "value": 10}}}}
+  lines = tables.input_sweep_table(results, 8.0)
+  assert lines[0] == "| system | setting | HR@10 clean | HR@10 pgd@8 |"
+  assert lines[2:] == ["| JPEG q90 | jpeg_quality=90 | 0.5000 [0.4000, 0.6000] | 0.5000 [0.4000, 0.6000] |",
+                       "| JPEG q10 | jpeg_quality=10 | 0.5000 [0.4000, 0.6000] | 0.5000 [0.4000, 0.6000] |"]
+  main = tables.main_table(results, 8.0, paper_columns=False)
+  assert sum("JPEG q" in line for line in main) == 4  # Each setting its own row, per condition.
+  del results["systems"]["jpeg_q90"]["sweep"], results["systems"]["jpeg_q10"]["sweep"]
+  assert tables.input_sweep_table(results, 8.0) == []

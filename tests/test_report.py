@@ -234,6 +234,18 @@ def test_report_tables_equal_results_and_figures_are_pngs(full_run):
         n - round(d["tpr_at_threshold"] * n), round(d["tpr_at_threshold"] * n)]
   assert len(confusion) == 3
 
+  # Feature squeezing beside the detector (issue 37): a row per detector, by eps.
+  versus = tables["Detection baselines (Table 4 layout)"]
+  assert versus[0] == ["detector", "attack", "metric", "eps=4", "eps=8"]
+  fs = results["detection_baselines"]["feature_squeezing"]
+  sources = {"OURS (contrastive detector)": results["detection"], "Feature squeezing": fs["detection"]}
+  assert {r[0] for r in versus[1:]} == set(sources) and len(versus) == 1 + 2 * 2 * 2
+  for row in versus[1:]:
+    metric = "accuracy" if row[2].startswith("accuracy") else "roc_auc"
+    for cell, eps in zip(row[3:], (4, 8)):
+      assert _num(cell) == round(sources[row[0]][f"{row[1].lower()}@{eps}"][metric], 4)
+  assert set(fs["noise"]) == set(results["detection_noise"])
+
   abl = tables["Ablations (Table 5: PGD at eps = 8)"]
   by_name = {r[0]: r for r in abl[1:]}
   assert [r[0] for r in abl[1:]] == ["unmodified", *results["ablations"]]

@@ -4,7 +4,10 @@ et al. 2018; AIP's second defence, Liu & Larson 2021, section 7.2).
 Every channel value is rounded to one of ``2**b`` levels, ``b = config.systems.bit_depth``:
 ``x' = round(x * (2**b - 1)) / (2**b - 1)``. The rounding has a zero gradient almost
 everywhere, so the backward pass is the identity (BPDA, Athalye et al. 2018). AIP sweeps
-7 to 3 bits; 5 here (Xu et al.'s setting for ImageNet-sized photos).
+7 to 3 bits; 5 here (Xu et al.'s setting for ImageNet-sized photos). A tuple
+``config.systems.bit_depth=(7, 6, 5, 4, 3)`` evaluates one system per depth,
+``bit_depth_7bit`` ... ``bit_depth_3bit`` (labels 'BitDepth 7-bit' ...; a
+:class:`~jaxvars.defenses.systems.Sweep`); an int keeps the one system ``bit_depth``.
 """
 
 from __future__ import annotations
@@ -12,8 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxvars.defenses.systems import SYSTEMS, System
-from jaxvars.errors import ConfigError
+from jaxvars.defenses.systems import SYSTEMS, Sweep, System
 
 
 def reduce_bit_depth(images: jax.Array, bits: int) -> jax.Array:
@@ -31,18 +33,18 @@ def reduce_bit_depth(images: jax.Array, bits: int) -> jax.Array:
   return images + jax.lax.stop_gradient(squeezed - images)
 
 
-def _validate(config) -> None:
-  b = config.systems.get("bit_depth")
-  if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8:
-    raise ConfigError(f"config.systems.bit_depth={b!r} must be an integer in [1, 8]")
+def _at(bits: int):
+  """The transform of bit-depth reduction to ``bits`` (static)."""
+  return lambda models, params, images, keys, consts=None: reduce_bit_depth(images, bits)
 
+
+SWEEP = Sweep(field="bit_depth", tag="", suffix="bit", label="BitDepth {}-bit", at=_at, low=1,
+              high=8)
 
 SYSTEMS.register("bit_depth", System(
     label="BitDepth", needs=(),
-    make=lambda config: (lambda models, params, images, keys, consts=None,
-                                b=int(config.systems.bit_depth):
-                         reduce_bit_depth(images, b)),
+    make=lambda config: _at(SWEEP.single(config, "bit_depth")),
     description="colour depth reduced to config.systems.bit_depth bits per channel before the "
                 "backbone; BPDA (identity) backward",
-    settings=lambda config: {"bit_depth": int(config.systems.bit_depth)},
-    validate=_validate))
+    settings=lambda config: {"bit_depth": SWEEP.single(config, "bit_depth")},
+    validate=SWEEP.validate, sweep=SWEEP))

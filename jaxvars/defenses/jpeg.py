@@ -6,7 +6,9 @@ Each photo is encoded and decoded as a JPEG of quality ``config.systems.jpeg_qua
 pipeline through ``jax.pure_callback``. The codec is not differentiable: for attacks through
 it, the backward pass is the identity (BPDA, Athalye et al. 2018). AIP sweeps the quality
 over 90, 70, 50, 30 and 10 and gives no single default; 75 here (Guo et al.'s setting and
-libjpeg's default).
+libjpeg's default). A tuple ``config.systems.jpeg_quality=(90, 70, 50, 30, 10)`` evaluates
+one system per quality, ``jpeg_q90`` ... ``jpeg_q10`` (labels 'JPEG q90' ...; a
+:class:`~jaxvars.defenses.systems.Sweep`); an int keeps the one system ``jpeg``.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from jaxvars.defenses.systems import SYSTEMS, System
-from jaxvars.errors import ConfigError
+from jaxvars.defenses.systems import SYSTEMS, Sweep, System
 from jaxvars.pixels import to_float, to_uint8
 
 
@@ -63,17 +64,17 @@ def _bwd(quality, _, g):
 jpeg_compress.defvjp(_fwd, _bwd)
 
 
-def _validate(config) -> None:
-  q = config.systems.get("jpeg_quality")
-  if isinstance(q, bool) or not isinstance(q, int) or not 1 <= q <= 95:
-    raise ConfigError(f"config.systems.jpeg_quality={q!r} must be an integer in [1, 95]")
+def _at(quality: int):
+  """The transform of JPEG at ``quality`` (static)."""
+  return lambda models, params, images, keys, consts=None: jpeg_compress(images, quality)
 
+
+# PIL documents qualities above 95 as "to be avoided" (100 turns parts of the compression off).
+SWEEP = Sweep(field="jpeg_quality", tag="q", suffix="", label="JPEG q{}", at=_at, low=1, high=95)
 
 SYSTEMS.register("jpeg", System(
     label="JPEG", needs=(),
-    make=lambda config: (lambda models, params, images, keys, consts=None,
-                                q=int(config.systems.jpeg_quality):
-                         jpeg_compress(images, q)),
+    make=lambda config: _at(SWEEP.single(config, "jpeg")),
     description="JPEG encode + decode (PIL) before the backbone; BPDA (identity) backward",
-    settings=lambda config: {"jpeg_quality": int(config.systems.jpeg_quality)},
-    validate=_validate, host_callback=True))
+    settings=lambda config: {"jpeg_quality": SWEEP.single(config, "jpeg")},
+    validate=SWEEP.validate, host_callback=True, sweep=SWEEP))

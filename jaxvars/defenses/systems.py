@@ -13,6 +13,13 @@ recommender, e.g. ``vbpr/clean``), ``defended`` (OURS: D(x), paper 3.3),
 ``defended_rand_border`` (the same with border-colour padding) and ``defended_gated``
 (OURS-gated: D only on the photos the detector flags, the others as uploaded).
 
+**Sweeps.** A system with a :class:`Sweep` (``jpeg``, ``bit_depth``) reads one setting of
+``config.systems`` that is either an int (one system, its registered name: ``jpeg``) or a
+tuple of ints (one system per value, an *instance* named ``<system>_<tag><value><suffix>``:
+``jpeg_q90``, ``bit_depth_3bit``). :meth:`SystemRegistry.expand` turns the registered names
+of ``config.systems.evaluate`` into the evaluated ones; :meth:`SystemRegistry.get` resolves
+an instance name to a :class:`System` bound to its value, whatever the config holds.
+
 A transform is ``(models, params, images, keys, consts=None) -> images``: float32 images
 [B, H, W, 3] in [0, 1]; ``consts`` the frozen backbone's constants, with the deployed
 detector threshold under :data:`GATE_THRESHOLD` where the evaluation has calibrated one. A
@@ -23,15 +30,15 @@ randomised system's transform takes keys [K, B] (K draws of each of B photos) an
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 
 from jaxvars.defenses.detector import detection_score
+from jaxvars.errors import ConfigError
 from jaxvars.registry import Registry
-
-SYSTEMS = Registry("defended system")
 UNDEFENDED = "undefended"
 # consts key of the deployed detector threshold (set by the evaluation from the clean
 # calibration items' scores at config.detector.fpr), read by the gated system.
@@ -67,6 +74,154 @@ class System:
   validate: Callable[..., None] = lambda config: None
   gated: bool = False
   host_callback: bool = False
+  sweep: Sweep | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  """The one setting of a system that ``config.systems`` may sweep (AIP, Liu & Larson 2021,
+  section 7.2: JPEG quality 90..10, bit depth 7..3, one row each).
+
+  Attributes:
+    field: its field of ``config.systems`` ('jpeg_quality'): an int (one system, the registered
+      name, as before sweeps existed) or a tuple / list of ints (one instance per value).
+    tag, suffix: an instance's name is ``f'{system}_{tag}{value}{suffix}'`` ('jpeg_q90',
+      'bit_depth_3bit').
+    label: its label, ``label.format(value)`` ('JPEG q90').
+    at: ``value -> Transform``: the transform at one setting.
+    low, high: the allowed values, inclusive.
+  """
+  field: str
+  tag: str
+  suffix: str
+  label: str
+  at: Callable[[int], Transform]
+  low: int
+  high: int
+
+  def ok(self, value) -> bool:
+    """Whether ``value`` is an allowed setting (an int, not a bool, in [low, high])."""
+    return not isinstance(value, bool) and isinstance(value, int) and self.low <= value <= self.high
+
+  def values(self, config) -> tuple[int, ...] | None:
+    """The swept values of ``config.systems.<field>``, or None where it holds one int."""
+    value = config.systems.get(self.field)
+    return tuple(value) if isinstance(value, (tuple, list)) else None
+
+  def single(self, config, system: str) -> int:
+    """The one value of ``config.systems.<field>`` (``system``: the registered name, for the
+    message).
+
+    Raises:
+      ConfigError: it holds a sweep (each value is its own system: name one).
+    """
+    value = config.systems.get(self.field)
+    if isinstance(value, (tuple, list)):
+      names = ", ".join(repr(f"{system}_{self.tag}{v}{self.suffix}") for v in value)
+      raise ConfigError(f"config.systems.{self.field}={tuple(value)!r} is a sweep: each value is "
+                        f"its own system ({names}); '{system}' alone names none of them")
+    return int(value)
+
+  def validate(self, config) -> None:
+    """Raises ConfigError naming the field unless it holds an allowed int or a non-empty
+    tuple / list of distinct allowed ints."""
+    value = config.systems.get(self.field)
+    if isinstance(value, (tuple, list)):
+      if not value or not all(self.ok(v) for v in value) or len(set(value)) != len(value):
+        raise ConfigError(f"config.systems.{self.field}={tuple(value)!r} must be an integer in "
+                          f"[{self.low}, {self.high}] or a non-empty tuple of distinct such "
+                          "integers (a sweep: one system per value)")
+    elif not self.ok(value):
+      raise ConfigError(f"config.systems.{self.field}={value!r} must be an integer in "
+                        f"[{self.low}, {self.high}] (or a tuple of them: a sweep)")
+
+
+class SystemRegistry(Registry):
+  """The registry of defended systems, which also resolves the instance names of swept
+  systems (:class:`Sweep`): ``get('jpeg_q90')`` is ``jpeg`` at quality 90."""
+
+  def __init__(self, kind: str):
+    super().__init__(kind)
+    self._instances: dict[str, tuple[str, System]] = {}  # name -> (registered name, System)
+
+  def _instance(self, name: str) -> System | None:
+    """The System of instance ``name`` (cached, so one name gives one object), or None."""
+    if name in self._instances:
+      return self._instances[name][1]
+    for base, entry in self._entries.items():
+      sw = entry.sweep
+      if sw is None:
+        continue
+      m = re.fullmatch(re.escape(f"{base}_{sw.tag}") + r"([0-9]+)" + re.escape(sw.suffix), name)
+      if m is None or str(int(m.group(1))) != m.group(1) or not sw.ok(int(m.group(1))):
+        continue
+      value = int(m.group(1))
+      system = dataclasses.replace(
+          entry, label=sw.label.format(value), make=lambda config, sw=sw, v=value: sw.at(v),
+          description=f"{entry.description} (this row: {sw.field}={value})",
+          settings=lambda config, f=sw.field, v=value: {f: v},
+          validate=lambda config: None, sweep=None)
+      self._instances[name] = (base, system)
+      return system
+    return None
+
+  def check(self, value: str, field: str) -> None:
+    """Raises ConfigError naming ``field`` unless ``value`` is a registered name or an
+    instance name of a swept system (``jpeg_q50``)."""
+    if value not in self._entries and self._instance(value) is None:
+      swept = [f"'{n}_{e.sweep.tag}<{e.sweep.low}..{e.sweep.high}>{e.sweep.suffix}'"
+               for n, e in self._entries.items() if e.sweep is not None]
+      raise ConfigError(f"{field}={value!r} is not a known {self.kind}; expected one of "
+                        f"{self.names()}" + (f" or a setting of a swept one ({', '.join(swept)})"
+                                             if swept else ""))
+
+  def get(self, name: str, field: str | None = None) -> System:
+    """The System of a registered name or of an instance name (see :class:`Sweep`).
+
+    Raises:
+      ConfigError: an unknown name (naming ``field`` when given).
+    """
+    self.check(name, field or f"{self.kind} name")
+    return self._entries[name] if name in self._entries else self._instance(name)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._entries or self._instance(name) is not None
+
+  def instance_name(self, base: str, value: int) -> str:
+    """The instance name of registered system ``base`` at ``value`` ('jpeg', 90 -> 'jpeg_q90')."""
+    sw = self._entries[base].sweep
+    return f"{base}_{sw.tag}{int(value)}{sw.suffix}"
+
+  def expand(self, config, names: Iterable[str]) -> tuple[str, ...]:
+    """The systems ``names`` (``config.systems.evaluate``) stand for under ``config``: a swept
+    system whose setting holds a tuple becomes one instance per value, in the tuple's order
+    ('jpeg' with ``jpeg_quality=(90, 50)`` -> 'jpeg_q90', 'jpeg_q50'); every other name (an
+    int setting included) stays as it is. Duplicates are dropped, the first kept."""
+    out = []
+    for name in names:
+      entry = self._entries.get(name)
+      values = entry.sweep.values(config) if entry is not None and entry.sweep else None
+      out += [name] if values is None else [self.instance_name(name, v) for v in values]
+    return tuple(dict.fromkeys(out))
+
+  def swept(self, config, name: str) -> bool:
+    """Whether registered system ``name`` is swept under ``config`` (its setting a tuple)."""
+    entry = self._entries.get(name)
+    return bool(entry is not None and entry.sweep and entry.sweep.values(config) is not None)
+
+  def base_of(self, name: str) -> str:
+    """The registered name of a system ('jpeg_q90' -> 'jpeg'; a registered name -> itself).
+
+    Raises:
+      ConfigError: an unknown name.
+    """
+    if name in self._entries:
+      return name
+    self.check(name, f"{self.kind} name")
+    return self._instances[name][0]
+
+
+SYSTEMS = SystemRegistry("defended system")
 
 
 def draw_keys(items: jax.Array, base: jax.Array, *, draws: int) -> jax.Array:

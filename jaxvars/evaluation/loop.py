@@ -153,18 +153,21 @@ def mostpop_full_ranks(pop: np.ndarray, test_items, train_users, train_items) ->
 
 
 def evaluate_all(ctx: EvalContext, plan: list[Condition], *, detect: bool = True,
-                 fidelity: bool = True, mostpop: bool = True) -> dict:
+                 fidelity: bool = True, mostpop: bool = True, baselines: bool = True) -> dict:
   """Every table of results.json for the conditions of ``plan``.
 
   Args:
     detect: score detection (trained detector). fidelity: measure D's image fidelity.
     mostpop: add the most-popular baseline on clean data.
+    baselines: with ``detect``, also score the detection baselines of
+      ``config.detector.baselines`` (feature squeezing) on the same photos.
 
   Returns:
     {'ranking', 'ranking_unseen', 'ranking_seen', ('ranking_attacked': every row on the
     users whose held-out item the item-subset attacks perturbed, where ``eval.max_items``
     leaves some unattacked), 'comparisons', 'robust', 'users', 'detection',
-    'detection_noise', 'fidelity', 'attack', 'targeted', 'systems', 'ranking_full',
+    'detection_noise', 'detection_baselines', 'fidelity', 'attack', 'targeted', 'systems',
+    'ranking_full',
     'comparisons_full', 'conditions', 'rows', 'timing', 'artifacts'}.
 
   Raises:
@@ -182,7 +185,7 @@ def evaluate_all(ctx: EvalContext, plan: list[Condition], *, detect: bool = True
   det = None
   if detect and (any(c.kind == "transfer" for c in plan) or gated):
     det = checks.Detection(ctx.models, ctx.params, ctx.consts, data, ctx.mesh, config,
-                           ctx.holdout, ctx.calibration, timing, artifacts)
+                           ctx.holdout, ctx.calibration, timing, artifacts, baselines=baselines)
   if gated:
     if det is None:
       raise ConfigError(f"systems {gated} gate on the detector, which this evaluation does not "
@@ -303,7 +306,8 @@ def _results(ctx, plan, scores, rows_of, names, *, mostpop, det, fid, attack, ta
   artifacts.update({f"{FULL_RANKS_PREFIX}{k}": np.asarray(v, np.int32) for k, v in full.items()})
   artifacts["unseen_users"] = unseen
   out.update({"detection": det.results if det else {},
-              "detection_noise": det.noise() if det else {},
+              "detection_noise": det.noise() if det else {}})
+  out.update({"detection_baselines": det.baseline_results() if det else {},  # After noise().
               "fidelity": fid.results if fid else {}, "attack": attack, "targeted": targeted,
               "systems": tables.systems_table(ctx.systems, ctx.models.recommender, config)})
   t = time.perf_counter()

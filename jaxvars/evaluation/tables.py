@@ -19,13 +19,19 @@ from jaxvars.evaluation.plan import FLOOR, GATE_SUFFIX
 
 def systems_table(systems, recommender, config) -> dict:
   """The ``systems`` section of results.json: {row name: {'system', 'label', 'description',
-  'settings', 'randomized'}}."""
+  'settings', 'randomized'}}, and for one setting of a swept system (``jpeg_q90``: a tuple
+  ``config.systems.jpeg_quality``) also ``'sweep': {'of': 'jpeg', 'field': 'jpeg_quality',
+  'value': 90}``."""
   out = {}
   for name in systems:
     s = SYSTEMS.get(name)
-    out[row_name(name, recommender.name)] = {
+    out[row_name(name, recommender.name)] = entry = {
         "system": name, "label": s.label or recommender.label, "description": s.description,
         "settings": s.settings(config), "randomized": s.randomized}
+    base = SYSTEMS.base_of(name)
+    if base != name:
+      field = SYSTEMS.get(base).sweep.field
+      entry["sweep"] = {"of": base, "field": field, "value": entry["settings"][field]}
   return out
 
 

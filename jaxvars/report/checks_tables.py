@@ -1,6 +1,7 @@
 """The report's tables of the defence's checks: detection by eps (Table 4) with intervals,
-the confusion matrix at the deployed threshold (Figure 10), false alarms on benign noise,
-and the denoiser's image fidelity."""
+the detector against the detection baselines (feature squeezing) in Table 4's layout, the
+confusion matrix at the deployed threshold (Figure 10), false alarms on benign noise, and the
+denoiser's image fidelity."""
 
 from __future__ import annotations
 
@@ -29,6 +30,51 @@ def detection_table(results: dict) -> list[str]:
               + [fmt(paper.TABLE4[int(e)]) if e == int(e) and int(e) in paper.TABLE4 else ""
                  for e in eps])
   return md_table(header, rows)
+
+
+OURS_DETECTOR = "OURS (contrastive detector)"
+
+
+def _detectors(results: dict) -> list[tuple[str, dict, dict]]:
+  """(label, detection rows by condition, noise rows) of the paper's detector, then of each
+  detection baseline of results.json's ``detection_baselines``."""
+  out = [(OURS_DETECTOR, results.get("detection", {}), results.get("detection_noise", {}))]
+  for name, b in (results.get("detection_baselines") or {}).items():
+    out.append((b.get("label", name), b.get("detection", {}), b.get("noise", {})))
+  return out
+
+
+def baselines_table(results: dict) -> list[str]:
+  """The paper's Table 4 layout with a row per detector: detection accuracy at the deployed
+  threshold and ROC AUC (95% intervals over items) of the paper's detector and of each
+  detection baseline (feature squeezing), by eps, on the same held-out photos; [] without
+  baselines."""
+  if not results.get("detection_baselines"):
+    return []
+  eps = sweep_eps(results, paper_only=True)
+  header = ["detector", "attack", "metric"] + [f"eps={e:g}" for e in eps]
+  rows = []
+  for attack in attacks(results, paper_only=True):
+    for metric, name in (("accuracy", "accuracy (deployed threshold)"), ("roc_auc", "ROC AUC")):
+      for label, det, _ in _detectors(results):
+        cells = [det.get(condition_key(attack, e)) for e in eps]
+        if all(c is None for c in cells):
+          continue
+        rows.append([label, attack.upper(), name] + [cell(c, metric) for c in cells])
+  return md_table(header, rows)
+
+
+def baselines_noise_table(results: dict) -> list[str]:
+  """False alarms at each detector's deployed threshold on the same clean and benign-noise
+  photos (95% intervals over items): a column per detector; [] without baselines."""
+  if not results.get("detection_baselines"):
+    return []
+  detectors = _detectors(results)
+  inputs = list(dict.fromkeys(k for _, _, noise in detectors for k in noise))
+  rows = [[name.replace("sigma=", "clean + N(0, ") + ("/255)" if name != "clean" else "")]
+          + [cell(noise.get(name), "fpr") for _, _, noise in detectors] for name in inputs]
+  header = ["input"] + [f"{label}: flagged" for label, _, _ in detectors]
+  return md_table(header, rows) if rows else []
 
 
 def confusion_table(results: dict, eps: float) -> list[str]:

@@ -254,7 +254,10 @@ RUN_KINDS = {
     "timing": timing,
     "robustness": lambda r: robustness.worst_case_table(r, _eps(r)),
     "sanity": lambda r: robustness.sanity_checks(r, _eps(r)),
-    "detection": lambda r: checks_tables.detection_table(r) + [""] + checks_tables.noise_table(r),
+    "detection": lambda r: (checks_tables.detection_table(r) + [""] + checks_tables.noise_table(r)
+                            + ([""] + checks_tables.baselines_table(r) + [""]
+                               + checks_tables.baselines_noise_table(r)
+                               if r.get("detection_baselines") else [])),
     "fidelity": checks_tables.fidelity_table,
     "targeted": targeted_tables.table6,
     "families": lambda r: (families.family_table(r) + [""] + families.comparison_lines(r)

@@ -173,6 +173,23 @@ def sweep_table(results: dict, metric: str = "HR@10") -> list[str]:
   return md_table(header, rows)
 
 
+def input_sweep_table(results: dict, eps: float | None, metric: str = "HR@10") -> list[str]:
+  """AIP's section 7.2 layout: one row per setting of each swept input defence (JPEG quality,
+  bit depth; results.json ``systems[row]['sweep']``), ``metric`` (95% interval over users) on
+  clean photos and under each of the paper's transfer attacks at ``eps``; [] without a sweep."""
+  swept = [(name, info["sweep"]) for name, info in results.get("systems", {}).items()
+           if info.get("sweep")]
+  if not swept:
+    return []
+  ranking = results.get("ranking", {})
+  conds = [CLEAN] + ([] if eps is None else [condition_key(a, eps)
+                                             for a in attacks(results, paper_only=True)])
+  header = ["system", "setting"] + [f"{metric} {c}" for c in conds]
+  rows = [[label(results, name), f"{sw['field']}={sw['value']}"]
+          + [cell(ranking.get(f"{name}/{c}"), metric) for c in conds] for name, sw in swept]
+  return md_table(header, rows)
+
+
 def attack_table(results: dict) -> list[str]:
   """Size and crafting time of every attacked catalogue; where the run has a C&W attack, the
   share of photos it made adversarial (its others stay clean and count in the means)."""

@@ -182,6 +182,12 @@ def write_report(workdir: str) -> str:
       lines += [f"### {what[0].upper() + what[1:]} ({n} users)", ""]
       lines += tables.main_table(results, eps, section=section,
                                  paper_columns=section == "ranking") + [""]
+  sweep = tables.input_sweep_table(results, eps)
+  if sweep:
+    lines += ["### Input-defence sweeps (AIP section 7.2)", "",
+              "One system per setting of a swept input defence (`config.systems.jpeg_quality`, "
+              "`config.systems.bit_depth` given as tuples), all on the same photos and users; "
+              "HR@10 with its 95% interval over users:", ""] + sweep + [""]
   spread = tables.draws_table(results, eps)
   if spread:
     lines += ["Randomised systems: the table gives the mean over "
@@ -294,6 +300,20 @@ def write_report(workdir: str) -> str:
                          f"(eps = {eps:g}), with the threshold")
       add_figure("fig9_roc.png", figures.roc, results, art, eps,
                  caption=f"Figure 9: ROC of the detector (eps = {eps:g}) with the operating point")
+    versus = checks_tables.baselines_table(results)
+    if versus:
+      described = "; ".join(
+          f"{b.get('label', n)}: {b.get('description', '')} ("
+          + ", ".join(f"{k}={v}" for k, v in b.get("settings", {}).items()
+                      if not isinstance(v, (list, dict))) + ")"
+          for n, b in results["detection_baselines"].items())
+      lines += ["### Detection baselines (Table 4 layout)", "",
+                "Detectors that need no training, scored on the same held-out clean and "
+                "attacked photos, each with its threshold set the same way (on the same clean "
+                "calibration photos, at the deployed false-positive rate). " + described + ".",
+                ""] + versus + [""]
+      lines += ["False alarms on the same clean and benign-noise photos:", ""]
+      lines += checks_tables.baselines_noise_table(results) + [""]
   fidelity = checks_tables.fidelity_table(results)
   if fidelity or (art and in_art("images")):
     lines += ["## Images, fidelity and embeddings", ""]
