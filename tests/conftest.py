@@ -204,9 +204,12 @@ def pytest_runtest_setup(item):
     require_references(*mark.args)
 
 
-def tiny_models(num_users=20, num_items=40, size=16):
+def tiny_models(num_users=20, num_items=40, size=16, defence=True):
   """A tiny Models bundle (ResNet-18 width 4, VBPR K=4, small denoiser and head), its
   parameters and constants, random uint8 photos [I, size, size, 3] and training pairs.
+  ``defence=False``: without the denoiser and the head (a transfer attack needs neither),
+  the backbone initialised under jit (seconds instead of ~20 s of eager Flax init on a busy
+  CI core; the same values).
 
   Returns:
     (models, params, consts, images, train_users, train_items).
@@ -226,22 +229,26 @@ def tiny_models(num_users=20, num_items=40, size=16):
 
   backbone = make_resnet("resnet18", width=4, small_stem=True)
   x = jnp.zeros((1, size, size, 3))
-  bvars = backbone.init(jax.random.key(0), x)
+  bvars = (backbone.init if defence else jax.jit(backbone.init))(jax.random.key(0), x)
   rec_config = ml_collections.ConfigDict(dict(name="vbpr", form="tang", factors=4,
                                               visual_factors=4, init_scale=0.3, reg=1e-4,
                                               reg_visual=1e-4))
   rec = build_recommender(rec_config, num_users=num_users, num_items=num_items,
                           feature_dim=backbone.feature_dim)
-  denoiser = Denoiser(channels=4, num_blocks=1, patch=8, attn_dim=8, heads=2)
-  head = ProjectionHead(hidden=8, out=4)
-  f = jnp.zeros((1, backbone.feature_dim))
-  params = {"recommender": rec.init(jax.random.key(1), backbone.feature_dim),
-            "denoiser": denoiser.init(jax.random.key(2), x)["params"],
-            "detector": {"head": head.init(jax.random.key(3), f)["params"]}}
-  models = Models(backbone=backbone, recommender=rec, denoiser=denoiser, head=head)
+  params = {"recommender": rec.init(jax.random.key(1), backbone.feature_dim)}
+  if defence:
+    denoiser = Denoiser(channels=4, num_blocks=1, patch=8, attn_dim=8, heads=2)
+    head = ProjectionHead(hidden=8, out=4)
+    f = jnp.zeros((1, backbone.feature_dim))
+    params.update(denoiser=denoiser.init(jax.random.key(2), x)["params"],
+                  detector={"head": head.init(jax.random.key(3), f)["params"]})
+    models = Models(backbone=backbone, recommender=rec, denoiser=denoiser, head=head)
+  else:
+    models = Models(backbone=backbone, recommender=rec, denoiser=None, head=None)
   images = np.asarray(jax.random.randint(jax.random.key(4), (num_items, size, size, 3), 0, 256),
                       np.uint8)
-  raw = backbone.apply(bvars, images / 255.0)["pooled"]
+  apply = backbone.apply if defence else jax.jit(backbone.apply)
+  raw = apply(bvars, images / 255.0)["pooled"]
   stats = {"mean": raw.mean(0), "std": raw.std(0) + 1e-6}
   consts = {"backbone": bvars, "stats": stats,
             "features": normalize_features(raw, stats, "standardize")}

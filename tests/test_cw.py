@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import tiny_config, tiny_models
 from jaxvars import configuration, sharding
 from jaxvars.attacks import pgd
 from jaxvars.attacks.catalogue import attack_catalogue
@@ -20,7 +20,7 @@ from jaxvars.attacks.objectives.bpr import item_bpr_loss, item_bpr_margin
 from jaxvars.attacks.objectives.bpr_all import all_user_bpr_margin
 from jaxvars.attacks.objectives.taamr import target_margin
 from jaxvars.attacks.spec import AttackSpec, attack_spec
-from jaxvars.data.pipeline import RecData
+from test_objectives import _data
 from jaxvars.errors import ConfigError
 from jaxvars.evaluate import attack_specs
 from jaxvars.evaluation.plan import PlanInputs, make_plan
@@ -221,42 +221,10 @@ def test_an_objective_without_a_margin_succeeds_where_its_loss_rose_by_loss_marg
   np.testing.assert_allclose(curve, [np.mean(loss(x)), np.mean(loss(adv))], rtol=1e-5)
 
 
-def _data(images, users, items):
-  n = len(images)
-  return RecData(name="t", user_ids=np.arange(20).astype(str), item_ids=np.arange(n).astype(str),
-                 categories=np.full(n, ""), images=images, train_users=users, train_items=items,
-                 test_items=np.zeros(20, np.int32), eval_negatives=np.zeros((20, 2), np.int32),
-                 has_timestamps=False)
-
-
 def _small_models(num_users=20, num_items=8, size=8):
-  """conftest.tiny_models' backbone and VBPR without the defence (a transfer attack needs
-  neither D nor the head), initialised under jit: seconds instead of tiny_models' ~20 s
-  of eager Flax init on a busy CI core."""
-  from jaxvars.backbones.resnet import make_resnet
-  from jaxvars.data import splits
-  from jaxvars.features import normalize_features
-  from jaxvars.models import Models
-  from jaxvars.recommenders import build_recommender
-  backbone = make_resnet("resnet18", width=4, small_stem=True)
-  bvars = jax.jit(backbone.init)(jax.random.key(0), jnp.zeros((1, size, size, 3)))
-  rec = build_recommender(ml_collections.ConfigDict(dict(
-      name="vbpr", form="tang", factors=4, visual_factors=4, init_scale=0.3, reg=1e-4,
-      reg_visual=1e-4)), num_users=num_users, num_items=num_items,
-      feature_dim=backbone.feature_dim)
-  params = {"recommender": rec.init(jax.random.key(1), backbone.feature_dim)}
-  images = np.asarray(jax.random.randint(jax.random.key(4), (num_items, size, size, 3), 0, 256),
-                      np.uint8)
-  raw = jax.jit(lambda x: backbone.apply(bvars, x)["pooled"])(images / 255.0)
-  stats = {"mean": raw.mean(0), "std": raw.std(0) + 1e-6}
-  consts = {"backbone": bvars, "stats": stats,
-            "features": normalize_features(raw, stats, "standardize")}
-  rng = np.random.default_rng(0)
-  n = 3 * num_items
-  users, items = rng.integers(0, num_users, n), rng.integers(0, num_items, n)
-  users, items, _ = splits.binarize(users, items, np.zeros(n, np.int64))
-  models = Models(backbone=backbone, recommender=rec, denoiser=None, head=None)
-  return models, params, consts, images, users, items
+  """conftest.tiny_models without the defence (a transfer attack needs neither D nor the
+  head): seconds instead of ~20 s of eager Flax init on a busy CI core."""
+  return tiny_models(num_users=num_users, num_items=num_items, size=size, defence=False)
 
 
 def test_cw_attacks_a_catalogue_on_eq3_and_reports_its_success_rate():
